@@ -1,0 +1,863 @@
+#!/usr/bin/env python
+"""Fine-tune gpt-oss-20b to reason in the language you ask for, then talk to it.
+
+    python gpt_oss_20b_sft.py                                  # train: LoRA + TRL SFT, the seed recipe
+    python gpt_oss_20b_sft.py --mode infer --reasoning-language German --prompt "What is 7 x 8?"
+    python gpt_oss_20b_sft.py --demo                           # the whole pipeline offline, on CPU, tiny model
+    python gpt_oss_20b_sft.py --mode train --print-config      # the resolved configuration, loads nothing
+
+Reads top to bottom in pipeline order: configuration, data, model, train, infer.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside the functions that use them,
+# so --help and --print-config answer at once and the Hub check below runs before any of them reads HF_HUB_OFFLINE.
+
+HERE = Path(__file__).resolve().parent
+DEMO_DATASET = HERE / "data" / "demo_sample.jsonl"
+DEMO_CACHE = Path(os.environ.get("GPT_OSS_SFT_CACHE", Path.home() / ".cache" / "gpt_oss_20b_sft"))
+DEMO_OUTPUT_DIR = "demo_output"
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    mode: str = "train"
+    demo: bool = False
+    # model and data
+    model: str = "openai/gpt-oss-20b"
+    dataset: str = "HuggingFaceH4/Multilingual-Thinking"
+    dataset_split: str = "train"
+    reasoning_languages: list | None = None  # keep only rows in these reasoning languages
+    max_samples: int | None = None
+    output_dir: str = "gpt-oss-20b-multilingual-reasoner"
+    overwrite: bool = False
+    resume: bool = False
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list = None
+    target_parameters: list = None  # expert tensors, e.g. mlp.experts.gate_up_proj
+    # optimisation (the seed recipe)
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 2
+    learning_rate: float = 2e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.1
+    num_train_epochs: float = 3.0
+    max_seq_length: int = 2048
+    optim: str = "adamw_torch_fused"
+    weight_decay: float = 0.01
+    gradient_checkpointing: bool = True
+    use_4bit: bool = False
+    train_on_all_tokens: bool = False
+    router_aux_loss_coef: float = 0.0
+    attn_implementation: str = "auto"
+    seed: int = 42
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int = 2
+    # tracking and sharing
+    report_to: str = "trackio"
+    trackio_project: str = "gpt-oss-20b-sft"
+    run_name: str | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    # inference
+    prompt: str | None = None
+    reasoning_language: str = "English"
+    answer_language: str | None = None
+    reasoning_effort: str = "medium"
+    adapter: str | None = None
+    temperature: float = 0.6
+    max_new_tokens: int = 512
+    raw: bool = False
+    json: bool = False
+
+
+# What --demo changes: a tiny random model trained on the bundled sample, so the run fits a CPU in minutes.
+# The larger learning rate lets a randomly initialised model show a falling loss within a few steps.
+DEMO_DEFAULTS = dict(
+    dataset=str(DEMO_DATASET),
+    output_dir=DEMO_OUTPUT_DIR,
+    max_seq_length=512,
+    learning_rate=2e-3,
+    max_new_tokens=48,
+    reasoning_language="German",
+    prompt="What is the capital of Australia?",
+)
+
+SIZE_FIELDS = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "max_seq_length",
+               "max_new_tokens", "logging_steps", "save_steps", "save_total_limit")
+RATE_FIELDS = ("learning_rate", "num_train_epochs")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _flag(parser, name, *aliases, **kwargs):
+    """Register --name with both spellings (snake_case as in the seed, kebab-case) plus aliases."""
+    spellings = []
+    for n in (name, *aliases):
+        for s in (f"--{n}", f"--{n.replace('_', '-')}"):
+            if s not in spellings:
+                spellings.append(s)
+    kwargs.setdefault("default", None)
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def build_parser():
+    p = OneLineParser(
+        prog="gpt_oss_20b_sft.py",
+        description="LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for; inference with the "
+        "result. Every flag accepts snake_case and kebab-case spellings.",
+        usage="%(prog)s [--mode {train,infer}] [--demo] [--print-config] [options]",
+    )
+    d = Config()
+    g = p.add_argument_group("general")
+    _flag(g, "mode", choices=["train", "infer"], help=f"what to do (default {d.mode})")
+    _flag(g, "demo", action="store_true", help="offline demo on CPU: tiny random gpt-oss model, bundled sample data")
+    _flag(g, "print_config", action="store_true", help="print the resolved configuration as JSON and exit")
+    _flag(g, "model", help=f"hub id or local directory (default {d.model}; infer: the adapter's base)")
+    _flag(g, "seed", type=int, help=f"random seed (default {d.seed})")
+
+    g = p.add_argument_group("data")
+    _flag(g, "dataset", help=f"hub dataset id or a local .jsonl/.json/.parquet file (default {d.dataset})")
+    _flag(g, "dataset_split", help=f"split of a hub dataset (default {d.dataset_split})")
+    _flag(g, "reasoning_languages", help="comma-separated reasoning languages to keep, e.g. French,German")
+    _flag(g, "max_samples", type=int, help="use only the first N rows (after filtering)")
+    _flag(g, "max_seq_length", "max_length", type=int, help=f"tokens per row; longer rows are cut (default {d.max_seq_length})")
+    _flag(g, "train_on_all_tokens", action="store_true",
+          help="loss on every token, as the Cookbook did (default: only the assistant's analysis, final and <|return|>)")
+
+    g = p.add_argument_group("LoRA")
+    _flag(g, "lora_r", type=int, help=f"LoRA rank (default {d.lora_r})")
+    _flag(g, "lora_alpha", type=int, help=f"LoRA alpha (default {d.lora_alpha})")
+    _flag(g, "lora_dropout", type=float, help=f"LoRA dropout (default {d.lora_dropout})")
+    _flag(g, "target_modules", help="comma-separated Linear modules to adapt (default q_proj,v_proj)")
+    _flag(g, "target_parameters", help="comma-separated expert tensors to adapt, e.g. "
+          "mlp.experts.gate_up_proj,mlp.experts.down_proj (default none)")
+
+    g = p.add_argument_group("training")
+    _flag(g, "output_dir", help=f"where the adapter and reports go (default {d.output_dir}; demo: {DEMO_OUTPUT_DIR})")
+    _flag(g, "overwrite", action="store_true", help="allow a non-empty --output_dir (its contents are replaced)")
+    _flag(g, "resume", action="store_true", help="continue from the last checkpoint in --output_dir")
+    _flag(g, "batch_size", "per_device_train_batch_size", type=int, help=f"rows per device per step (default {d.batch_size})")
+    _flag(g, "gradient_accumulation_steps", type=int, help=f"(default {d.gradient_accumulation_steps})")
+    _flag(g, "learning_rate", type=float, help=f"(default {d.learning_rate}; demo {DEMO_DEFAULTS['learning_rate']})")
+    _flag(g, "lr_scheduler_type", help=f"(default {d.lr_scheduler_type})")
+    _flag(g, "warmup_ratio", type=float, help=f"(default {d.warmup_ratio})")
+    _flag(g, "num_train_epochs", type=float, help=f"(default {d.num_train_epochs})")
+    _flag(g, "optim", help=f"(default {d.optim})")
+    _flag(g, "weight_decay", type=float, help=f"(default {d.weight_decay})")
+    _flag(g, "gradient_checkpointing", action=argparse.BooleanOptionalAction,
+          help="recompute activations in the backward pass to save memory (default on)")
+    _flag(g, "use_4bit", action="store_true", help="4-bit base weights (not available yet: see the README)")
+    _flag(g, "router_aux_loss_coef", type=float,
+          help="MoE load-balancing loss weight (default 0: TRL would otherwise add 0.9 x aux loss from the config)")
+    _flag(g, "attn_implementation", help="auto (flex_attention on CUDA, eager otherwise), eager, flex_attention, "
+          "or a hub kernel id; sdpa is not supported by gpt-oss")
+    _flag(g, "logging_steps", type=int, help=f"(default {d.logging_steps})")
+    _flag(g, "save_steps", type=int, help=f"checkpoint every N optimizer steps (default {d.save_steps})")
+    _flag(g, "save_total_limit", type=int, help=f"checkpoints kept (default {d.save_total_limit})")
+    _flag(g, "report_to", choices=["trackio", "none"], help=f"experiment tracking, local only (default {d.report_to})")
+    _flag(g, "trackio_project", help=f"trackio project name (default {d.trackio_project})")
+    _flag(g, "run_name", help="trackio run name (default: the output dir's name and a timestamp)")
+    _flag(g, "push_to_hub", action="store_true", help="upload the adapter to the Hub after training")
+    _flag(g, "hub_model_id", help="repo id for --push_to_hub, e.g. you/gpt-oss-20b-multilingual-reasoner")
+
+    g = p.add_argument_group("inference")
+    _flag(g, "prompt", help="the user message (read from stdin when omitted and stdin is not a terminal)")
+    _flag(g, "reasoning_language", help=f"language of the analysis channel (default {d.reasoning_language})")
+    _flag(g, "answer_language", help="language of the final answer, when it should differ from the question's")
+    _flag(g, "reasoning_effort", choices=["low", "medium", "high"], help=f"(default {d.reasoning_effort})")
+    _flag(g, "adapter", help="LoRA adapter directory from train mode (default: the base model alone)")
+    _flag(g, "temperature", type=float, help=f"0 = greedy (default {d.temperature})")
+    _flag(g, "max_new_tokens", type=int, help=f"(default {d.max_new_tokens})")
+    _flag(g, "raw", action="store_true", help="print the whole harmony transcript")
+    _flag(g, "json", action="store_true", help="print {reasoning_language, analysis, final, tokens} as JSON")
+    return p
+
+
+def _split_list(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+def resolve_config(args) -> Config:
+    """Seed defaults, then the demo's changes, then the user's flags; then validate. Touches nothing on disk."""
+    values = {f.name: getattr(Config(), f.name) for f in fields(Config)}
+    values["target_modules"], values["target_parameters"] = ["q_proj", "v_proj"], []
+    if getattr(args, "demo", False):
+        values.update(DEMO_DEFAULTS)
+    given = {k: v for k, v in vars(args).items() if v is not None and k in values}
+    values.update(given)
+    for name in ("target_modules", "target_parameters", "reasoning_languages"):
+        values[name] = _split_list(values[name])
+    cfg = Config(**values)
+
+    for name in SIZE_FIELDS + ("max_samples",):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name} must be a positive integer, got {value}")
+    for name in RATE_FIELDS:
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"--{name} must be greater than 0, got {getattr(cfg, name)}")
+    for name in ("warmup_ratio", "lora_dropout"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.weight_decay < 0 or cfg.temperature < 0 or cfg.router_aux_loss_coef < 0:
+        raise UsageError("--weight_decay, --temperature and --router_aux_loss_coef cannot be negative")
+    if not cfg.reasoning_language.strip():
+        raise UsageError("--reasoning-language is empty: name a language, e.g. --reasoning-language German")
+    if cfg.answer_language is not None and not cfg.answer_language.strip():
+        raise UsageError("--answer-language is empty: name a language or leave the flag out")
+    if not cfg.target_modules and not cfg.target_parameters:
+        raise UsageError("nothing to train: give --target_modules and/or --target_parameters")
+    if cfg.attn_implementation.startswith("sdpa"):
+        raise UsageError("gpt-oss does not support sdpa attention (it cannot apply the attention sinks); "
+                         "use --attn-implementation flex_attention (CUDA) or eager")
+    if cfg.use_4bit:
+        raise UsageError("--use_4bit is not available yet: bitsandbytes 4-bit would leave the experts (91% of "
+                         "the weights) in bf16 and save almost nothing on gpt-oss; train in bf16 without it")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: pick one")
+    return cfg
+
+
+def describe_runtime(cfg: Config) -> dict:
+    """What this machine turns the configuration into: device, dtype, attention."""
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name() if on_cuda else "cpu",
+            "dtype": "bfloat16" if on_cuda else "float32",
+            "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
+            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * max(1, torch.cuda.device_count())}
+
+
+def check_output_dir(cfg: Config):
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file; pick a directory")
+    non_empty = out.is_dir() and any(out.iterdir())
+    demo_default = cfg.demo and cfg.output_dir == DEMO_OUTPUT_DIR  # the demo may always replace its own output
+    if cfg.resume and not non_empty:
+        raise UsageError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start afresh")
+    if non_empty and not (cfg.overwrite or cfg.resume or demo_default):
+        raise UsageError(f"--output_dir {out} is not empty; pass --overwrite to replace it or --resume to continue")
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+REQUIRED_FLAT_COLUMNS = ("reasoning_language", "user", "analysis", "final")
+REASONING_PREFIX = "reasoning language: "
+
+
+def read_rows(source: str, split: str = "train") -> list:
+    """Rows of a local .jsonl/.json/.parquet file or of a hub dataset, as plain dicts."""
+    path = Path(source)
+    looks_local = path.suffix in (".jsonl", ".json", ".parquet") or source.startswith((".", "/", "~"))
+    if not path.exists():
+        if looks_local:
+            raise UsageError(f"dataset file {source} does not exist; give an existing .jsonl/.json/.parquet file "
+                             "or a hub dataset id")
+        ensure_hub_reachable(source)
+        import datasets
+        try:
+            return datasets.load_dataset(source, split=split).to_list()
+        except Exception as e:  # the hub raises many types; the user needs the message only
+            raise UsageError(f"could not load dataset {source!r} split {split!r}: {str(e).splitlines()[0]}") from e
+    if path.is_dir():
+        raise UsageError(f"dataset {source} is a directory; give a .jsonl, .json or .parquet file")
+    if path.stat().st_size == 0:
+        raise UsageError(f"dataset file {source} is empty; it needs rows in the Multilingual-Thinking schema")
+    if path.suffix == ".parquet":
+        import datasets
+        rows = datasets.Dataset.from_parquet(str(path)).to_list()
+    elif path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{source} is not valid JSON ({e}); expected a list of rows") from e
+        rows = rows.get("data", rows) if isinstance(rows, dict) else rows
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{source} line {number} is not valid JSON ({e.msg}); one object per line") from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UsageError(f"{source} must hold a list of objects (rows), one per example")
+    if not rows:
+        raise UsageError(f"dataset {source} has no rows")
+    return rows
+
+
+def row_to_messages(row: dict, where: str = "row") -> list:
+    """The chat of one row: system "reasoning language: X", user, assistant with thinking + content.
+
+    Rows may carry `messages` (as the hub dataset does) or only the flat columns, from which the same messages are
+    built. Raises UsageError naming the row and the field when the schema is wrong.
+    """
+    if row.get("messages") is not None:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        chat = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise UsageError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
+            if m["role"] not in ("system", "developer", "user", "assistant"):
+                raise UsageError(f"{where}: messages[{i}] has unknown role {m['role']!r}")
+            message = {"role": m["role"], "content": m["content"]}
+            if m["role"] == "assistant" and m.get("thinking") is not None:
+                message["thinking"] = m["thinking"]
+            chat.append(message)
+    else:
+        missing = [c for c in REQUIRED_FLAT_COLUMNS if c not in row]
+        if missing:
+            raise UsageError(f"{where}: missing column(s) {', '.join(missing)}; a row needs 'messages' or the "
+                             f"columns {', '.join(REQUIRED_FLAT_COLUMNS)} (and optionally 'developer')")
+        for column in REQUIRED_FLAT_COLUMNS + ("developer",):
+            if column in row and row[column] is not None and not isinstance(row[column], str):
+                raise UsageError(f"{where}: column {column!r} must be a string, got {type(row[column]).__name__}")
+        system = REASONING_PREFIX + row["reasoning_language"]
+        if row.get("developer"):
+            system += "\n\n" + row["developer"]
+        chat = [{"role": "system", "content": system}, {"role": "user", "content": row["user"]},
+                {"role": "assistant", "content": row["final"], "thinking": row["analysis"]}]
+    if chat[-1]["role"] != "assistant":
+        raise UsageError(f"{where}: the last message must be the assistant's answer")
+    thinking = chat[-1].get("thinking")
+    if not isinstance(thinking, str) or not thinking.strip():
+        raise UsageError(f"{where}: the assistant turn has no 'thinking' (the analysis channel to learn from)")
+    if not any(m["role"] == "user" for m in chat):
+        raise UsageError(f"{where}: no user message")
+    return chat
+
+
+def reasoning_language_of(row: dict, chat: list) -> str | None:
+    if isinstance(row.get("reasoning_language"), str):
+        return row["reasoning_language"]
+    for m in chat:
+        if m["role"] in ("system", "developer") and m["content"].lower().startswith(REASONING_PREFIX):
+            return m["content"][len(REASONING_PREFIX):].split("\n")[0].strip()
+    return None
+
+
+def prepare_chats(rows: list, languages: list | None = None, max_samples: int | None = None) -> list:
+    """Validate every row, keep the requested reasoning languages, take the first max_samples."""
+    chats = []
+    for index, row in enumerate(rows):
+        chat = row_to_messages(row, where=f"row {index}")
+        chats.append((reasoning_language_of(row, chat), chat))
+    if languages:
+        wanted = {lang.lower() for lang in languages}
+        present = sorted({lang for lang, _ in chats if lang})
+        chats = [(lang, chat) for lang, chat in chats if lang and lang.lower() in wanted]
+        if not chats:
+            raise UsageError(f"no rows with reasoning language {', '.join(languages)}; the data has "
+                             f"{', '.join(present) or 'no reasoning_language information'}")
+    return [chat for _, chat in chats[:max_samples]]
+
+
+def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False) -> dict:
+    """input_ids and labels of one conversation; labels are -100 outside the assistant's turn.
+
+    TRL's training version of the gpt-oss template marks the assistant turn, from its <|start|>assistant through
+    the analysis and final channels to <|return|>; the system preamble (with today's date), the developer message
+    and the user turn get no loss.
+    """
+    from trl.chat_template_utils import get_training_chat_template
+
+    out = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                        chat_template=get_training_chat_template(tokenizer))
+    ids = list(out["input_ids"])
+    labels = ids[:] if train_on_all_tokens else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False):
+    """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
+    examples, truncated, dropped = [], 0, 0
+    for chat in chats:
+        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens)
+        if len(ex["input_ids"]) > max_length:
+            truncated += 1
+            ex = {k: v[:max_length] for k, v in ex.items()}
+            if all(label == -100 for label in ex["labels"][1:]):
+                dropped += 1
+                continue
+        examples.append(ex)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    stats = {
+        "rows_used": len(examples),
+        "rows_truncated": truncated,
+        "rows_dropped_no_labels_left": dropped,
+        "tokens_per_epoch": sum(lengths),
+        "labelled_tokens_per_epoch": sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples),
+        "longest_row_tokens": max(lengths, default=0),
+    }
+    return examples, stats
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def ensure_hub_reachable(repo_id: str):
+    """Fail in one line, in seconds, when a hub id is needed and the Hub cannot be reached.
+
+    Without HF_HUB_OFFLINE the libraries retry for ~30 s before failing; with it set they use the local cache only,
+    which is what we fall back to here so a cached model still works offline.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        print(f"note: the Hugging Face Hub ({host}) is unreachable; using the local cache for {repo_id}",
+              file=sys.stderr)
+
+
+def _hub_error(source: str, error: Exception) -> UsageError:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
+                          "offline; connect to the Hub once or pass a local directory")
+    return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
+
+
+def load_model_config(source: str):
+    """The model's config; refuses anything that is not gpt-oss before a single weight is read."""
+    from transformers import AutoConfig
+
+    if not Path(source).is_dir():
+        ensure_hub_reachable(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from e
+    if config.model_type != "gpt_oss":
+        raise UsageError(f"{source} is a {config.model_type!r} model, not gpt-oss; this script trains gpt-oss "
+                         "(openai/gpt-oss-20b or a directory with a gpt_oss config)")
+    return config
+
+
+def count_parameters(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from e
+    if "<|channel|>" not in tokenizer.get_vocab() or not tokenizer.chat_template:
+        raise UsageError(f"the tokenizer of {source} lacks the harmony tokens or chat template of gpt-oss")
+    return tokenizer
+
+
+def resolve_attention(requested: str, on_cuda: bool) -> str:
+    if requested == "auto":
+        return "flex_attention" if on_cuda else "eager"
+    if requested == "flex_attention" and not on_cuda:
+        raise UsageError("flex_attention applies gpt-oss's attention sinks on CUDA only; use eager on CPU")
+    return requested
+
+
+def load_model(cfg: Config, config, on_cuda: bool, training: bool):
+    """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models), MXFP4 experts dequantized so LoRA can train."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    kwargs = dict(dtype=torch.bfloat16 if on_cuda else torch.float32,
+                  attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda),
+                  device_map="cuda" if on_cuda else None)
+    quant = getattr(config, "quantization_config", None)
+    quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant_method == "mxfp4":
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    except OSError as e:
+        raise _hub_error(cfg.model, e) from e
+    model.config.use_cache = not training
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Train
+
+
+def build_lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=cfg.target_modules or None, target_parameters=cfg.target_parameters or None,
+                      task_type="CAUSAL_LM")
+
+
+def build_sft_config(cfg: Config, on_cuda: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a fraction of all steps
+        num_train_epochs=cfg.num_train_epochs,
+        max_length=cfg.max_seq_length,
+        optim=cfg.optim,
+        weight_decay=cfg.weight_decay,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=on_cuda,
+        use_cpu=not on_cuda,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,  # TRL's default reads 0.9 from the gpt-oss config
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        project=cfg.trackio_project,
+        run_name=cfg.run_name or f"{Path(cfg.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        trackio_space_id=None,  # trackio logs stay on this machine
+        trackio_static_space_id=False,
+        push_to_hub=False,  # pushed once, explicitly, after the adapter is saved
+        hub_model_id=cfg.hub_model_id,
+        dataloader_num_workers=0,
+    )
+
+
+def loss_history(log_history: list) -> list:
+    return [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+
+
+def plot_loss(history: list, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, losses = zip(*history) if history else ((), ())
+    ax.plot(steps, losses, marker="o" if len(steps) < 30 else None)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trackio"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_train(cfg: Config) -> dict:
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    check_output_dir(cfg)
+    chats = prepare_chats(read_rows(cfg.dataset, cfg.dataset_split), cfg.reasoning_languages, cfg.max_samples)
+    config = load_model_config(cfg.model)
+    resolve_attention(cfg.attn_implementation, on_cuda)
+    n_params = count_parameters(config)
+    if not on_cuda and n_params > 1e9:
+        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
+                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
+    tokenizer = load_tokenizer(cfg.model)
+    examples, data_stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens)
+    if not examples:
+        raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
+    print(f"data: {data_stats['rows_used']} rows, {data_stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
+          f"{data_stats['tokens_per_epoch']:,} tokens per epoch ({data_stats['labelled_tokens_per_epoch']:,} with loss)")
+
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    if cfg.overwrite and Path(cfg.output_dir).exists() or (cfg.demo and not cfg.resume):
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    model = load_model(cfg, config, on_cuda, training=True)
+    trainer = SFTTrainer(model=model, args=build_sft_config(cfg, on_cuda), train_dataset=Dataset.from_list(examples),
+                         processing_class=tokenizer, peft_config=build_lora_config(cfg))
+    trainer.model.print_trainable_parameters()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(out))  # adapter_model.safetensors, adapter_config.json, tokenizer files
+    history = loss_history(trainer.state.log_history)
+    plot_loss(history, out / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
+    summary = {
+        "config": asdict(cfg),
+        "versions": library_versions(),
+        "device": torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "model_parameters": n_params,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "data": data_stats,
+        "train_loss_first": history[0][1] if history else None,
+        "train_loss_last": history[-1][1] if history else None,
+        "optimizer_steps": trainer.state.global_step,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen) or int(data_stats["tokens_per_epoch"] * cfg.num_train_epochs),
+        "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+    }
+    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"saved adapter, run_summary.json and loss_curve.png to {out}/ "
+          f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
+    if cfg.push_to_hub:
+        trainer.push_to_hub()
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Infer
+
+
+def build_chat(prompt: str, reasoning_language: str, answer_language: str | None = None) -> list:
+    """The system line the dataset teaches ("reasoning language: X"); the template makes it the developer message."""
+    system = REASONING_PREFIX + reasoning_language
+    if answer_language:
+        system += f"\n\nAlways write the final answer in {answer_language}."
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+# A few lines by hand because the official parser (openai-harmony) needs o200k token ids, and the demo's tiny
+# tokenizer has others; tests check this split against openai-harmony on the real tokenizer.
+_MESSAGE = re.compile(r"(?:<\|start\|>assistant)?<\|channel\|>(\w+)[^<]*<\|message\|>(.*?)(<\|end\|>|<\|return\|>|<\|call\|>|$)",
+                      re.DOTALL)
+
+
+def split_channels(completion: str) -> dict:
+    """Split generated harmony text (what follows the prompt's <|start|>assistant) into its channels."""
+    analysis, final, complete = [], None, False
+    for channel, text, end in _MESSAGE.findall(completion):
+        if channel == "analysis":
+            analysis.append(text)
+        elif channel == "final":
+            final, complete = text, end in ("<|return|>", "<|end|>")
+    return {"analysis": "\n".join(analysis), "final": final, "complete": complete}
+
+
+def load_for_inference(cfg: Config):
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    base = cfg.model
+    if cfg.adapter:
+        adapter_config = Path(cfg.adapter) / "adapter_config.json"
+        if not adapter_config.is_file():
+            raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
+                             "pass the --output_dir of a train run")
+        if base == Config.model:  # --model not given: the adapter names its base
+            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or base
+    cfg = Config(**{**asdict(cfg), "model": base})
+    config = load_model_config(base)
+    tokenizer = load_tokenizer(cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer_config.json").exists()
+                               else base)
+    model = load_model(cfg, config, on_cuda, training=False)
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def generate(model, tokenizer, chat: list, reasoning_effort: str, max_new_tokens: int, temperature: float,
+             seed: int = 42) -> list:
+    """Token ids the model generates after the prompt; stops on <|return|> or <|call|> (<|end|> only closes a channel)."""
+    import torch
+    from transformers import set_seed
+
+    set_seed(seed)
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, reasoning_effort=reasoning_effort,
+                                           return_tensors="pt", return_dict=True).to(model.device)
+    stop = tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def read_prompt(cfg: Config) -> str:
+    if cfg.prompt is not None:
+        prompt = cfg.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        prompt = input("prompt> ")
+    if not prompt.strip():
+        raise UsageError("no prompt: pass --prompt \"...\" or pipe the question on stdin")
+    return prompt.strip()
+
+
+def run_infer(cfg: Config) -> dict:
+    prompt = read_prompt(cfg)
+    model, tokenizer = load_for_inference(cfg)
+    chat = build_chat(prompt, cfg.reasoning_language, cfg.answer_language)
+    ids = generate(model, tokenizer, chat, cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+    completion = tokenizer.decode(ids, skip_special_tokens=False)
+    result = {"reasoning_language": cfg.reasoning_language, **split_channels(completion), "tokens": len(ids)}
+    if cfg.json:
+        print(json.dumps(result, ensure_ascii=False))
+    elif cfg.raw:
+        print(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False,
+                                            reasoning_effort=cfg.reasoning_effort) + completion)
+    else:
+        print(f"--- reasoning ({cfg.reasoning_language}) ---\n{result['analysis'].strip()}\n")
+        final = result["final"] if result["final"] is not None else "(no final answer: raise --max_new_tokens)"
+        print(f"--- final answer ---\n{final.strip()}")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# The offline demo: a tiny random gpt-oss with a small tokenizer that has the harmony tokens and the real template
+
+HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
+                          "<|start|>", "<|end|>", "<|message|>", "<|call|>", "<|endofprompt|>"]
+
+
+def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
+    """Write (once) a tiny gpt-oss checkpoint: 2 layers, 4 experts, a 1k byte-level BPE trained on the sample."""
+    if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
+        return directory
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
+    from trl.chat_template_utils import gptoss_chat_template
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [json.dumps(row, ensure_ascii=False) for row in read_rows(str(DEMO_DATASET))]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=HARMONY_SPECIAL_TOKENS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|return|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = gptoss_chat_template
+    config = GptOssConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=4096,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                      "original_max_position_embeddings": 4096},
+        router_aux_loss_coef=0.9, output_router_logits=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config)
+    pretrain_demo_model(model, tokenizer)
+    staging = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+    return directory
+
+
+def pretrain_demo_model(model, tokenizer, steps: int = 60):
+    """A few seconds of full training on the sample, in English reasoning only, so the demo's base model writes
+    harmony-shaped text and its LoRA run starts from a model that already knows the format (as gpt-oss does)."""
+    import torch
+
+    rows = [{**row, "reasoning_language": "English"} for row in read_rows(str(DEMO_DATASET))
+            if row["reasoning_language"] == "English"]
+    batch = [tokenize_chat(tokenizer, row_to_messages(row), train_on_all_tokens=True)["input_ids"] for row in rows]
+    width = max(map(len, batch))
+    ids = torch.tensor([b + [tokenizer.pad_token_id] * (width - len(b)) for b in batch])
+    labels = torch.where(ids == tokenizer.pad_token_id, -100, ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def run_demo(cfg: Config):
+    cfg.model = str(build_demo_model())
+    if cfg.mode == "train":
+        run_train(cfg)
+        print()
+        cfg.adapter = cfg.output_dir
+    elif cfg.adapter is None and (Path(cfg.output_dir) / "adapter_config.json").exists():
+        cfg.adapter = cfg.output_dir
+    print(f"> {cfg.prompt}  [reasoning language: {cfg.reasoning_language}]")
+    run_infer(cfg)
+    print("\n(The demo model is tiny and random: its words are noise. The point is that every step ran.)")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        if args.print_config:
+            print(json.dumps({**asdict(cfg), "runtime": describe_runtime(cfg)}, indent=2))
+            return 0
+        if cfg.demo:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            run_demo(cfg)
+        elif cfg.mode == "train":
+            run_train(cfg)
+        else:
+            run_infer(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Reading rows, validating the schema, building the chat, filtering."""
+
+import json
+
+import pytest
+
+import gpt_oss_20b_sft as sft
+from conftest import ROOT
+from test_config import run_cli
+
+FLAT = {"reasoning_language": "French", "developer": "You are terse.", "user": "2+2?", "analysis": "Deux plus deux.",
+        "final": "4"}
+HUB_STYLE = {"messages": [
+    {"role": "system", "content": "reasoning language: German\n\nYou are terse.", "thinking": None},
+    {"role": "user", "content": "3+3?", "thinking": None},
+    {"role": "assistant", "content": "6", "thinking": "Drei plus drei."}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_flat_columns_become_the_datasets_messages():
+    assert sft.row_to_messages(FLAT) == [
+        {"role": "system", "content": "reasoning language: French\n\nYou are terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "thinking": "Deux plus deux."}]
+
+
+def test_messages_column_is_used_and_cleaned():
+    assert sft.row_to_messages(HUB_STYLE) == [
+        {"role": "system", "content": "reasoning language: German\n\nYou are terse."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "thinking": "Drei plus drei."}]
+
+
+def test_filter_by_language_reads_column_or_system_message():
+    rows = [FLAT, HUB_STYLE, {**FLAT, "reasoning_language": "Italian"}]
+    assert len(sft.prepare_chats(rows)) == 3
+    assert [c[0]["content"] for c in sft.prepare_chats(rows, ["german", "Italian"])] == [
+        "reasoning language: German\n\nYou are terse.", "reasoning language: Italian\n\nYou are terse."]
+    assert len(sft.prepare_chats(rows, None, max_samples=2)) == 2
+    with pytest.raises(sft.UsageError, match="no rows with reasoning language Chinese; the data has French, German"):
+        sft.prepare_chats(rows, ["Chinese"])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"user": "x", "final": "y"}, "row 0: missing column(s) reasoning_language, analysis"),
+    ({**FLAT, "final": 3}, "row 0: column 'final' must be a string, got int"),
+    ({**FLAT, "analysis": ""}, "row 0: the assistant turn has no 'thinking'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     "row 0: the assistant turn has no 'thinking'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "row 0: the last message must be the assistant's answer"),
+    ({"messages": "hello"}, "row 0: 'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": 5}]}, "row 0: messages[0] needs a string 'role' and a string 'content'"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "row 0: messages[0] has unknown role 'robot'"),
+])
+def test_schema_errors_name_the_row_and_field(row, message):
+    with pytest.raises(sft.UsageError) as e:
+        sft.prepare_chats([row])
+    assert message in str(e.value)
+
+
+def test_local_files(tmp_path):
+    assert sft.read_rows(write_jsonl(tmp_path / "a.jsonl", [FLAT, HUB_STYLE])) == [FLAT, HUB_STYLE]
+    (tmp_path / "b.json").write_text(json.dumps([FLAT]))
+    assert sft.read_rows(str(tmp_path / "b.json")) == [FLAT]
+    import datasets
+
+    datasets.Dataset.from_list([FLAT, FLAT]).to_parquet(str(tmp_path / "c.parquet"))
+    assert sft.read_rows(str(tmp_path / "c.parquet")) == [FLAT, FLAT]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("", "is empty"),
+    ('{"a": 1}\nnot json\n', "line 2 is not valid JSON"),
+    ("\n\n", "has no rows"),
+])
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(sft.UsageError, match=message):
+        sft.read_rows(str(path))
+
+
+def test_bundled_sample_is_valid_and_balanced():
+    rows = sft.read_rows(str(sft.DEMO_DATASET))
+    chats = sft.prepare_chats(rows)
+    assert len(chats) >= 40
+    counts = {lang: sum(r["reasoning_language"] == lang for r in rows)
+              for lang in ("English", "French", "German", "Spanish", "Italian")}
+    assert sum(counts.values()) == len(rows) and min(counts.values()) >= 8, counts
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"user": "x"}], "row 0: missing column(s) reasoning_language, analysis, final"),
+    ([FLAT, {**FLAT, "analysis": None}], "row 1: the assistant turn has no 'thinking'"),
+])
+def test_cli_schema_errors(tmp_path, rows, needle):
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    out = run_cli("--dataset", data, "--model", str(tmp_path / "unused"), "--output_dir", str(tmp_path / "out"),
+                  cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_and_empty_dataset(tmp_path):
+    out = run_cli("--dataset", "missing/data.jsonl", "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr == ("error: dataset file missing/data.jsonl does not exist; give an existing "
+                          ".jsonl/.json/.parquet file or a hub dataset id\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    out = run_cli("--dataset", "empty.jsonl", "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert out.returncode == 2 and "is empty" in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_readme_mentions_the_sample_is_a_stand_in():
+    assert "stand-in" in (ROOT / "README.md").read_text()
