@@ -598,7 +598,7 @@ def library_versions() -> dict:
     return out
 
 
-def run_train(cfg: Config) -> dict:
+def run_train(cfg: Config):
     import torch
 
     on_cuda = torch.cuda.is_available()
@@ -653,7 +653,7 @@ def run_train(cfg: Config) -> dict:
           f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
     if cfg.push_to_hub:
         trainer.push_to_hub()
-    return summary
+    return trainer
 
 
 # -----------------------------------------------------------------------------
@@ -751,6 +751,8 @@ def run_infer(cfg: Config) -> dict:
     elif cfg.raw:
         print(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False,
                                             reasoning_effort=cfg.reasoning_effort) + completion)
+    elif not result["analysis"] and result["final"] is None:
+        print(f"(no harmony channels in the output; raw text follows)\n{completion}")
     else:
         print(f"--- reasoning ({cfg.reasoning_language}) ---\n{result['analysis'].strip()}\n")
         final = result["final"] if result["final"] is not None else "(no final answer: raise --max_new_tokens)"

@@ -1,6 +1,7 @@
 import datetime
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,11 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GPT_OSS_SFT_CACHE", str(Path(os.environ.get("PYTEST_CACHE_ROOT", "/tmp")) / "gpt_oss_sft_test_cache"))
 os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(SHARED)
+os.environ["TRACKIO_DIR"] = TRACKIO_DIR = tempfile.mkdtemp(prefix="trackio_test_")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_tokenizer: needs ../shared/gpt-oss-20b (skipped when absent)")
-
-
-@pytest.fixture(autouse=True)
-def _trackio_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path_factory.getbasetemp() / "trackio"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,153 @@
+"""Train and infer end to end on the demo's tiny gpt-oss, on CPU, through the same code as the real run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt_oss_20b_sft as sft
+from conftest import SHARED, TRACKIO_DIR
+from test_config import resolve, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_model):
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--run_name", "test-run")
+    trainer = sft.run_train(cfg)
+    return out, trainer, cfg
+
+
+def test_training_writes_the_adapter_and_reports(trained, tmp_path_factory):
+    out, trainer, cfg = trained
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "run_summary.json", "loss_curve.png"} <= names
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["config"]["lora_r"] == 16 and summary["config"]["target_modules"] == ["q_proj", "v_proj"]
+    assert summary["data"]["rows_used"] == 45 and summary["data"]["rows_truncated"] == 0
+    assert summary["optimizer_steps"] == 9  # ceil(45 / (8 x 2)) x 3 epochs
+    assert summary["versions"]["trl"].startswith("1.16") and summary["peak_gpu_memory_gib"] is None
+    assert summary["tokens_seen"] > 3 * summary["data"]["labelled_tokens_per_epoch"] > 0
+    assert summary["train_loss_last"] < summary["train_loss_first"] - 0.3
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 16)
+    assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj"}
+    assert any(Path(TRACKIO_DIR).iterdir())  # trackio logged locally
+
+
+def test_loss_is_on_assistant_tokens_and_aux_loss_is_off(trained):
+    _, trainer, _ = trained
+    assert trainer.router_aux_loss_coef == 0.0 and not trainer.aux_loss_enabled
+    labels = trainer.train_dataset[0]["labels"]
+    assert labels[0] == -100 and labels[-1] == trainer.processing_class.convert_tokens_to_ids("<|return|>")
+
+
+def test_adapter_reloads_to_identical_logits(trained, demo_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, trainer, _ = trained
+    ids = torch.tensor([trainer.train_dataset[0]["input_ids"][:64]])
+    trained_model = trainer.model.eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="eager"),
+                                         out).eval()
+    base = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="eager").eval()
+    with torch.no_grad():
+        a, b, c = trained_model(input_ids=ids).logits, reloaded(input_ids=ids).logits, base(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3  # the adapter changed the model
+
+
+def test_infer_json_with_the_adapter(trained):
+    out, _, _ = trained
+    result = run_cli("--mode", "infer", "--adapter", str(out), "--prompt", "What is 15% of 240?",
+                     "--reasoning-language", "Italian", "--temperature", "0", "--max_new_tokens", "40", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(payload) == {"reasoning_language", "analysis", "final", "complete", "tokens"}
+    assert payload["reasoning_language"] == "Italian" and 0 < payload["tokens"] <= 40
+    again = run_cli("--mode", "infer", "--adapter", str(out), "--prompt", "What is 15% of 240?",
+                    "--reasoning-language", "Italian", "--temperature", "0", "--max_new_tokens", "40", "--json")
+    assert again.stdout == result.stdout  # greedy decoding is reproducible
+
+
+def test_infer_reads_the_prompt_from_stdin_and_raw_shows_the_transcript(trained):
+    out, _, _ = trained
+    result = run_cli("--mode", "infer", "--adapter", str(out), "--max_new_tokens", "8", "--raw",
+                     "--reasoning-language", "French", stdin="Quelle heure est-il ?\n")
+    assert result.returncode == 0, result.stderr
+    assert ("<|start|>developer<|message|># Instructions\n\nreasoning language: French\n\n<|end|>"
+            "<|start|>user<|message|>Quelle heure est-il ?<|end|><|start|>assistant") in result.stdout
+
+
+def test_expert_lora_through_target_parameters(tmp_path, demo_model):
+    cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+                  "--target_parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "--max_samples", "16",
+                  "--num_train_epochs", "1")
+    trainer = sft.run_train(cfg)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "out" / "adapter_model.safetensors")).keys()
+    assert any("experts" in k and "lora_A" in k for k in keys)
+    assert trainer.state.global_step == 1
+
+
+def test_demo_command_end_to_end(tmp_path):
+    result = run_cli("--demo", "--report_to", "none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--- reasoning (German) ---" in result.stdout or "no harmony channels" in result.stdout
+    assert (tmp_path / "demo_output" / "adapter_model.safetensors").exists()
+    again = run_cli("--demo", "--report_to", "none", "--num_train_epochs", "1", cwd=tmp_path)  # replaces its own output
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_adapter_dir_that_is_not_lora(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run_cli("--mode", "infer", "--adapter", str(tmp_path), "--prompt", "hi")
+    assert result.returncode == 2
+    assert result.stderr == (f"error: --adapter {tmp_path} is not a LoRA adapter directory (no adapter_config.json); "
+                             "pass the --output_dir of a train run\n")
+
+
+def test_missing_prompt_in_non_interactive_infer(trained):
+    out, _, _ = trained
+    result = run_cli("--mode", "infer", "--adapter", str(out), stdin="")
+    assert result.returncode == 2
+    assert result.stderr == "error: no prompt: pass --prompt \"...\" or pipe the question on stdin\n"
+
+
+def test_a_model_that_is_not_gpt_oss(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16).save_pretrained(tmp_path)
+    result = run_cli("--model", str(tmp_path), "--dataset", str(sft.DEMO_DATASET),
+                     "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {tmp_path} is a 'llama' model, not gpt-oss;")
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_model_without_a_gpu(tmp_path):
+    if not (SHARED / "config.json").exists():
+        pytest.skip("needs ../shared/gpt-oss-20b/config.json")
+    shutil.copy(SHARED / "config.json", tmp_path / "config.json")
+    result = run_cli("--model", str(tmp_path), "--dataset", str(sft.DEMO_DATASET), "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {tmp_path} has 20.9B parameters and there is no CUDA GPU here; training it needs "
+                             "one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU\n")
+
+
+@pytest.mark.parametrize("offline_env", ["1", None])
+def test_unreachable_hub_is_one_line(tmp_path, monkeypatch, offline_env):
+    if offline_env is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: unreachable at once
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
+    result = run_cli("--mode", "infer", "--model", "openai/gpt-oss-20b", "--prompt", "hi", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: 'openai/gpt-oss-20b' is not a local directory and not in the Hugging Face cache, and the Hub is "
+        "offline; connect to the Hub once or pass a local directory")
