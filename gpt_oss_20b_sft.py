@@ -68,6 +68,12 @@ class Config:
     train_on_all_tokens: bool = False
     router_aux_loss_coef: float = 0.0
     attn_implementation: str = "auto"
+    packing: bool | None = None  # each batch's rows in one padding-free sequence; None = on with flex_attention
+    chunked_loss: bool = True  # TRL's loss without the full-vocabulary logits
+    # preflight / benchmark
+    random_init: bool = False
+    synthetic_data: int | None = None
+    max_steps: int | None = None
     seed: int = 42
     logging_steps: int = 1
     save_steps: int = 50
@@ -103,7 +109,7 @@ DEMO_DEFAULTS = dict(
 )
 
 SIZE_FIELDS = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "max_seq_length",
-               "max_new_tokens", "logging_steps", "save_steps", "save_total_limit")
+               "max_new_tokens", "logging_steps", "save_steps", "save_total_limit", "synthetic_data", "max_steps")
 RATE_FIELDS = ("learning_rate", "num_train_epochs")
 
 
@@ -178,6 +184,11 @@ def build_parser():
           help="MoE load-balancing loss weight (default 0: TRL would otherwise add 0.9 x aux loss from the config)")
     _flag(g, "attn_implementation", help="auto (flex_attention on CUDA, eager otherwise), eager, flex_attention, "
           "or a hub kernel id; sdpa is not supported by gpt-oss")
+    _flag(g, "packing", action=argparse.BooleanOptionalAction,
+          help="put each batch's rows into one padding-free sequence, each row masked to itself (default: on with "
+          "flex_attention; eager attention is faster padded)")
+    _flag(g, "chunked_loss", action=argparse.BooleanOptionalAction,
+          help="TRL's loss that never builds the full-vocabulary logits (default on; off = the Cookbook's loss)")
     _flag(g, "logging_steps", type=int, help=f"(default {d.logging_steps})")
     _flag(g, "save_steps", type=int, help=f"checkpoint every N optimizer steps (default {d.save_steps})")
     _flag(g, "save_total_limit", type=int, help=f"checkpoints kept (default {d.save_total_limit})")
@@ -186,6 +197,13 @@ def build_parser():
     _flag(g, "run_name", help="trackio run name (default: the output dir's name and a timestamp)")
     _flag(g, "push_to_hub", action="store_true", help="upload the adapter to the Hub after training")
     _flag(g, "hub_model_id", help="repo id for --push_to_hub, e.g. you/gpt-oss-20b-multilingual-reasoner")
+
+    g = p.add_argument_group("preflight / benchmark: will this config fit my GPU, and how fast is it?")
+    _flag(g, "random_init", action="store_true", help="random bf16 weights from the model's config, built on the GPU "
+          "(no weight download); speed and memory are those of the real model")
+    _flag(g, "synthetic_data", type=int, help="N generated rows in the dataset schema, lengths as in "
+          "Multilingual-Thinking (see README)")
+    _flag(g, "max_steps", type=int, help="stop after N optimizer steps")
 
     g = p.add_argument_group("inference")
     _flag(g, "prompt", help="the user message (read from stdin when omitted and stdin is not a terminal)")
@@ -255,6 +273,7 @@ def describe_runtime(cfg: Config) -> dict:
     return {"device": torch.cuda.get_device_name() if on_cuda else "cpu",
             "dtype": "bfloat16" if on_cuda else "float32",
             "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
+            "packing": resolve_packing(cfg, on_cuda),
             "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * max(1, torch.cuda.device_count())}
 
 
@@ -428,6 +447,37 @@ def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens:
     return examples, stats
 
 
+# Multilingual-Thinking's length profile: log-normal tokens per row with mean 1,200 and sigma 0.57 (median 1,020).
+# Fitted to what was measured of the real dataset: its rows averaged 852 tokens when capped at 1,024 (this profile
+# gives 853) and its 8.9 MB of text suggests 1,100-1,200 tokens per row uncapped; 11% of rows exceed 2,048.
+LENGTH_PROFILE = {"mu": 6.928, "sigma": 0.57, "min": 256, "max": 8192}
+SYNTHETIC_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
+SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be are from or have an they which one "
+                   "you were all there would their we him been has when who will more no if out so what up its about "
+                   "into than them can only other new some could time these two may then do first any my now such "
+                   "like our over even most made after also did many before must through back years where much way "
+                   "well down should because each just those people how too little state good very make world still "
+                   "own see work long get here between both life being under never day same another know while last "
+                   "might great old year off come since against go came right used take three").split()
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list:
+    """n rows in the dataset's flat schema, about one word per token, lengths drawn from LENGTH_PROFILE."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        total = int(min(max(rng.lognormvariate(LENGTH_PROFILE["mu"], LENGTH_PROFILE["sigma"]), LENGTH_PROFILE["min"]),
+                        LENGTH_PROFILE["max"]))
+        body = total - 140  # the template's system preamble, headers, developer and user turns take about 140
+        words = lambda k: " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(max(k, 1)))
+        rows.append({"reasoning_language": SYNTHETIC_LANGUAGES[i % len(SYNTHETIC_LANGUAGES)],
+                     "developer": "You are a helpful assistant.", "user": words(30),
+                     "analysis": words(int(body * 0.65)), "final": words(int(body * 0.35))})
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # Model
 
@@ -500,14 +550,28 @@ def resolve_attention(requested: str, on_cuda: bool) -> str:
     return requested
 
 
+def resolve_packing(cfg: Config, on_cuda: bool) -> bool:
+    # flex_attention skips the masked-out blocks between rows; eager would compute them, so it is faster padded
+    if cfg.packing is not None:
+        return cfg.packing
+    return resolve_attention(cfg.attn_implementation, on_cuda) == "flex_attention"
+
+
 def load_model(cfg: Config, config, on_cuda: bool, training: bool):
     """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models), MXFP4 experts dequantized so LoRA can train."""
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     kwargs = dict(dtype=torch.bfloat16 if on_cuda else torch.float32,
-                  attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda),
-                  device_map="cuda" if on_cuda else None)
+                  attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda))
+    if cfg.random_init:
+        config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+        torch.manual_seed(cfg.seed)
+        with torch.device("cuda" if on_cuda else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model.config.use_cache = not training
+        return model
+    kwargs["device_map"] = "cuda" if on_cuda else None
     quant = getattr(config, "quantization_config", None)
     quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     if quant_method == "mxfp4":
@@ -518,6 +582,34 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool):
         raise _hub_error(cfg.model, e) from e
     model.config.use_cache = not training
     return model
+
+
+def attach_document_masks(model):
+    """Give each row of a padding-free batch its own causal and sliding-window mask.
+
+    GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
+    before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
+    calls them and hands the model the finished masks (a flex BlockMask on CUDA, a block-diagonal mask for eager).
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    decoder = model.get_decoder()
+
+    def build_masks(module, args, kwargs):
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
+            return None
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = module.embed_tokens(kwargs.pop("input_ids"))
+        mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+                           position_ids=position_ids)
+        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask={
+            "full_attention": create_causal_mask(**mask_kwargs),
+            "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)})
+        return args, kwargs
+
+    return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
 
 
 # -----------------------------------------------------------------------------
@@ -543,7 +635,9 @@ def build_sft_config(cfg: Config, on_cuda: bool):
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a fraction of all steps
         num_train_epochs=cfg.num_train_epochs,
-        max_length=cfg.max_seq_length,
+        max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
+        padding_free=cfg.packing,
+        max_steps=cfg.max_steps or -1,
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -564,6 +658,75 @@ def build_sft_config(cfg: Config, on_cuda: bool):
         hub_model_id=cfg.hub_model_id,
         dataloader_num_workers=0,
     )
+
+
+def make_trainer(cfg: Config, model, tokenizer, train_dataset, on_cuda: bool, callbacks=()):
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class FullLogitsSFTTrainer(SFTTrainer):
+        """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    trainer_class = SFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
+    return trainer_class(model=model, args=build_sft_config(cfg, on_cuda), train_dataset=train_dataset,
+                         processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
+
+
+def make_speed_meter(model, warmup_steps: int = 2):
+    """A Trainer callback timing optimizer steps after warm-up and counting the tokens they processed.
+
+    Real tokens are the non-pad ones (the attention mask's ones, or every token of a padding-free batch); padded
+    tokens are everything the model computed on. Counted by a hook on the model's forward, once per micro-batch.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class SpeedMeter(TrainerCallback):
+        def __init__(self):
+            self.real = self.padded = 0
+            self.steps = []  # (seconds, real tokens, padded tokens) per measured optimizer step
+
+        def count(self, module, args, kwargs):
+            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            if module.training and ids is not None:
+                self.padded += ids.numel()
+                self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start, self.real, self.padded = time.perf_counter(), 0, 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.steps.append((time.perf_counter() - self.start, self.real, self.padded))
+
+        def summary(self, optimizer_steps_per_run: int) -> dict:
+            measured = self.steps[warmup_steps:] if len(self.steps) > warmup_steps else self.steps[-1:]
+            seconds = sum(m[0] for m in measured) or float("nan")
+            step_seconds = seconds / max(len(measured), 1)
+            on_cuda = torch.cuda.is_available()
+            return {
+                "gpu": torch.cuda.get_device_name() if on_cuda else "cpu",
+                "steps_measured": len(measured),
+                "step_seconds": round(step_seconds, 3),
+                "tokens_per_second": round(sum(m[1] for m in measured) / seconds, 1),
+                "padded_tokens_per_second": round(sum(m[2] for m in measured) / seconds, 1),
+                "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
+                "peak_memory_gib": {
+                    "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+                    "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else None},
+                "optimizer_steps_per_run": optimizer_steps_per_run,
+                "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2),
+            }
+
+    meter = SpeedMeter()
+    model.register_forward_pre_hook(meter.count, with_kwargs=True)
+    return meter
 
 
 def loss_history(log_history: list) -> list:
@@ -598,14 +761,39 @@ def library_versions() -> dict:
     return out
 
 
+class RunFailed(Exception):
+    """The run started and could not finish (out of memory, NaN loss): printed as a paragraph, exit code 1."""
+
+
+def out_of_memory_advice(cfg: Config) -> str:
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return (f"CUDA ran out of memory (peak {peak:.1f} GiB allocated of {total:.1f} GiB on "
+            f"{torch.cuda.get_device_name()}). To use less: --batch_size {max(cfg.batch_size // 2, 1)} "
+            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps * 2} (same effective batch), "
+            f"--max_seq_length {max(cfg.max_seq_length // 2, 256)}"
+            + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
+            + ("" if cfg.packing else ", --packing") + ("" if cfg.chunked_loss else ", --chunked-loss")
+            + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
+            + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
+
+
+def optimizer_steps_per_run(cfg: Config, rows: int, world_size: int = 1) -> int:
+    batches = math.ceil(rows / (cfg.batch_size * world_size))
+    return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
+
+
 def run_train(cfg: Config):
     import torch
 
     on_cuda = torch.cuda.is_available()
     check_output_dir(cfg)
-    chats = prepare_chats(read_rows(cfg.dataset, cfg.dataset_split), cfg.reasoning_languages, cfg.max_samples)
+    rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
+    chats = prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples)
     config = load_model_config(cfg.model)
-    resolve_attention(cfg.attn_implementation, on_cuda)
+    cfg.packing = resolve_packing(cfg, on_cuda)
     n_params = count_parameters(config)
     if not on_cuda and n_params > 1e9:
         raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
@@ -618,17 +806,24 @@ def run_train(cfg: Config):
           f"{data_stats['tokens_per_epoch']:,} tokens per epoch ({data_stats['labelled_tokens_per_epoch']:,} with loss)")
 
     from datasets import Dataset
-    from trl import SFTTrainer
 
     if cfg.overwrite and Path(cfg.output_dir).exists() or (cfg.demo and not cfg.resume):
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
     model = load_model(cfg, config, on_cuda, training=True)
-    trainer = SFTTrainer(model=model, args=build_sft_config(cfg, on_cuda), train_dataset=Dataset.from_list(examples),
-                         processing_class=tokenizer, peft_config=build_lora_config(cfg))
+    if cfg.packing:
+        attach_document_masks(model)
+    meter = make_speed_meter(model)
+    trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), on_cuda, callbacks=[meter])
     trainer.model.print_trainable_parameters()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    steps_per_run = optimizer_steps_per_run(cfg, len(examples), trainer.args.world_size)
+    try:
+        result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    except torch.OutOfMemoryError as e:
+        print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
+        raise RunFailed(out_of_memory_advice(cfg)) from e
+    speed = meter.summary(steps_per_run)
 
     out = Path(cfg.output_dir)
     trainer.save_model(str(out))  # adapter_model.safetensors, adapter_config.json, tokenizer files
@@ -644,15 +839,20 @@ def run_train(cfg: Config):
         "train_loss_first": history[0][1] if history else None,
         "train_loss_last": history[-1][1] if history else None,
         "optimizer_steps": trainer.state.global_step,
-        "tokens_seen": int(trainer.state.num_input_tokens_seen) or int(data_stats["tokens_per_epoch"] * cfg.num_train_epochs),
+        "tokens_seen": int(trainer._total_train_tokens),  # TRL's count of real (non-pad) tokens trained on
         "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+        "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
+        "speed": speed,
     }
     (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"saved adapter, run_summary.json and loss_curve.png to {out}/ "
           f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
     if cfg.push_to_hub:
         trainer.push_to_hub()
+    print(json.dumps({**speed, "attn_implementation": model.config._attn_implementation, "packing": cfg.packing,
+                      "chunked_loss": cfg.chunked_loss, "gradient_checkpointing": cfg.gradient_checkpointing,
+                      "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                      "max_seq_length": cfg.max_seq_length, "rows": len(examples)}))
     return trainer
 
 
@@ -858,6 +1058,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 1
     return 0
 
 
