@@ -68,7 +68,7 @@ class Config:
     train_on_all_tokens: bool = False
     router_aux_loss_coef: float = 0.0
     attn_implementation: str = "auto"
-    packing: bool | None = None  # each batch's rows in one padding-free sequence; None = on with flex_attention
+    packing: bool = False  # each batch's rows in one padding-free sequence, each row masked to itself
     chunked_loss: bool = True  # TRL's loss without the full-vocabulary logits
     # preflight / benchmark
     random_init: bool = False
@@ -185,8 +185,8 @@ def build_parser():
     _flag(g, "attn_implementation", help="auto (flex_attention on CUDA, eager otherwise), eager, flex_attention, "
           "or a hub kernel id; sdpa is not supported by gpt-oss")
     _flag(g, "packing", action=argparse.BooleanOptionalAction,
-          help="put each batch's rows into one padding-free sequence, each row masked to itself (default: on with "
-          "flex_attention; eager attention is faster padded)")
+          help="put each batch's rows into one padding-free sequence, each row masked to itself (default off: exact "
+          "with eager attention; not yet with flex_attention on CUDA, see the README)")
     _flag(g, "chunked_loss", action=argparse.BooleanOptionalAction,
           help="TRL's loss that never builds the full-vocabulary logits (default on; off = the Cookbook's loss)")
     _flag(g, "logging_steps", type=int, help=f"(default {d.logging_steps})")
@@ -273,7 +273,7 @@ def describe_runtime(cfg: Config) -> dict:
     return {"device": torch.cuda.get_device_name() if on_cuda else "cpu",
             "dtype": "bfloat16" if on_cuda else "float32",
             "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
-            "packing": resolve_packing(cfg, on_cuda),
+            "packing": cfg.packing,
             "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * max(1, torch.cuda.device_count())}
 
 
@@ -550,13 +550,6 @@ def resolve_attention(requested: str, on_cuda: bool) -> str:
     return requested
 
 
-def resolve_packing(cfg: Config, on_cuda: bool) -> bool:
-    # flex_attention skips the masked-out blocks between rows; eager would compute them, so it is faster padded
-    if cfg.packing is not None:
-        return cfg.packing
-    return resolve_attention(cfg.attn_implementation, on_cuda) == "flex_attention"
-
-
 def load_model(cfg: Config, config, on_cuda: bool, training: bool):
     """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models), MXFP4 experts dequantized so LoRA can train."""
     import torch
@@ -793,7 +786,7 @@ def run_train(cfg: Config):
     rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
     chats = prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples)
     config = load_model_config(cfg.model)
-    cfg.packing = resolve_packing(cfg, on_cuda)
+    resolve_attention(cfg.attn_implementation, on_cuda)
     n_params = count_parameters(config)
     if not on_cuda and n_params > 1e9:
         raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "

@@ -125,7 +125,7 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     assert summary["gpu"] == "cpu" and set(summary["peak_memory_gib"]) == {"allocated", "reserved"}
     assert summary["optimizer_steps_per_run"] == 3  # ceil(16 / 16) x 3 epochs: projected for the configured run
     assert summary["tokens_per_second"] > 0 and summary["padded_tokens_per_second"] >= summary["tokens_per_second"]
-    assert summary["rows"] == 16 and summary["packing"] is False  # eager attention on CPU trains padded
+    assert summary["rows"] == 16 and summary["packing"] is False
 
 
 def test_baseline_flags_combine(tmp_path):
@@ -133,6 +133,6 @@ def test_baseline_flags_combine(tmp_path):
                              "--no-chunked-loss").stdout)
     assert (cfg["attn_implementation"], cfg["packing"], cfg["chunked_loss"]) == ("eager", False, False)
     assert cfg["runtime"]["packing"] is False
-    assert json.loads(run_cli("--print-config").stdout)["runtime"]["packing"] is False  # auto: eager on CPU
+    assert json.loads(run_cli("--print-config").stdout)["runtime"]["packing"] is False  # off by default
     out = run_cli("--demo", "--attn-implementation", "flex_attention", "--output_dir", str(tmp_path / "o"))
     assert out.returncode == 2 and "flex_attention applies gpt-oss's attention sinks on CUDA only" in out.stderr

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Speed and memory of the seed recipe: the Cookbook way (eager attention, padded batches, full-logits loss) against
+# our defaults, same hyper-parameters, random weights at the model's full size, synthetic rows with the length
+# profile of Multilingual-Thinking. One command:
+#
+#   bench/benchmark.sh [MODEL] [OUT_DIR]      # MODEL: hub id or local dir with config.json + tokenizer
+#
+# Each run is its own process (clean GPU memory) and prints the script's JSON summary line; the table goes to
+# OUT_DIR/results.md. STEPS (default 6) optimizer steps per run, the first 2 are warm-up and not timed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${1:-openai/gpt-oss-20b}
+OUT=${2:-bench_output}
+STEPS=${STEPS:-6}
+RUNS=${RUNS:-"ours baseline baseline_b4 ours_padded"}
+mkdir -p "$OUT"
+
+flags_for() {
+  case $1 in
+    ours) echo "" ;;
+    ours_padded) echo "--no-packing" ;;
+    ours_no_checkpointing) echo "--no-gradient-checkpointing" ;;
+    baseline) echo "--attn-implementation eager --no-packing --no-chunked-loss" ;;
+    baseline_b4) echo "--attn-implementation eager --no-packing --no-chunked-loss --batch_size 4 --gradient_accumulation_steps 4" ;;
+  esac
+}
+
+for name in $RUNS; do
+  echo "== $name: $(flags_for "$name")"
+  ${PYTHON:-python} gpt_oss_20b_sft.py --mode train --model "$MODEL" --random-init --synthetic-data 1000 --max-steps "$STEPS" \
+    --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" $(flags_for "$name") > "$OUT/$name.log" 2>&1
+  echo "exit code $?"
+  line=$(grep -E '^\{.*"tokens_per_second"' "$OUT/$name.log" | tail -1)
+  [ -n "$line" ] || line='{"error": "no summary line, see the log"}'
+  echo "$line"
+  printf '{"run": "%s", "flags": "%s", "summary": %s}\n' "$name" "$(flags_for "$name")" "$line" >> "$OUT/results.jsonl"
+done
+
+${PYTHON:-python} - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+rows = [json.loads(l) for l in open(f"{out}/results.jsonl")]
+lines = ["| run | flags | real tokens/s | padded tokens/s | step s | peak alloc GiB | peak reserved GiB | projected 3-epoch min |",
+         "|---|---|---:|---:|---:|---:|---:|---:|"]
+for r in rows:
+    s = r["summary"]
+    if s.get("oom"):
+        lines.append(f"| {r['run']} | `{r['flags']}` | OOM | | | >{s['peak_memory_gib']['allocated']} | | |")
+    elif "tokens_per_second" in s:
+        m = s["peak_memory_gib"]
+        lines.append(f"| {r['run']} | `{r['flags']}` | {s['tokens_per_second']:,.0f} | {s['padded_tokens_per_second']:,.0f} | "
+                     f"{s['step_seconds']} | {m['allocated']} | {m['reserved']} | {s['projected_run_minutes']} |")
+    else:
+        lines.append(f"| {r['run']} | `{r['flags']}` | failed | | | | | |")
+gpu = next((r["summary"].get("gpu") for r in rows if r["summary"].get("gpu")), "?")
+text = f"GPU: {gpu}\n\n" + "\n".join(lines) + "\n"
+open(f"{out}/results.md", "w").write(text)
+print(text)
+PY

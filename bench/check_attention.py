@@ -1,0 +1,101 @@
+"""GPU check: flex_attention (with gpt-oss's sinks) gives eager's loss and gradients, and packed rows under the
+flex BlockMask give the logits each row gets alone.
+
+    python bench/check_attention.py MODEL_DIR [--layers 4]
+
+Random bf16 weights at the model's full width (fewer layers, to be quick); prints one JSON line.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpt_oss_20b_sft as sft  # noqa: E402
+
+
+def build(config, attn, device, dtype):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):  # a copy: from_config records the attention choice on the config it is given
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype, attn_implementation=attn)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--lengths", default="300,900,700")
+    args = p.parse_args()
+    on_cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_cuda else ("cpu", torch.float32)
+    attn = "flex_attention" if on_cuda else "eager"
+    config = sft.load_model_config(args.model)
+    config = type(config).from_dict({**{k: v for k, v in config.to_dict().items() if k != "quantization_config"},
+                                     "num_hidden_layers": args.layers,
+                                     "layer_types": config.layer_types[:args.layers]})
+    lengths = [int(n) for n in args.lengths.split(",")]
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, min(config.vocab_size, 199_998), (n,), generator=g) for n in lengths]
+    batch = rows[1][None].to(device)  # one row longer than the 128-token sliding window
+
+    eager = build(config, "eager", device, dtype).train()
+    flex = build(config, attn, device, dtype).train()
+    flex.load_state_dict(eager.state_dict())
+    result = {"device": torch.cuda.get_device_name() if on_cuda else "cpu", "attn": attn, "layers": args.layers}
+    losses, grads = {}, {}
+    for name, model in (("eager", eager), (attn, flex)):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = {n: p.grad.float().clone() for n, p in model.named_parameters()
+                       if p.grad is not None and any(k in n for k in ("q_proj.weight", "v_proj.weight", "sinks"))}
+        model.zero_grad(set_to_none=True)
+    result["loss"] = losses
+    result["loss_rel_diff"] = abs(losses["eager"] - losses[attn]) / abs(losses["eager"])
+    rel = {n: ((grads["eager"][n] - grads[attn][n]).norm() / grads["eager"][n].norm()).item() for n in grads["eager"]}
+    cos = {n: torch.nn.functional.cosine_similarity(grads["eager"][n].flatten(), grads[attn][n].flatten(), dim=0).item()
+           for n in grads["eager"]}
+    result["grad_rel_err_max"] = max(rel.values())
+    result["grad_cosine_min"] = min(cos.values())
+
+    flex.eval()
+    ids = torch.cat(rows)[None].to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    with torch.no_grad():
+        alone = [flex(input_ids=r[None].to(device)).logits[0].float() for r in rows]
+        leaky = flex(input_ids=ids, position_ids=positions).logits[0].float()
+        sft.attach_document_masks(flex)
+        packed = flex(input_ids=ids, position_ids=positions).logits[0].float()
+    diffs, leaks, start = [], [], 0
+    for i, logits in enumerate(alone):
+        n = len(logits)
+        diffs.append((packed[start:start + n] - logits).abs().max().item())
+        leaks.append((leaky[start:start + n] - logits).abs().max().item())
+        start += n
+    result["packed_vs_alone_max_abs_logit_diff"] = diffs
+    result["unmasked_packed_vs_alone_max_abs_logit_diff"] = leaks
+    result["logit_scale_max_abs"] = max(l.abs().max().item() for l in alone)
+    result["attn_used"] = [eager.config._attn_implementation, flex.config._attn_implementation]
+    import time
+
+    flex.train()
+    seconds = []
+    for n in (1000, 1000, 1100, 1200):  # a new length may recompile the flex kernel
+        x = torch.randint(0, 1000, (1, n), device=device)
+        t = time.perf_counter()
+        flex(input_ids=x, labels=x).loss.backward()
+        torch.cuda.synchronize() if on_cuda else None
+        seconds.append(round(time.perf_counter() - t, 2))
+    result["flex_fwd_bwd_seconds_by_length_1000_1000_1100_1200"] = seconds
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
