@@ -283,7 +283,7 @@ def check_output_dir(cfg: Config):
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     non_empty = out.is_dir() and any(out.iterdir())
     demo_default = cfg.demo and cfg.output_dir == DEMO_OUTPUT_DIR  # the demo may always replace its own output
-    if cfg.resume and not non_empty:
+    if cfg.resume and not any(out.glob("checkpoint-*")):
         raise UsageError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start afresh")
     if non_empty and not (cfg.overwrite or cfg.resume or demo_default):
         raise UsageError(f"--output_dir {out} is not empty; pass --overwrite to replace it or --resume to continue")
@@ -800,7 +800,7 @@ def run_train(cfg: Config):
 
     from datasets import Dataset
 
-    if cfg.overwrite and Path(cfg.output_dir).exists() or (cfg.demo and not cfg.resume):
+    if (cfg.overwrite or cfg.demo) and not cfg.resume:
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
     model = load_model(cfg, config, on_cuda, training=True)
     if cfg.packing:
