@@ -6,13 +6,14 @@
 #   bench/benchmark.sh [MODEL] [OUT_DIR]      # MODEL: hub id or local dir with config.json + tokenizer
 #
 # Each run is its own process (clean GPU memory) and prints the script's JSON summary line; the table goes to
-# OUT_DIR/results.md. STEPS (default 6) optimizer steps per run, the first 2 are warm-up and not timed.
+# OUT_DIR/results.md. STEPS (default 6) optimizer steps per run, the first 2 are warm-up and not timed;
+# RUN_TIMEOUT (seconds, default 600) bounds each run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-openai/gpt-oss-20b}
 OUT=${2:-bench_output}
 STEPS=${STEPS:-6}
-RUNS=${RUNS:-"ours baseline baseline_b4 ours_padded"}
+RUNS=${RUNS:-"ours_padded baseline baseline_b4 ours"}
 mkdir -p "$OUT"
 
 flags_for() {
@@ -27,7 +28,7 @@ flags_for() {
 
 for name in $RUNS; do
   echo "== $name: $(flags_for "$name")"
-  ${PYTHON:-python} gpt_oss_20b_sft.py --mode train --model "$MODEL" --random-init --synthetic-data 1000 --max-steps "$STEPS" \
+  timeout "${RUN_TIMEOUT:-600}" ${PYTHON:-python} gpt_oss_20b_sft.py --mode train --model "$MODEL" --random-init --synthetic-data 1000 --max-steps "$STEPS" \
     --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" $(flags_for "$name") > "$OUT/$name.log" 2>&1
   echo "exit code $?"
   line=$(grep -E '^\{.*"tokens_per_second"' "$OUT/$name.log" | tail -1)
