@@ -151,3 +151,16 @@ def test_unreachable_hub_is_one_line(tmp_path, monkeypatch, offline_env):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: 'openai/gpt-oss-20b' is not a local directory and not in the Hugging Face cache, and the Hub is "
         "offline; connect to the Hub once or pass a local directory")
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model):
+    out = tmp_path / "out"
+    first = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
+                    "--save_steps", "3", "--max_steps", "3")
+    assert sft.run_train(first).state.global_step == 3
+    assert (out / "checkpoint-3").is_dir()
+    resumed = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
+                      "--save_steps", "3", "--resume")
+    trainer = sft.run_train(resumed)
+    assert trainer.state.global_step == 9
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e][:1] == [1]  # history carried over
