@@ -550,6 +550,12 @@ def resolve_attention(requested: str, on_cuda: bool) -> str:
     return requested
 
 
+def unquantized_config(config, **overrides):
+    """A copy of the config without its quantization block (random weights are plain bf16), with overrides."""
+    values = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    return type(config).from_dict({**values, **overrides})
+
+
 def load_model(cfg: Config, config, on_cuda: bool, training: bool):
     """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models), MXFP4 experts dequantized so LoRA can train."""
     import torch
@@ -558,21 +564,18 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool):
     kwargs = dict(dtype=torch.bfloat16 if on_cuda else torch.float32,
                   attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda))
     if cfg.random_init:
-        config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
         torch.manual_seed(cfg.seed)
         with torch.device("cuda" if on_cuda else "cpu"):
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
-        model.config.use_cache = not training
-        return model
-    kwargs["device_map"] = "cuda" if on_cuda else None
-    quant = getattr(config, "quantization_config", None)
-    quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if quant_method == "mxfp4":
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
-    except OSError as e:
-        raise _hub_error(cfg.model, e) from e
+            model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
+    else:
+        quant = getattr(config, "quantization_config", None)
+        quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        if quant_method == "mxfp4":
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map="cuda" if on_cuda else None, **kwargs)
+        except OSError as e:
+            raise _hub_error(cfg.model, e) from e
     model.config.use_cache = not training
     return model
 

@@ -37,9 +37,7 @@ def main():
     device, dtype = ("cuda", torch.bfloat16) if on_cuda else ("cpu", torch.float32)
     attn = "flex_attention" if on_cuda else "eager"
     config = sft.load_model_config(args.model)
-    config = type(config).from_dict({**{k: v for k, v in config.to_dict().items() if k != "quantization_config"},
-                                     "num_hidden_layers": args.layers,
-                                     "layer_types": config.layer_types[:args.layers]})
+    config = sft.unquantized_config(config, num_hidden_layers=args.layers, layer_types=config.layer_types[:args.layers])
     lengths = [int(n) for n in args.lengths.split(",")]
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, min(config.vocab_size, 199_998), (n,), generator=g) for n in lengths]
