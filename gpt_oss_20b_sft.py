@@ -703,21 +703,22 @@ def make_speed_meter(model, warmup_steps: int = 2):
 
         def summary(self, optimizer_steps_per_run: int) -> dict:
             measured = self.steps[warmup_steps:] if len(self.steps) > warmup_steps else self.steps[-1:]
-            seconds = sum(m[0] for m in measured) or float("nan")
-            step_seconds = seconds / max(len(measured), 1)
+            seconds = sum(m[0] for m in measured)  # 0 when no step finished (e.g. out of memory in the first)
+            step_seconds = seconds / len(measured) if measured else None
+            per_second = lambda i: round(sum(m[i] for m in measured) / seconds, 1) if seconds else None
             on_cuda = torch.cuda.is_available()
             return {
                 "gpu": torch.cuda.get_device_name() if on_cuda else "cpu",
                 "steps_measured": len(measured),
-                "step_seconds": round(step_seconds, 3),
-                "tokens_per_second": round(sum(m[1] for m in measured) / seconds, 1),
-                "padded_tokens_per_second": round(sum(m[2] for m in measured) / seconds, 1),
+                "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
+                "tokens_per_second": per_second(1),
+                "padded_tokens_per_second": per_second(2),
                 "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
                 "peak_memory_gib": {
                     "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
                     "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else None},
                 "optimizer_steps_per_run": optimizer_steps_per_run,
-                "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2),
+                "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2) if measured else None,
             }
 
     meter = SpeedMeter()

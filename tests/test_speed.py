@@ -128,6 +128,13 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     assert summary["rows"] == 16 and summary["packing"] is False
 
 
+def test_speed_summary_before_any_step_is_valid_json(tiny):
+    summary = sft.make_speed_meter(tiny[0]).summary(optimizer_steps_per_run=189)  # what an OOM in step 1 reports
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
+    assert summary["steps_measured"] == 0 and summary["optimizer_steps_per_run"] == 189
+    assert summary["tokens_per_second"] is None and summary["projected_run_minutes"] is None
+
+
 def test_baseline_flags_combine(tmp_path):
     cfg = json.loads(run_cli("--print-config", "--attn-implementation", "eager", "--no-packing",
                              "--no-chunked-loss").stdout)
