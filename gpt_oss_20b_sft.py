@@ -772,7 +772,7 @@ def out_of_memory_advice(cfg: Config) -> str:
             f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps * 2} (same effective batch), "
             f"--max_seq_length {max(cfg.max_seq_length // 2, 256)}"
             + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
-            + ("" if cfg.packing else ", --packing") + ("" if cfg.chunked_loss else ", --chunked-loss")
+            + ("" if cfg.chunked_loss else ", --chunked-loss")
             + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
             + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
 
