@@ -10,6 +10,7 @@ Reads top to bottom in pipeline order: configuration, data, model, train, infer.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import shutil
 import socket
 import sys
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -94,6 +96,13 @@ class Config:
     max_new_tokens: int = 512
     raw: bool = False
     json: bool = False
+    # evaluation
+    eval_file: str = str(HERE / "data" / "eval_questions.jsonl")
+    question_languages: list | None = None
+    limit: int | None = None  # questions per reasoning language
+    full_grid: bool = False
+    compare_base: bool = False
+    score_file: str | None = None
 
 
 # What --demo changes: a tiny random model trained on the bundled sample, so the run fits a CPU in minutes.
@@ -108,8 +117,11 @@ DEMO_DEFAULTS = dict(
     prompt="What is the capital of Australia?",
 )
 
+# Evaluation is greedy (repeatable), leaves room for reasoning before the answer, and generates in larger batches.
+MODE_DEFAULTS = {"eval": dict(temperature=0.0, max_new_tokens=1024, batch_size=32)}
+
 SIZE_FIELDS = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "max_seq_length",
-               "max_new_tokens", "logging_steps", "save_steps", "save_total_limit", "synthetic_data", "max_steps")
+               "max_new_tokens", "logging_steps", "save_steps", "save_total_limit", "synthetic_data", "max_steps", "limit")
 RATE_FIELDS = ("learning_rate", "num_train_epochs")
 
 
@@ -138,11 +150,11 @@ def build_parser():
         prog="gpt_oss_20b_sft.py",
         description="LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for; inference with the "
         "result. Every flag accepts snake_case and kebab-case spellings.",
-        usage="%(prog)s [--mode {train,infer}] [--demo] [--print-config] [options]",
+        usage="%(prog)s [--mode {train,infer,eval}] [--demo] [--print-config] [options]",
     )
     d = Config()
     g = p.add_argument_group("general")
-    _flag(g, "mode", choices=["train", "infer"], help=f"what to do (default {d.mode})")
+    _flag(g, "mode", choices=["train", "infer", "eval"], help=f"what to do (default {d.mode})")
     _flag(g, "demo", action="store_true", help="offline demo on CPU: tiny random gpt-oss model, bundled sample data")
     _flag(g, "print_config", action="store_true", help="print the resolved configuration as JSON and exit")
     _flag(g, "model", help=f"hub id or local directory (default {d.model}; infer: the adapter's base)")
@@ -151,7 +163,8 @@ def build_parser():
     g = p.add_argument_group("data")
     _flag(g, "dataset", help=f"hub dataset id or a local .jsonl/.json/.parquet file (default {d.dataset})")
     _flag(g, "dataset_split", help=f"split of a hub dataset (default {d.dataset_split})")
-    _flag(g, "reasoning_languages", help="comma-separated reasoning languages to keep, e.g. French,German")
+    _flag(g, "reasoning_languages", help="train: reasoning languages to keep, e.g. French,German; eval: the "
+          f"languages to evaluate (default {','.join(EVAL_REASONING_LANGUAGES)})")
     _flag(g, "max_samples", type=int, help="use only the first N rows (after filtering)")
     _flag(g, "max_seq_length", "max_length", type=int, help=f"tokens per row; longer rows are cut (default {d.max_seq_length})")
     _flag(g, "train_on_all_tokens", action="store_true",
@@ -215,6 +228,18 @@ def build_parser():
     _flag(g, "max_new_tokens", type=int, help=f"(default {d.max_new_tokens})")
     _flag(g, "raw", action="store_true", help="print the whole harmony transcript")
     _flag(g, "json", action="store_true", help="print {reasoning_language, analysis, final, tokens} as JSON")
+
+    g = p.add_argument_group("evaluation (--mode eval): greedy, --max_new_tokens 1024 and --batch_size 32 by default")
+    _flag(g, "compare_base", action=argparse.BooleanOptionalAction,
+          help="also evaluate the base model (the adapter switched off) and report both side by side")
+    _flag(g, "limit", type=int, help="only the first N questions (per reasoning language)")
+    _flag(g, "question_languages", help="languages the questions are asked in, rotated over the questions "
+          "(default: every language of the eval file)")
+    _flag(g, "full_grid", action="store_true", help="ask every question in every question language x answer "
+          "language instead of rotating (--answer-language takes a comma-separated list in eval)")
+    _flag(g, "eval_file", help="questions (default: the bundled data/eval_questions.jsonl)")
+    _flag(g, "score_file", help="score outputs generated elsewhere (.jsonl: reasoning_language, analysis; optional "
+          "final, answer_language, expected, model); loads no model")
     return p
 
 
@@ -226,12 +251,17 @@ def resolve_config(args) -> Config:
     """Seed defaults, then the demo's changes, then the user's flags; then validate. Touches nothing on disk."""
     values = {f.name: getattr(Config(), f.name) for f in fields(Config)}
     values["target_modules"], values["target_parameters"] = ["q_proj", "v_proj"], []
+    given = {k: v for k, v in vars(args).items() if v is not None and k in values}
+    values.update(MODE_DEFAULTS.get(given.get("mode"), {}))
     if getattr(args, "demo", False):
         values.update(DEMO_DEFAULTS)
-    given = {k: v for k, v in vars(args).items() if v is not None and k in values}
+        values["compare_base"] = given.get("mode") == "eval" and not given.get("score_file")
     values.update(given)
-    for name in ("target_modules", "target_parameters", "reasoning_languages"):
+    for name in ("target_modules", "target_parameters", "reasoning_languages", "question_languages"):
         values[name] = _split_list(values[name])
+    if values["mode"] == "eval" and "output_dir" not in given:  # the report goes next to what it evaluates
+        adapter = values["adapter"] or (DEMO_OUTPUT_DIR if values["demo"] else None)
+        values["output_dir"] = str(Path(adapter) / "eval") if adapter else "eval_output"
     cfg = Config(**values)
 
     for name in SIZE_FIELDS + ("max_samples",):
@@ -262,6 +292,10 @@ def resolve_config(args) -> Config:
         raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
+    if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
+        raise UsageError("--score-file and --compare-base belong to --mode eval")
+    if cfg.compare_base and not (cfg.adapter or cfg.demo):
+        raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
     return cfg
 
 
@@ -282,11 +316,13 @@ def check_output_dir(cfg: Config):
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     non_empty = out.is_dir() and any(out.iterdir())
-    demo_default = cfg.demo and cfg.output_dir == DEMO_OUTPUT_DIR  # the demo may always replace its own output
+    # the demo may always replace its own output
+    demo_default = cfg.demo and cfg.output_dir in (DEMO_OUTPUT_DIR, str(Path(DEMO_OUTPUT_DIR) / "eval"))
     if cfg.resume and not any(out.glob("checkpoint-*")):
         raise UsageError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start afresh")
     if non_empty and not (cfg.overwrite or cfg.resume or demo_default):
-        raise UsageError(f"--output_dir {out} is not empty; pass --overwrite to replace it or --resume to continue")
+        raise UsageError(f"--output_dir {out} is not empty; pass --overwrite to replace it"
+                         + (" or --resume to continue" if cfg.mode == "train" else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -907,21 +943,30 @@ def load_for_inference(cfg: Config):
     return model, tokenizer
 
 
-def generate(model, tokenizer, chat: list, reasoning_effort: str, max_new_tokens: int, temperature: float,
-             seed: int = 42) -> list:
-    """Token ids the model generates after the prompt; stops on <|return|> or <|call|> (<|end|> only closes a channel)."""
+def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_tokens: int, temperature: float,
+             seed: int = 42, progress: str | None = None, batch_size: int = 8) -> list:
+    """Token ids generated after each chat's prompt, in order; batches are left-padded. Each stops on <|return|> or
+    <|call|> (<|end|> only closes a channel). Greedy when temperature is 0."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import set_seed
 
     set_seed(seed)
-    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, reasoning_effort=reasoning_effort,
-                                           return_tensors="pt", return_dict=True).to(model.device)
+    tokenizer.padding_side = "left"  # new tokens follow every prompt directly
     stop = tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    outputs = []
+    for start in tqdm(range(0, len(chats), batch_size), desc=progress, disable=progress is None, unit="batch"):
+        inputs = tokenizer.apply_chat_template(chats[start:start + batch_size], add_generation_prompt=True,
+                                               reasoning_effort=reasoning_effort, padding=True, return_tensors="pt",
+                                               return_dict=True).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                 temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            ends = [i for i, token in enumerate(row) if token in stop]
+            outputs.append(row[:ends[0] + 1] if ends else row)
+    return outputs
 
 
 def read_prompt(cfg: Config) -> str:
@@ -940,7 +985,7 @@ def run_infer(cfg: Config) -> dict:
     prompt = read_prompt(cfg)
     model, tokenizer = load_for_inference(cfg)
     chat = build_chat(prompt, cfg.reasoning_language, cfg.answer_language)
-    ids = generate(model, tokenizer, chat, cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+    ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed)[0]
     completion = tokenizer.decode(ids, skip_special_tokens=False)
     result = {"reasoning_language": cfg.reasoning_language, **split_channels(completion), "tokens": len(ids)}
     if cfg.json:
@@ -955,6 +1000,324 @@ def run_infer(cfg: Config) -> dict:
         final = result["final"] if result["final"] is not None else "(no final answer: raise --max_new_tokens)"
         print(f"--- final answer ---\n{final.strip()}")
     return result
+
+
+# -----------------------------------------------------------------------------
+# Eval: does the model reason in the requested language, and does it still answer correctly?
+
+EVAL_QUESTIONS = HERE / "data" / "eval_questions.jsonl"
+TRAINED_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")  # Multilingual-Thinking's five
+EVAL_REASONING_LANGUAGES = TRAINED_LANGUAGES + ("Chinese", "Japanese", "Russian")
+
+
+@functools.lru_cache(maxsize=None)
+def _language_detector():
+    # lingua over every language it knows: the most accurate candidate on data/langid_check.jsonl (README)
+    from lingua import LanguageDetectorBuilder
+
+    return LanguageDetectorBuilder.from_all_languages().build()
+
+
+def canonical_language(name: str, flag: str) -> str:
+    """The detector's name for a language ("german" -> "German"); a name it does not know is a UsageError."""
+    from lingua import Language
+
+    try:
+        return Language.from_str(name.strip()).name.title()
+    except ValueError:
+        raise UsageError(f"{flag}: unknown language {name!r}; the language detector (lingua) knows "
+                         f"{len(Language.all())} languages by their English names, e.g. Portuguese, Korean, Dutch") from None
+
+
+def _has_letters(text: str) -> bool:
+    return any(ch.isalpha() for ch in text)
+
+
+def detect_language(text: str | None) -> str | None:
+    """The most likely language of the text; None when it has no letters (e.g. "56")."""
+    if not text or not _has_letters(text):
+        return None
+    found = _language_detector().detect_language_of(text)
+    return found.name.title() if found else None
+
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|(?<=[。！？；：])|\n+")
+
+
+def language_share(text: str | None, language: str) -> float:
+    """Share of the text's characters in sentences detected as `language` (reasoning often switches mid-way)."""
+    sentences = [s for s in _SENTENCE_BREAK.split(text or "") if _has_letters(s)]
+    total = sum(len(s) for s in sentences)
+    return sum(len(s) for s in sentences if detect_language(s) == language) / total if total else 0.0
+
+
+_NUMBER = re.compile(r"(?:(?<!\w)[-−])?\d+(?:[.,'’\u00a0\u202f ]\d+)*")
+_SEPARATOR = re.compile(r"[.,'’\u00a0\u202f ]")
+
+
+def number_readings(text: str) -> set:
+    """Every value the numbers in the text can mean: "1.000" is 1000 in German and 1.0 in English, "2,5" is 2.5."""
+    values = set()
+    for token in _NUMBER.findall(unicodedata.normalize("NFKC", text)):
+        sign = -1 if token[0] in "-−" else 1
+        token = token.lstrip("-−")
+        for piece in {token, *re.split(r"[\u00a0\u202f ]", token)}:  # a space groups thousands or just separates
+            groups, separators = _SEPARATOR.split(piece), _SEPARATOR.findall(piece)
+            if all(len(g) == 3 for g in groups[1:]):
+                values.add(sign * float("".join(groups)))
+            if separators and separators[-1] in ".," and all(len(g) == 3 for g in groups[1:-1]):
+                values.add(sign * float("".join(groups[:-1]) + "." + groups[-1]))
+    return values
+
+
+def _fold(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
+
+
+def answer_is_correct(final: str | None, expected: dict) -> bool:
+    """{"number": x}: some number in the answer equals x. {"accepted": [...]}: one spelling appears as a word."""
+    if final is None:
+        return False
+    if "number" in expected:
+        return any(math.isclose(v, expected["number"], rel_tol=1e-9, abs_tol=1e-9) for v in number_readings(final))
+    text = _fold(final)
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(_fold(a))}(?![a-z0-9])", text) for a in expected["accepted"])
+
+
+def score_output(reasoning_language: str, analysis: str, final: str | None, answer_language: str | None = None,
+                 expected: dict | None = None) -> dict:
+    """The scores of one output. Languages are canonical names (canonical_language)."""
+    detected = detect_language(analysis)
+    scores = {"reasoning_language_detected": detected,
+              "reasoning_language_match": detected == reasoning_language,
+              "reasoning_language_share": round(language_share(analysis, reasoning_language), 4),
+              "malformed": final is None}
+    if answer_language is not None:
+        answer_detected = detect_language(final)
+        scores["answer_language_detected"] = answer_detected
+        # No final answer misses the language; one without letters ("56") has none to judge.
+        scores["answer_language_match"] = (False if final is None else None if answer_detected is None
+                                           else answer_detected == answer_language)
+    if expected is not None:
+        scores["correct"] = answer_is_correct(final, expected)
+    return scores
+
+
+def _expected_answer(value, where: str) -> dict | None:
+    if value is None or isinstance(value, dict) and (set(value) == {"number"} or set(value) == {"accepted"}):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"number": value}
+    if isinstance(value, str) and value.strip():
+        return {"accepted": [value]}
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return {"accepted": value}
+    raise UsageError(f"{where}: 'expected' must be a number, a string, a list of strings, {{\"number\": x}} or "
+                     "{\"accepted\": [...]}")
+
+
+def read_jsonl(path: str, what: str) -> list:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{what} {path} does not exist")
+    rows = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {number} is not valid JSON ({e.msg}); one object per line") from e
+        if not isinstance(row, dict):
+            raise UsageError(f"{path} line {number} is not a JSON object")
+        rows.append((number, row))
+    if not rows:
+        raise UsageError(f"{what} {path} is empty")
+    return rows
+
+
+def read_score_file(path: str) -> list:
+    """Outputs generated elsewhere: reasoning_language and analysis per line; final, answer_language, expected,
+    reasoning_tokens and model optional. Checked line by line before anything is scored."""
+    items = []
+    for number, row in read_jsonl(path, "--score-file"):
+        where = f"{path} line {number}"
+        for field in ("reasoning_language", "analysis"):
+            if not isinstance(row.get(field), str):
+                raise UsageError(f"{where}: needs a string {field!r}")
+        for field in ("final", "answer_language", "model"):
+            if row.get(field) is not None and not isinstance(row[field], str):
+                raise UsageError(f"{where}: {field!r} must be a string")
+        items.append({**row, "model": row.get("model") or "outputs",
+                      "reasoning_language": canonical_language(row["reasoning_language"], where),
+                      "answer_language": canonical_language(row["answer_language"], where)
+                      if row.get("answer_language") else None,
+                      "expected": _expected_answer(row.get("expected"), where)})
+    return items
+
+
+def read_eval_questions(path: str) -> list:
+    questions = []
+    for number, row in read_jsonl(path, "--eval-file"):
+        where = f"{path} line {number}"
+        if not isinstance(row.get("question"), dict) or not row["question"]:
+            raise UsageError(f"{where}: 'question' must map languages to the question's text")
+        questions.append({**row, "id": row.get("id", f"q{number}"), "expected": _expected_answer(row.get("answer"), where)})
+    return questions
+
+
+def eval_plan(questions: list, reasoning_languages: list, question_languages: list, answer_languages: list,
+              limit: int | None = None, full_grid: bool = False) -> list:
+    """Which prompts to generate. Every reasoning language gets the same questions; question and answer languages
+    rotate over the questions (every combination for every question with full_grid). An answer language of None
+    means "the question's own language", with no instruction in the prompt."""
+    combos = [(q, a) for a in answer_languages for q in question_languages]
+    plan = []
+    for reasoning_language in reasoning_languages:
+        for index, question in enumerate(questions[:limit]):
+            for question_language, answer_language in (combos if full_grid else [combos[index % len(combos)]]):
+                if question_language not in question["question"]:
+                    raise UsageError(f"question {question['id']} has no {question_language} version; "
+                                     f"it has {', '.join(question['question'])}")
+                plan.append({"id": question["id"], "category": question.get("category"),
+                             "question_language": question_language, "reasoning_language": reasoning_language,
+                             "answer_language": answer_language or question_language,
+                             "answer_language_instructed": answer_language is not None,
+                             "prompt": question["question"][question_language], "expected": question["expected"]})
+    return plan
+
+
+def _mean(values: list):
+    values = [float(v) for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def summarize_scores(items: list) -> list:
+    """One row per model and reasoning language, then each model over all languages."""
+    rows = []
+    for model in dict.fromkeys(i["model"] for i in items):
+        mine = [i for i in items if i["model"] == model]
+        for language in [*dict.fromkeys(i["reasoning_language"] for i in mine), "all"]:
+            group = [i for i in mine if language in ("all", i["reasoning_language"])]
+            rows.append({"model": model, "reasoning_language": language, "n": len(group),
+                         "reasoning_language_match": _mean([i["reasoning_language_match"] for i in group]),
+                         "reasoning_language_share": _mean([i["reasoning_language_share"] for i in group]),
+                         "answer_language_match": _mean([i.get("answer_language_match") for i in group]),
+                         "accuracy": _mean([i.get("correct") for i in group]),
+                         "reasoning_tokens": _mean([i.get("reasoning_tokens") for i in group]),
+                         "malformed": _mean([i["malformed"] for i in group])})
+    return rows
+
+
+def summary_table(rows: list) -> str:
+    percent = lambda v: "–" if v is None else f"{100 * v:.0f}%"
+    lines = ["| reasoning language | model | n | reasoning in language | share of reasoning in language | "
+             "answer in language | answer correct | reasoning tokens | no final answer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = list(dict.fromkeys(r["reasoning_language"] for r in rows))  # each language's models on adjacent rows
+    for r in sorted(rows, key=lambda r: order.index(r["reasoning_language"])):
+        language = r["reasoning_language"] + ("" if r["reasoning_language"] in TRAINED_LANGUAGES + ("all",) else " *")
+        tokens = "–" if r["reasoning_tokens"] is None else f"{r['reasoning_tokens']:.0f}"
+        lines.append(f"| {language} | {r['model']} | {r['n']} | {percent(r['reasoning_language_match'])} | "
+                     f"{percent(r['reasoning_language_share'])} | {percent(r['answer_language_match'])} | "
+                     f"{percent(r['accuracy'])} | {tokens} | {percent(r['malformed'])} |")
+    lines.append("\n\\* not among Multilingual-Thinking's reasoning languages (unseen in training).")
+    return "\n".join(lines)
+
+
+def plot_match_rates(rows: list, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    languages = list(dict.fromkeys(r["reasoning_language"] for r in rows))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(languages)), 4))
+    for k, model in enumerate(models):
+        rate = {r["reasoning_language"]: r["reasoning_language_match"] or 0 for r in rows if r["model"] == model}
+        ax.bar([i + (k - (len(models) - 1) / 2) * width for i in range(len(languages))],
+               [100 * rate.get(lang, 0) for lang in languages], width, label=model)
+    ax.set_xticks(range(len(languages)), languages, rotation=30)
+    ax.set(ylabel="reasoning in the requested language (%)", ylim=(0, 105),
+           title="Reasoning-language match per requested language")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_atomically(path: Path, data: str | bytes):
+    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(staging, path)
+
+
+def generate_eval_outputs(cfg: Config, plan: list):
+    """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off)."""
+    from contextlib import nullcontext
+
+    model, tokenizer = load_for_inference(cfg)
+    runs = [("tuned" if cfg.adapter else "base", nullcontext())]
+    if cfg.compare_base:
+        runs.insert(0, ("base", model.disable_adapter()))
+    chats = [build_chat(p["prompt"], p["reasoning_language"], p["answer_language"] if p["answer_language_instructed"]
+                        else None) for p in plan]
+    items = []
+    for label, adapter_state in runs:
+        with adapter_state:
+            outputs = generate(model, tokenizer, chats, cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature,
+                               cfg.seed, progress=f"{label} model", batch_size=cfg.batch_size)
+        for p, ids in zip(plan, outputs):
+            items.append({"model": label, **p, **split_channels(tokenizer.decode(ids, skip_special_tokens=False)),
+                          "tokens": len(ids)})
+    return items, tokenizer
+
+
+def prepare_eval(cfg: Config) -> list:
+    """Everything eval can check before loading a model: the output directory, the languages, the input files.
+    Returns the outputs to score (--score-file) or the prompts to generate."""
+    check_output_dir(cfg)
+    if cfg.score_file:
+        return read_score_file(cfg.score_file)
+    languages = [canonical_language(x, "--reasoning-languages") for x in cfg.reasoning_languages or EVAL_REASONING_LANGUAGES]
+    answer_languages = ([canonical_language(x, "--answer-language") for x in _split_list(cfg.answer_language)]
+                        if cfg.answer_language else [None])
+    questions = read_eval_questions(cfg.eval_file)
+    question_languages = cfg.question_languages or list(questions[0]["question"])
+    plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.limit, cfg.full_grid)
+    print(f"eval: {len(plan)} prompts per model ({min(cfg.limit or len(questions), len(questions))} questions x "
+          f"{len(languages)} reasoning languages), questions in {', '.join(question_languages)}")
+    return plan
+
+
+def run_eval(cfg: Config, prepared: list | None = None) -> dict:
+    prepared = prepared or prepare_eval(cfg)
+    if cfg.score_file:
+        items = prepared
+        needs_tokens = any(not isinstance(i.get("reasoning_tokens"), int) for i in items)
+        tokenizer = load_tokenizer(cfg.model) if needs_tokens else None
+    else:
+        items, tokenizer = generate_eval_outputs(cfg, prepared)
+    for item in items:
+        if not isinstance(item.get("reasoning_tokens"), int):
+            item["reasoning_tokens"] = len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
+        item.update(score_output(item["reasoning_language"], item["analysis"], item.get("final"),
+                                 item.get("answer_language"), item.get("expected")))
+    rows = summarize_scores(items)
+    table = summary_table(rows)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "eval_results.json", json.dumps({"config": asdict(cfg), "summary": rows, "items": items},
+                                                           indent=2, ensure_ascii=False) + "\n")
+    write_atomically(out / "eval_summary.md", table + "\n")
+    plot_match_rates([r for r in rows if r["reasoning_language"] != "all"], out / "eval_summary.png")
+    print(table)
+    print(f"\nwrote eval_results.json, eval_summary.md and eval_summary.png to {out}/")
+    return {"summary": rows, "items": items}
 
 
 # -----------------------------------------------------------------------------
@@ -1024,6 +1387,16 @@ def pretrain_demo_model(model, tokenizer, steps: int = 60):
 
 def run_demo(cfg: Config):
     cfg.model = str(build_demo_model())
+    if cfg.mode == "eval":
+        prepared = prepare_eval(cfg)
+        if cfg.adapter is None and not cfg.score_file:  # the demo's adapter, trained first when there is none yet
+            if not (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").exists():
+                run_train(Config(**{**asdict(cfg), **DEMO_DEFAULTS, "mode": "train", "model": cfg.model,
+                                    "batch_size": Config.batch_size}))
+                print()
+            cfg.adapter = DEMO_OUTPUT_DIR
+        run_eval(cfg, prepared)
+        return
     if cfg.mode == "train":
         run_train(cfg)
         print()
@@ -1050,6 +1423,8 @@ def main(argv=None) -> int:
             run_demo(cfg)
         elif cfg.mode == "train":
             run_train(cfg)
+        elif cfg.mode == "eval":
+            run_eval(cfg)
         else:
             run_infer(cfg)
     except UsageError as e:
