@@ -3,10 +3,11 @@
 
     python gpt_oss_20b_sft.py                                  # train: LoRA + TRL SFT, the seed recipe
     python gpt_oss_20b_sft.py --mode infer --reasoning-language German --prompt "What is 7 x 8?"
+    python gpt_oss_20b_sft.py --mode eval --adapter DIR --compare-base   # reasoning-language match, accuracy
     python gpt_oss_20b_sft.py --demo                           # the whole pipeline offline, on CPU, tiny model
     python gpt_oss_20b_sft.py --mode train --print-config      # the resolved configuration, loads nothing
 
-Reads top to bottom in pipeline order: configuration, data, model, train, infer.
+Reads top to bottom in pipeline order: configuration, data, model, train, infer, eval.
 """
 
 import argparse
