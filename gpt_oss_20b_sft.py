@@ -11,6 +11,7 @@ Reads top to bottom in pipeline order: configuration, data, model, train, infer,
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -151,11 +152,12 @@ def build_parser():
         prog="gpt_oss_20b_sft.py",
         description="LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for; inference with the "
         "result. Every flag accepts snake_case and kebab-case spellings.",
-        usage="%(prog)s [--mode {train,infer,eval}] [--demo] [--print-config] [options]",
+        usage="%(prog)s [--mode {train,infer,eval,merge}] [--demo] [--print-config] [options]",
     )
     d = Config()
     g = p.add_argument_group("general")
-    _flag(g, "mode", choices=["train", "infer", "eval"], help=f"what to do (default {d.mode})")
+    _flag(g, "mode", choices=["train", "infer", "eval", "merge"], help=f"what to do (default {d.mode}); merge: fold "
+          "--adapter into its base and write a standalone bf16 checkpoint")
     _flag(g, "demo", action="store_true", help="offline demo on CPU: tiny random gpt-oss model, bundled sample data")
     _flag(g, "print_config", action="store_true", help="print the resolved configuration as JSON and exit")
     _flag(g, "model", help=f"hub id or local directory (default {d.model}; infer: the adapter's base)")
@@ -180,7 +182,8 @@ def build_parser():
           "mlp.experts.gate_up_proj,mlp.experts.down_proj (default none)")
 
     g = p.add_argument_group("training")
-    _flag(g, "output_dir", help=f"where the adapter and reports go (default {d.output_dir}; demo: {DEMO_OUTPUT_DIR})")
+    _flag(g, "output_dir", "output", help=f"where the adapter and reports go (default {d.output_dir}; demo: "
+          f"{DEMO_OUTPUT_DIR}; eval: <adapter>/eval; merge: <adapter>-merged)")
     _flag(g, "overwrite", action="store_true", help="allow a non-empty --output_dir (its contents are replaced)")
     _flag(g, "resume", action="store_true", help="continue from the last checkpoint in --output_dir")
     _flag(g, "batch_size", "per_device_train_batch_size", type=int, help=f"rows per device per step (default {d.batch_size})")
@@ -260,9 +263,11 @@ def resolve_config(args) -> Config:
     values.update(given)
     for name in ("target_modules", "target_parameters", "reasoning_languages", "question_languages"):
         values[name] = _split_list(values[name])
+    adapter = values["adapter"] or (DEMO_OUTPUT_DIR if values["demo"] else None)
     if values["mode"] == "eval" and "output_dir" not in given:  # the report goes next to what it evaluates
-        adapter = values["adapter"] or (DEMO_OUTPUT_DIR if values["demo"] else None)
         values["output_dir"] = str(Path(adapter) / "eval") if adapter else "eval_output"
+    if values["mode"] == "merge" and "output_dir" not in given and adapter:
+        values["output_dir"] = str(Path(adapter)) + "-merged"
     cfg = Config(**values)
 
     for name in SIZE_FIELDS + ("max_samples",):
@@ -295,6 +300,8 @@ def resolve_config(args) -> Config:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
     if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
         raise UsageError("--score-file and --compare-base belong to --mode eval")
+    if cfg.mode == "merge" and not (cfg.adapter or cfg.demo):
+        raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
     if cfg.compare_base and not (cfg.adapter or cfg.demo):
         raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
     return cfg
@@ -312,15 +319,24 @@ def describe_runtime(cfg: Config) -> dict:
             "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * max(1, torch.cuda.device_count())}
 
 
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
+    cut short (e.g. the process was killed while saving) and is skipped."""
+    complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+                and (c / "trainer_state.json").is_file()]
+    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
 def check_output_dir(cfg: Config):
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     non_empty = out.is_dir() and any(out.iterdir())
     # the demo may always replace its own output
-    demo_default = cfg.demo and cfg.output_dir in (DEMO_OUTPUT_DIR, str(Path(DEMO_OUTPUT_DIR) / "eval"))
-    if cfg.resume and not any(out.glob("checkpoint-*")):
-        raise UsageError(f"--resume: {out} holds no checkpoint to resume from; drop --resume to start afresh")
+    demo_default = cfg.demo and cfg.output_dir in (DEMO_OUTPUT_DIR, str(Path(DEMO_OUTPUT_DIR) / "eval"),
+                                                    DEMO_OUTPUT_DIR + "-merged")
+    if cfg.resume and latest_checkpoint(out) is None:
+        raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
     if non_empty and not (cfg.overwrite or cfg.resume or demo_default):
         raise UsageError(f"--output_dir {out} is not empty; pass --overwrite to replace it"
                          + (" or --resume to continue" if cfg.mode == "train" else ""))
@@ -593,12 +609,13 @@ def unquantized_config(config, **overrides):
     return type(config).from_dict({**values, **overrides})
 
 
-def load_model(cfg: Config, config, on_cuda: bool, training: bool):
-    """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models), MXFP4 experts dequantized so LoRA can train."""
+def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
+    """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models, unless dtype says otherwise), MXFP4 experts
+    dequantized so LoRA can train on them and merge into them."""
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    kwargs = dict(dtype=torch.bfloat16 if on_cuda else torch.float32,
+    kwargs = dict(dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32),
                   attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda))
     if cfg.random_init:
         torch.manual_seed(cfg.seed)
@@ -677,6 +694,7 @@ def build_sft_config(cfg: Config, on_cuda: bool):
         bf16=on_cuda,
         use_cpu=not on_cuda,
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # TRL's default reads 0.9 from the gpt-oss config
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it) so the run can stop on it
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
@@ -763,6 +781,28 @@ def make_speed_meter(model, warmup_steps: int = 2):
     return meter
 
 
+def make_nonfinite_guard(output_dir: str):
+    """A Trainer callback that stops the run at the first NaN or inf loss or gradient norm, before that step's
+    checkpoint is written, so the checkpoints on disk are all from finite steps."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for name in ("loss", "grad_norm"):
+                value = (logs or {}).get(name)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    last = latest_checkpoint(Path(output_dir))
+                    raise RunFailed(
+                        f"The training {name.replace('_', ' ')} became {value} at step {state.global_step}, so the run "
+                        "stopped there and saved no adapter. "
+                        + (f"The checkpoints before it are kept; the last good one runs with --adapter {last}. "
+                           if last else "No checkpoint was written before it. ")
+                        + f"A loss that blows up usually means the learning rate is too high (now "
+                        f"{args.learning_rate:g}): start again with a lower --learning_rate and --overwrite.")
+
+    return StopOnNonFiniteLoss()
+
+
 def loss_history(log_history: list) -> list:
     return [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
 
@@ -799,19 +839,146 @@ class RunFailed(Exception):
     """The run started and could not finish (out of memory, NaN loss): printed as a paragraph, exit code 1."""
 
 
-def out_of_memory_advice(cfg: Config) -> str:
+def gpu_memory_state() -> tuple:
+    """(peak GiB allocated, GiB on the card, card name) for the out-of-memory message."""
     import torch
 
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return (f"CUDA ran out of memory (peak {peak:.1f} GiB allocated of {total:.1f} GiB on "
-            f"{torch.cuda.get_device_name()}). To use less: --batch_size {max(cfg.batch_size // 2, 1)} "
-            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps * 2} (same effective batch), "
-            f"--max_seq_length {max(cfg.max_seq_length // 2, 256)}"
-            + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
-            + ("" if cfg.chunked_loss else ", --chunked-loss")
-            + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
-            + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
+    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30,
+            torch.cuda.get_device_name())
+
+
+def out_of_memory_advice(cfg: Config, during: str, peak_gib: float, total_gib: float, device: str) -> str:
+    """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
+    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
+    if during == "training":
+        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
+                f"{max(cfg.max_seq_length // 2, 256)}"
+                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
+                + ("" if cfg.chunked_loss else ", --chunked-loss")
+                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
+                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
+    if during == "merging":
+        return head + ("Merging holds the whole model in bf16 (about 42 GB for gpt-oss-20b): run it on a card with "
+                       "more free memory, or on the CPU with CUDA_VISIBLE_DEVICES= in front of the command (it then "
+                       "needs about 45 GB of RAM).")
+    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
+            + (f", --batch_size {max(cfg.batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.batch_size > 1 else "")
+            + ". The model alone takes about 42 GB in bf16 for gpt-oss-20b.")
+
+
+@contextlib.contextmanager
+def out_of_memory_is_a_message(cfg: Config, during: str):
+    """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
+
+
+def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
+    """Move the finished files from staging into out, each by an atomic rename, `last` at the end: a directory
+    holding adapter_config.json holds a complete adapter (PEFT and infer look for that file)."""
+    (out / last).unlink(missing_ok=True)
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == last):
+        os.replace(path, out / path.name)
+    staging.rmdir()
+
+
+def render_model_card(summary: dict) -> str:
+    """The adapter's README.md: what it is, how it was trained, what training measured, how to run it."""
+    cfg, data = summary["config"], summary["data"]
+    from lingua import Language
+
+    codes = []
+    for name in summary.get("reasoning_languages", []):
+        try:
+            codes.append(Language.from_str(name).iso_code_639_1.name.lower())
+        except ValueError:
+            pass
+    base = cfg["model"]
+    on_hub = lambda source: not Path(source).exists()  # the card's metadata and links name hub ids only
+    repo = cfg["hub_model_id"] or "<this adapter's directory or repo id>"
+    langs = ", ".join(summary.get("reasoning_languages", []))
+    yaml_list = lambda xs: "".join(f"\n- {x}" for x in xs) or " []"
+    loss = lambda v: "n/a" if v is None else f"{v:.4f}"
+    return f"""---
+{f"base_model: {base}" if on_hub(base) else f"# base model: local directory {base}"}
+library_name: peft
+license: apache-2.0
+datasets:{yaml_list([cfg["dataset"]] if on_hub(cfg["dataset"]) and not cfg["synthetic_data"] else [])}
+language:{yaml_list(codes)}
+tags:
+- gpt-oss
+- lora
+- sft
+- trl
+- multilingual-reasoning
+---
+
+# {Path(cfg["output_dir"]).name}
+
+A LoRA adapter for {f"[{base}](https://huggingface.co/{base})" if on_hub(base) else f"`{base}`"} that makes the model **reason in the language you ask
+for**: with `reasoning language: German` in the system prompt, its analysis channel is written in German.
+Trained with `gpt_oss_20b_sft.py` (TRL `SFTTrainer` + PEFT) on `{cfg["dataset"] if not cfg["synthetic_data"] else "synthetic rows"}`,
+reasoning languages in the training data: {langs or "n/a"}.
+
+## Use it
+
+```bash
+python gpt_oss_20b_sft.py --mode infer --adapter {repo} --reasoning-language German --prompt "What is 7 x 8?"
+python gpt_oss_20b_sft.py --mode eval --adapter {repo} --compare-base
+```
+
+or with transformers and PEFT:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}", dtype="auto", device_map="auto"), "{repo}")
+chat = [{{"role": "system", "content": "reasoning language: German"}}, {{"role": "user", "content": "What is 7 x 8?"}}]
+inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=512)[0]))
+```
+
+## Training
+
+| setting | value |
+|---|---|
+| LoRA | r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, modules {", ".join(cfg["target_modules"]) or "none"}{", expert tensors " + ", ".join(cfg["target_parameters"]) if cfg["target_parameters"] else ""} |
+| batch | {cfg["batch_size"]} per device x {cfg["gradient_accumulation_steps"]} accumulation |
+| optimizer | {cfg["optim"]}, lr {cfg["learning_rate"]:g} {cfg["lr_scheduler_type"]}, warmup {cfg["warmup_ratio"]}, weight decay {cfg["weight_decay"]} |
+| epochs / max length | {cfg["num_train_epochs"]:g} / {cfg["max_seq_length"]} tokens |
+| loss | {"every token" if cfg["train_on_all_tokens"] else "assistant tokens only (analysis, final, <|return|>)"}; router aux loss coef {cfg["router_aux_loss_coef"]} |
+
+## Measured in training
+
+| measurement | value |
+|---|---|
+| device | {summary["device"]} |
+| rows used / cut to max length | {data["rows_used"]} / {data["rows_truncated"]} |
+| tokens per epoch (with loss) | {data["tokens_per_epoch"]:,} ({data["labelled_tokens_per_epoch"]:,}) |
+| optimizer steps | {summary["optimizer_steps"]} |
+| training loss, first / last logged | {loss(summary["train_loss_first"])} / {loss(summary["train_loss_last"])} |
+| runtime | {summary["runtime_seconds"] / 60:.1f} min |
+| peak GPU memory (allocated) | {"n/a" if summary["peak_gpu_memory_gib"] is None else f'{summary["peak_gpu_memory_gib"]} GiB'} |
+| versions | {", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v)} |
+"""
+
+
+def push_adapter(out: Path, repo_id: str):
+    """Upload the adapter, its model card and reports (not the checkpoints); the token comes from the usual login."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(out),
+                             ignore_patterns=["checkpoint-*", "checkpoint-*/**", "eval/**", ".*"])
+    print(f"pushed to {info.commit_url if hasattr(info, 'commit_url') else repo_id}")
 
 
 def optimizer_steps_per_run(cfg: Config, rows: int, world_size: int = 1) -> int:
@@ -847,27 +1014,38 @@ def run_train(cfg: Config):
     if cfg.packing:
         attach_document_masks(model)
     meter = make_speed_meter(model)
-    trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), on_cuda, callbacks=[meter])
+    out = Path(cfg.output_dir)
+    trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), on_cuda,
+                           callbacks=[meter, make_nonfinite_guard(cfg.output_dir)])
     trainer.model.print_trainable_parameters()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     steps_per_run = optimizer_steps_per_run(cfg, len(examples), trainer.args.world_size)
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
     try:
-        result = trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
         print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
-        raise RunFailed(out_of_memory_advice(cfg)) from e
+        raise RunFailed(out_of_memory_advice(cfg, "training", *gpu_memory_state())) from e
+    except RunFailed:
+        for callback in trainer.callback_handler.callbacks:  # end the progress bar before the message, not after it
+            if getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.close()
+        raise
     speed = meter.summary(steps_per_run)
 
-    out = Path(cfg.output_dir)
-    trainer.save_model(str(out))  # adapter_model.safetensors, adapter_config.json, tokenizer files
+    staging = out / f".final.tmp{os.getpid()}"
+    trainer.save_model(str(staging))  # adapter_model.safetensors, adapter_config.json, tokenizer files
     history = loss_history(trainer.state.log_history)
-    plot_loss(history, out / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
+    plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
     summary = {
         "config": asdict(cfg),
         "versions": library_versions(),
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()})",
         "model_parameters": n_params,
+        "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "data": data_stats,
         "train_loss_first": history[0][1] if history else None,
@@ -878,11 +1056,13 @@ def run_train(cfg: Config):
         "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
         "speed": speed,
     }
-    (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"saved adapter, run_summary.json and loss_curve.png to {out}/ "
+    (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (staging / "README.md").write_text(render_model_card(summary))
+    publish(staging, out)
+    print(f"saved adapter, model card (README.md), run_summary.json and loss_curve.png to {out}/ "
           f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
     if cfg.push_to_hub:
-        trainer.push_to_hub()
+        push_adapter(out, cfg.hub_model_id)
     print(json.dumps({**speed, "attn_implementation": model.config._attn_implementation, "packing": cfg.packing,
                       "chunked_loss": cfg.chunked_loss, "gradient_checkpointing": cfg.gradient_checkpointing,
                       "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -919,23 +1099,29 @@ def split_channels(completion: str) -> dict:
     return {"analysis": "\n".join(analysis), "final": final, "complete": complete}
 
 
-def load_for_inference(cfg: Config):
+def adapter_base(cfg: Config) -> str:
+    """The base model to load: --model when given, else the one the adapter names."""
+    if not cfg.adapter:
+        return cfg.model
+    adapter_config = Path(cfg.adapter) / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
+                         "pass the --output_dir of a train run")
+    if cfg.model != Config.model:
+        return cfg.model
+    return json.loads(adapter_config.read_text()).get("base_model_name_or_path") or cfg.model
+
+
+def load_for_inference(cfg: Config, dtype=None):
     import torch
 
     on_cuda = torch.cuda.is_available()
-    base = cfg.model
-    if cfg.adapter:
-        adapter_config = Path(cfg.adapter) / "adapter_config.json"
-        if not adapter_config.is_file():
-            raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
-                             "pass the --output_dir of a train run")
-        if base == Config.model:  # --model not given: the adapter names its base
-            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path") or base
+    base = adapter_base(cfg)
     cfg = Config(**{**asdict(cfg), "model": base})
     config = load_model_config(base)
     tokenizer = load_tokenizer(cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer_config.json").exists()
                                else base)
-    model = load_model(cfg, config, on_cuda, training=False)
+    model = load_model(cfg, config, on_cuda, training=False, dtype=dtype)
     if cfg.adapter:
         from peft import PeftModel
 
@@ -1322,6 +1508,78 @@ def run_eval(cfg: Config, prepared: list | None = None) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Merge: the adapter folded into the base, one standard checkpoint that serving stacks load without PEFT
+
+MERGE_CHECK_PROMPTS = (("What is 7 x 8?", "German"), ("Quelle est la capitale de l'Australie ?", "French"),
+                       ("How many days are there in a leap year?", "Chinese"))
+
+
+MERGE_TOLERANCE = {"relative_error": 0.05, "top1_agreement": 0.98, "adapter_kept": 0.5}
+
+
+def merge_agreement(tuned, base, merged) -> dict:
+    """How closely the merged model's logits follow base+adapter. Storing W + BA in bf16 rounds every weight by up
+    to 2**-9 of itself: on the demo model that moves the logits by 2.2-2.4% (relative L2) and changes the top token
+    at under 0.5% of positions. An adapter whose changes are smaller than that rounding is erased by it, as one
+    dropped by an MXFP4 base is, so the merged logits must also sit much nearer the tuned model's than the base's."""
+    relative = lambda a, b: float((a - b).norm() / b.norm())
+    check = {"relative_error": relative(merged, tuned), "top1_agreement": float((merged.argmax(-1) == tuned.argmax(-1))
+                                                                               .float().mean()),
+             "adapter_effect": relative(tuned, base), "positions": tuned.shape[0]}
+    check["adapter_kept"] = 1 - float((merged - tuned).norm() / max(float((tuned - base).norm()), 1e-30))
+    check["passed"] = (check["relative_error"] <= MERGE_TOLERANCE["relative_error"]
+                       and check["top1_agreement"] >= MERGE_TOLERANCE["top1_agreement"]
+                       and check["adapter_kept"] >= MERGE_TOLERANCE["adapter_kept"])
+    return check
+
+
+def run_merge(cfg: Config) -> dict:
+    import torch
+
+    check_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    model, tokenizer = load_for_inference(cfg, dtype=torch.bfloat16)  # MXFP4 dequantized: expert LoRA merges too
+    tokenizer.padding_side = "left"
+    batch = tokenizer.apply_chat_template([build_chat(prompt, language) for prompt, language in MERGE_CHECK_PROMPTS],
+                                          add_generation_prompt=True, padding=True, return_tensors="pt",
+                                          return_dict=True).to(model.device)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        tuned = model(**batch).logits.float()[real]
+        with model.disable_adapter():
+            base = model(**batch).logits.float()[real]
+        merged = model.merge_and_unload()
+        after = merged(**batch).logits.float()[real]
+    check = merge_agreement(tuned, base, after)
+    numbers = (f"relative difference {check['relative_error']:.2%} (at most {MERGE_TOLERANCE['relative_error']:.0%}), "
+               f"same top token at {check['top1_agreement']:.1%} of {check['positions']} positions (at least "
+               f"{MERGE_TOLERANCE['top1_agreement']:.0%}); the adapter moves the logits by "
+               f"{check['adapter_effect']:.1%} and the merge keeps {check['adapter_kept']:.0%} of that (at least "
+               f"{MERGE_TOLERANCE['adapter_kept']:.0%})")
+    if not check["passed"]:
+        raise RunFailed(f"The merged model does not match base+adapter on {len(MERGE_CHECK_PROMPTS)} check prompts "
+                        f"({numbers}), so nothing was written. Serve the adapter unmerged instead (vLLM and "
+                        "transformers load LoRA adapters), or train it further if its effect is below bf16 rounding.")
+    print(f"verified: merged logits equal base+adapter within bf16 tolerance on {len(MERGE_CHECK_PROMPTS)} prompts: "
+          + numbers)
+
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config  # the weights are plain bf16 now
+    stops = tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])
+    eos = merged.generation_config.eos_token_id
+    merged.generation_config.eos_token_id = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *stops]))
+    staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    merged.save_pretrained(staging, max_shard_size="5GB")
+    tokenizer.save_pretrained(staging)
+    (staging / "merge_check.json").write_text(json.dumps({**check, "base": adapter_base(cfg), "adapter": cfg.adapter,
+                                                          "dtype": "bfloat16"}, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)  # empty, or --overwrite said so
+    os.replace(staging, out)
+    print(f"wrote the merged model to {out}/ (safetensors, config, generation config, tokenizer)")
+    return check
+
+
+# -----------------------------------------------------------------------------
 # The offline demo: a tiny random gpt-oss with a small tokenizer that has the harmony tokens and the real template
 
 HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
@@ -1388,15 +1646,15 @@ def pretrain_demo_model(model, tokenizer, steps: int = 60):
 
 def run_demo(cfg: Config):
     cfg.model = str(build_demo_model())
-    if cfg.mode == "eval":
-        prepared = prepare_eval(cfg)
+    if cfg.mode in ("eval", "merge"):
+        prepared = prepare_eval(cfg) if cfg.mode == "eval" else check_output_dir(cfg)
         if cfg.adapter is None and not cfg.score_file:  # the demo's adapter, trained first when there is none yet
             if not (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").exists():
                 run_train(Config(**{**asdict(cfg), **DEMO_DEFAULTS, "mode": "train", "model": cfg.model,
                                     "batch_size": Config.batch_size}))
                 print()
             cfg.adapter = DEMO_OUTPUT_DIR
-        run_eval(cfg, prepared)
+        run_eval(cfg, prepared) if cfg.mode == "eval" else run_merge(cfg)
         return
     if cfg.mode == "train":
         run_train(cfg)
@@ -1421,13 +1679,10 @@ def main(argv=None) -> int:
             return 0
         if cfg.demo:
             os.environ["HF_HUB_OFFLINE"] = "1"
-            run_demo(cfg)
-        elif cfg.mode == "train":
-            run_train(cfg)
-        elif cfg.mode == "eval":
-            run_eval(cfg)
-        else:
-            run_infer(cfg)
+        run = run_demo if cfg.demo else {"train": run_train, "infer": run_infer, "eval": run_eval, "merge": run_merge}[cfg.mode]
+        during = {"train": "training", "infer": "inference", "eval": "evaluation", "merge": "merging"}[cfg.mode]
+        with out_of_memory_is_a_message(cfg, during):
+            run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

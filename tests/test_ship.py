@@ -1,0 +1,224 @@
+"""Ship and survive: merge, resume after kill -9, NaN stop, atomic outputs, model card, no token leaks, OOM message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpt_oss_20b_sft as sft
+from conftest import SCRIPT, TRACKIO_DIR
+from test_config import resolve, run_cli
+
+
+def merged_in_memory(demo_model, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.bfloat16, attn_implementation="eager")
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+
+
+@pytest.mark.parametrize("targets", [["--target_modules", "q_proj,v_proj"],
+                                     ["--target_modules", "q_proj", "--target_parameters",
+                                      "mlp.experts.gate_up_proj,mlp.experts.down_proj"]], ids=["attention", "experts"])
+def test_merge_writes_a_standard_checkpoint_that_matches_base_plus_adapter(tmp_path, demo_model, targets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    sft.run_train(resolve("--demo", "--model", str(demo_model), "--output_dir", str(adapter), "--report_to", "none",
+                          "--max_steps", "3", *targets))
+    check = sft.run_merge(resolve("--mode", "merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")))
+    assert check["passed"] and check["adapter_kept"] > 0.5
+
+    merged = tmp_path / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["GptOssForCausalLM"]
+    assert config["dtype"] == "bfloat16"
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    stops = set(tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"]))
+    assert stops <= set(json.loads((merged / "generation_config.json").read_text())["eos_token_id"])
+    weights = load_file(merged / "model.safetensors")
+    assert not any("lora" in name for name in weights)
+    assert json.loads((merged / "merge_check.json").read_text())["passed"] is True
+
+    reloaded = AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+    expected = merged_in_memory(demo_model, adapter)
+    ids = tokenizer.apply_chat_template(sft.build_chat("What is 7 x 8?", "German"), add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**ids).logits, expected(**ids).logits)
+    base = load_file(demo_model / "model.safetensors")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(weights[name], base[name].to(torch.bfloat16)) == ("--target_parameters" not in targets)
+
+
+def test_merge_check_fails_when_the_adapter_is_lost():
+    torch.manual_seed(0)
+    base = torch.randn(50, 1024)
+    tuned = base + 0.5 * torch.randn(50, 1024)
+    assert sft.merge_agreement(tuned, base, tuned + 0.001 * torch.randn(50, 1024))["passed"]
+    lost = sft.merge_agreement(tuned, base, base)  # what an MXFP4 base does to expert LoRA
+    assert not lost["passed"] and lost["relative_error"] > 0.3 and lost["adapter_kept"] == 0.0
+
+
+def test_merge_demo_command(tmp_path):
+    result = run_cli("--mode", "merge", "--demo", "--report_to", "none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verified: merged logits equal base+adapter within bf16 tolerance on 3 prompts" in result.stdout
+    assert (tmp_path / "demo_output-merged" / "model.safetensors").exists()
+    adapter_config = json.loads((tmp_path / "demo_output" / "adapter_config.json").read_text())
+    assert (sft.Path(adapter_config["base_model_name_or_path"]) / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--mode", "merge"], "--mode merge needs --adapter"),
+    (["--mode", "merge", "--adapter", "."], "--adapter . is not a LoRA adapter directory"),
+])
+def test_merge_bad_inputs(tmp_path, argv, needle):
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def demo_train(out, *extra, **popen):
+    argv = [sys.executable, str(SCRIPT), "--mode", "train", "--demo", "--report_to", "none", "--save_steps", "2",
+            "--output_dir", str(out), *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    reference = demo_train(tmp_path / "reference")
+    victim = demo_train(tmp_path / "victim", start_new_session=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "victim" / "checkpoint-2" / "trainer_state.json").exists():
+        assert victim.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "victim" / "adapter_config.json").exists()  # no half-finished final adapter
+
+    resumed = demo_train(tmp_path / "victim", "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resuming from" in out and "checkpoint-" in out
+    assert reference.wait(timeout=300) == 0
+    a = load_file(tmp_path / "reference" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "victim" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:  # same data order, schedule and RNG: identical on CPU
+        assert torch.equal(a[name], b[name]), name
+    ref_log = json.loads((tmp_path / "reference" / "checkpoint-9" / "trainer_state.json").read_text())["log_history"]
+    new_log = json.loads((tmp_path / "victim" / "checkpoint-9" / "trainer_state.json").read_text())["log_history"]
+    assert [e.get("loss") for e in ref_log] == [e.get("loss") for e in new_log]
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10.tmp").mkdir()
+    assert sft.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert sft.latest_checkpoint(tmp_path / "checkpoint-6") is None
+
+
+def test_nan_loss_stops_at_once_and_keeps_the_good_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("--mode", "train", "--demo", "--report_to", "none", "--learning_rate", "1e30",
+                     "--save_steps", "1", "--output_dir", str(out))
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("The training loss became nan at step 3, so the run stopped there and saved no adapter.")
+    assert f"the last good one runs with --adapter {out / 'checkpoint-2'}" in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_publish_moves_adapter_config_last(tmp_path, monkeypatch):
+    staging, out = tmp_path / ".final.tmp1", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"):
+        (staging / name).write_text(name)
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(sft.os, "replace", lambda a, b: (moved.append(sft.Path(b).name), real_replace(a, b)))
+    sft.publish(staging, out)
+    assert moved[-1] == "adapter_config.json" and len(moved) == 4
+    assert not staging.exists() and (out / "tokenizer.json").read_text() == "tokenizer.json"
+
+
+HUB_SUMMARY = {
+    "config": {**sft.asdict(sft.Config()), "target_modules": ["q_proj", "v_proj"], "target_parameters": [],
+               "hub_model_id": "you/gpt-oss-20b-multilingual-reasoner"},
+    "versions": {"python": "3.11.7", "torch": "2.11.0", "trl": "1.16.0"},
+    "device": "NVIDIA H100 80GB HBM3", "model_parameters": 20_914_757_184,
+    "reasoning_languages": ["English", "French", "German", "Italian", "Spanish"],
+    "data": {"rows_used": 1000, "rows_truncated": 119, "tokens_per_epoch": 1_114_254,
+             "labelled_tokens_per_epoch": 900_000},
+    "train_loss_first": 1.8123, "train_loss_last": 0.9876, "optimizer_steps": 189, "runtime_seconds": 1800.0,
+    "peak_gpu_memory_gib": 46.7,
+}
+
+
+def test_model_card_renders_offline():
+    card = sft.render_model_card(HUB_SUMMARY)
+    front = card.split("---")[1]
+    assert "base_model: openai/gpt-oss-20b" in front and "- HuggingFaceH4/Multilingual-Thinking" in front
+    assert "language:\n- en\n- fr\n- de\n- it\n- es" in front and "library_name: peft" in front
+    for line in ("| LoRA | r=16, alpha=16, dropout=0.0, modules q_proj, v_proj |",
+                 "| batch | 8 per device x 2 accumulation |",
+                 "| optimizer | adamw_torch_fused, lr 2e-05 cosine, warmup 0.1, weight decay 0.01 |",
+                 "| training loss, first / last logged | 1.8123 / 0.9876 |", "| runtime | 30.0 min |",
+                 "| peak GPU memory (allocated) | 46.7 GiB |", "| device | NVIDIA H100 80GB HBM3 |",
+                 "--mode infer --adapter you/gpt-oss-20b-multilingual-reasoner --reasoning-language German"):
+        assert line in card, line
+
+
+def test_training_writes_the_model_card_and_never_the_hub_token(tmp_path):
+    secret = "hf_NotARealTokenButSecret0123456789"
+    env = {**os.environ, "HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret}
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--mode", "train", "--demo", "--max_steps", "2",
+                             "--output_dir", str(out), "--run_name", "token-check"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n# base model: local directory") and "reasoning languages in the training data" in card
+    assert secret not in result.stdout + result.stderr
+    for root in (out, sft.Path(TRACKIO_DIR)):
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    args = sft.build_sft_config(resolve("--demo"), on_cuda=False)
+    assert args.push_to_hub is False and args.trackio_space_id is None  # nothing leaves the machine unasked
+
+
+def test_out_of_memory_advice_names_the_flags_for_each_mode():
+    train = sft.out_of_memory_advice(resolve(), "training", 79.1, 79.2, "NVIDIA H100 80GB HBM3")
+    assert train.startswith("CUDA ran out of memory during training (peak 79.1 GiB allocated of 79.2 GiB on NVIDIA H100")
+    assert "--batch_size 4 --gradient_accumulation_steps 4 (same effective batch), --max_seq_length 1024" in train
+    evaluation = sft.out_of_memory_advice(resolve("--mode", "eval"), "evaluation", 70.0, 79.2, "H100")
+    assert "--max_new_tokens 512, --batch_size 16." in evaluation
+    assert "whole model in bf16 (about 42 GB for gpt-oss-20b)" in sft.out_of_memory_advice(resolve("--mode", "merge", "--adapter", "a"), "merging",
+                                                            70.0, 79.2, "H100")
+
+
+def test_out_of_memory_becomes_one_paragraph_exit_1(monkeypatch, capsys):
+    def run_out_of_memory(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
+
+    monkeypatch.setattr(sft, "run_infer", run_out_of_memory)  # stands in for the GPU, not for the code under test
+    monkeypatch.setattr(sft, "gpu_memory_state", lambda: (77.5, 79.2, "NVIDIA H100 80GB HBM3"))
+    assert sft.main(["--mode", "infer", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("CUDA ran out of memory during inference (peak 77.5 GiB")
+    assert "--max_new_tokens 256" in err and len(err.splitlines()) == 1
