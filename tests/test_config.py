@@ -114,5 +114,5 @@ def test_non_empty_output_dir_is_refused(tmp_path):
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
-    with pytest.raises(sft.UsageError, match="holds no checkpoint"):
+    with pytest.raises(sft.UsageError, match="holds no complete checkpoint"):
         sft.check_output_dir(resolve("--output_dir", str(tmp_path / "empty"), "--resume"))
