@@ -23,6 +23,9 @@ flags_for() {
     ours_no_checkpointing) echo "--no-gradient-checkpointing" ;;
     baseline) echo "--attn-implementation eager --no-packing --no-chunked-loss" ;;
     baseline_b4) echo "--attn-implementation eager --no-packing --no-chunked-loss --batch_size 4 --gradient_accumulation_steps 4" ;;
+    ours_4bit) echo "--use_4bit" ;;
+    ours_4bit_b1) echo "--use_4bit --batch_size 1 --gradient_accumulation_steps 16" ;;
+    ours_4bit_b2) echo "--use_4bit --batch_size 2 --gradient_accumulation_steps 8" ;;
   esac
 }
 

@@ -104,17 +104,23 @@ def test_random_init_builds_mxfp4_experts_from_the_config(demo_model):
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
 
 
-def test_the_20b_layout_in_4bit_holds_14_gb_of_weights_instead_of_42(real_tokenizer):
+GPT_OSS_120B = dict(num_hidden_layers=36, num_local_experts=128, layer_types=["sliding_attention", "full_attention"] * 18)
+
+
+@pytest.mark.parametrize("overrides, bf16_gb, four_bit_gb", [({}, (41.5, 42.0), (13.5, 14.0)),
+                                                             (GPT_OSS_120B, (233, 234), (65, 66))], ids=["20b", "120b"])
+def test_weights_of_the_real_shapes_in_4bit(real_tokenizer, overrides, bf16_gb, four_bit_gb):
+    """Computed on the meta device from the real config (120b: its 36 layers and 128 experts), not measured."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = sft.unquantized_config(AutoConfig.from_pretrained(SHARED))
+    config = sft.unquantized_config(AutoConfig.from_pretrained(SHARED), **overrides)
     size = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()]) / 1e9
     with torch.device("meta"):
         bf16 = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         four_bit = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         for layer in four_bit.model.layers:
             layer.mlp.experts = sft.mxfp4_experts_class()(four_bit.config)
-    assert 41.5 < size(bf16) < 42.0 and 13.5 < size(four_bit) < 14.0
+    assert bf16_gb[0] < size(bf16) < bf16_gb[1] and four_bit_gb[0] < size(four_bit) < four_bit_gb[1]
 
 
 @pytest.mark.parametrize("argv, needle", [
