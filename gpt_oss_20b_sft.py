@@ -1014,6 +1014,7 @@ def out_of_memory_advice(cfg: Config, during: str, peak_gib: float, total_gib: f
                 + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
                 + ("" if cfg.chunked_loss else ", --chunked-loss")
                 + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
+                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
                 + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
     if during == "merging":
         return head + ("Merging holds the whole model in bf16 (about 42 GB for gpt-oss-20b): run it on a card with "
@@ -1021,7 +1022,7 @@ def out_of_memory_advice(cfg: Config, during: str, peak_gib: float, total_gib: f
                        "needs about 45 GB of RAM).")
     return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
             + (f", --batch_size {max(cfg.batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.batch_size > 1 else "")
-            + ". The model alone takes about 42 GB in bf16 for gpt-oss-20b.")
+            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
 
 
 @contextlib.contextmanager

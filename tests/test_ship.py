@@ -207,7 +207,8 @@ def test_out_of_memory_advice_names_the_flags_for_each_mode():
     assert train.startswith("CUDA ran out of memory during training (peak 79.1 GiB allocated of 79.2 GiB on NVIDIA H100")
     assert "--batch_size 4 --gradient_accumulation_steps 4 (same effective batch), --max_seq_length 1024" in train
     evaluation = sft.out_of_memory_advice(resolve("--mode", "eval"), "evaluation", 70.0, 79.2, "H100")
-    assert "--max_new_tokens 512, --batch_size 16." in evaluation
+    assert "--max_new_tokens 512, --batch_size 16, --use_4bit (the weights take 14 GB instead of 42 GB" in evaluation
+    assert "--use_4bit" not in sft.out_of_memory_advice(resolve("--mode", "eval", "--use_4bit"), "evaluation", 1, 2, "x")
     assert "whole model in bf16 (about 42 GB for gpt-oss-20b)" in sft.out_of_memory_advice(resolve("--mode", "merge", "--adapter", "a"), "merging",
                                                             70.0, 79.2, "H100")
 
@@ -221,4 +222,4 @@ def test_out_of_memory_becomes_one_paragraph_exit_1(monkeypatch, capsys):
     assert sft.main(["--mode", "infer", "--prompt", "hi"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("CUDA ran out of memory during inference (peak 77.5 GiB")
-    assert "--max_new_tokens 256" in err and len(err.splitlines()) == 1
+    assert "--max_new_tokens 256, --use_4bit" in err and len(err.splitlines()) == 1
