@@ -13,6 +13,7 @@ Reads top to bottom in pipeline order: configuration, data, model, train, infer,
 import argparse
 import contextlib
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -88,6 +89,9 @@ class Config:
     run_name: str | None = None
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    # more than one GPU (torchrun, deepspeed, accelerate launch)
+    deepspeed: str | None = None  # "zero3" (the built-in preset) or a DeepSpeed JSON file
+    fsdp: bool = False
     # inference
     prompt: str | None = None
     reasoning_language: str = "English"
@@ -216,6 +220,12 @@ def build_parser():
     _flag(g, "push_to_hub", action="store_true", help="upload the adapter to the Hub after training")
     _flag(g, "hub_model_id", help="repo id for --push_to_hub, e.g. you/gpt-oss-20b-multilingual-reasoner")
 
+    g = p.add_argument_group("more than one GPU: run under torchrun, deepspeed or accelerate launch (README)")
+    _flag(g, "deepspeed", help="zero3 (built-in ZeRO-3 preset; the default under the deepspeed launcher) or a "
+          "DeepSpeed JSON config file")
+    _flag(g, "fsdp", action="store_true", help="FSDP2: shard the model over the GPUs (default under torchrun: DDP)")
+    _flag(g, "local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it; ranks come from env
+
     g = p.add_argument_group("preflight / benchmark: will this config fit my GPU, and how fast is it?")
     _flag(g, "random_init", action="store_true", help="random bf16 weights from the model's config, built on the GPU "
           "(no weight download); speed and memory are those of the real model")
@@ -264,6 +274,8 @@ def resolve_config(args) -> Config:
     values.update(given)
     for name in ("target_modules", "target_parameters", "reasoning_languages", "question_languages"):
         values[name] = _split_list(values[name])
+    if getattr(args, "local_rank", None) is not None and not values["deepspeed"] and not values["fsdp"]:
+        values["deepspeed"] = "zero3"  # started by the deepspeed launcher (torchrun passes ranks in the environment)
     adapter = values["adapter"] or (DEMO_OUTPUT_DIR if values["demo"] else None)
     if values["mode"] == "eval" and "output_dir" not in given:  # the report goes next to what it evaluates
         values["output_dir"] = str(Path(adapter) / "eval") if adapter else "eval_output"
@@ -302,6 +314,19 @@ def resolve_config(args) -> Config:
         raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
+    if cfg.deepspeed and cfg.fsdp:
+        raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
+    if cfg.deepspeed and cfg.deepspeed != "zero3":
+        try:
+            json.loads(Path(cfg.deepspeed).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--deepspeed {cfg.deepspeed}: not 'zero3' and not a readable DeepSpeed JSON file "
+                             f"({type(e).__name__})") from None
+    if cfg.use_4bit and (cfg.deepspeed or cfg.fsdp):
+        raise UsageError("--use_4bit with --deepspeed/--fsdp: the MXFP4 experts are buffers, which neither shards; "
+                         "run it with plain torchrun (DDP: every GPU holds the 14 GB model)")
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
     if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
         raise UsageError("--score-file and --compare-base belong to --mode eval")
     if cfg.mode == "merge" and not (cfg.adapter or cfg.demo):
@@ -309,6 +334,26 @@ def resolve_config(args) -> Config:
     if cfg.compare_base and not (cfg.adapter or cfg.demo):
         raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
     return cfg
+
+
+def distributed_strategy(cfg: Config) -> str:
+    """single, ddp, fsdp2, deepspeed-zero3 or deepspeed-file. Under torchrun without a flag: DDP, because the
+    LoRA gradients to all-reduce are a few MB and each GPU can hold the whole model (42 GB in bf16, 14 GB with
+    --use_4bit); --fsdp shards it for smaller cards. Under the deepspeed launcher without a flag: ZeRO-3 (set by
+    resolve_config, which sees the launcher's --local_rank)."""
+    if cfg.deepspeed:
+        return "deepspeed-zero3" if cfg.deepspeed == "zero3" else "deepspeed-file"
+    if cfg.fsdp:
+        return "fsdp2"
+    return "ddp" if world_size() > 1 else "single"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def describe_runtime(cfg: Config) -> dict:
@@ -321,7 +366,8 @@ def describe_runtime(cfg: Config) -> dict:
             "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
             "experts": "MXFP4, dequantized per layer" if cfg.use_4bit else "bf16",
             "packing": cfg.packing,
-            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * max(1, torch.cuda.device_count())}
+            "world_size": world_size(), "strategy": distributed_strategy(cfg),
+            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size()}
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -771,20 +817,23 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
 
     kwargs = dict(dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32),
                   attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda))
+    # Each process loads onto its own GPU; under FSDP2 and ZeRO-3 the libraries place (and shard) the weights.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_cuda else "cpu"
+    device_map = device if on_cuda and distributed_strategy(cfg) in ("single", "ddp") else None
     if cfg.use_4bit:
         if not cfg.random_init and checkpoint_quantization(config) != "mxfp4":
             raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {cfg.model}'s experts "
                              "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
-        model = load_mxfp4_model(cfg, config, "cuda" if on_cuda else "cpu", kwargs["dtype"])
+        model = load_mxfp4_model(cfg, config, device, kwargs["dtype"])
     elif cfg.random_init:
         torch.manual_seed(cfg.seed)
-        with torch.device("cuda" if on_cuda else "cpu"):
+        with torch.device(device_map or "cpu"):
             model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
     else:
         if checkpoint_quantization(config) == "mxfp4":
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map="cuda" if on_cuda else None, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map=device_map, **kwargs)
         except OSError as e:
             raise _hub_error(cfg.model, e) from e
     model.config.use_cache = not training
@@ -831,10 +880,41 @@ def build_lora_config(cfg: Config):
                       task_type="CAUSAL_LM")
 
 
+def zero3_config() -> dict:
+    """The built-in --deepspeed zero3 preset; "auto" values come from the Trainer's own arguments."""
+    return {
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "gradient_clipping": "auto", "steps_per_print": 10**9, "wall_clock_breakdown": False,
+    }
+
+
+def fsdp2_config(cfg: Config) -> dict:
+    """--fsdp: FSDP2 over the decoder layers, full state dict on save, weights loaded once on rank 0's CPU."""
+    return {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["GptOssDecoderLayer"], "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True,
+            "activation_checkpointing": cfg.gradient_checkpointing}
+
+
+def parallel_arguments(cfg: Config) -> dict:
+    """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
+    strategy = distributed_strategy(cfg)
+    if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
+        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "gradient_checkpointing": False}
+    if strategy.startswith("deepspeed"):
+        return {"deepspeed": zero3_config() if cfg.deepspeed == "zero3" else cfg.deepspeed}
+    return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
+
+
 def build_sft_config(cfg: Config, on_cuda: bool):
     from trl import SFTConfig
 
-    return SFTConfig(
+    arguments = dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -866,9 +946,10 @@ def build_sft_config(cfg: Config, on_cuda: bool):
         hub_model_id=cfg.hub_model_id,
         dataloader_num_workers=0,
     )
+    return SFTConfig(**{**arguments, **parallel_arguments(cfg)})
 
 
-def make_trainer(cfg: Config, model, tokenizer, train_dataset, on_cuda: bool, callbacks=()):
+def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=()):
     from transformers import Trainer
     from trl import SFTTrainer
 
@@ -879,7 +960,7 @@ def make_trainer(cfg: Config, model, tokenizer, train_dataset, on_cuda: bool, ca
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     trainer_class = SFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
-    return trainer_class(model=model, args=build_sft_config(cfg, on_cuda), train_dataset=train_dataset,
+    return trainer_class(model=model, args=args, train_dataset=train_dataset,
                          processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
 
 
@@ -917,10 +998,12 @@ def make_speed_meter(model, warmup_steps: int = 2):
             measured = self.steps[warmup_steps:] if len(self.steps) > warmup_steps else self.steps[-1:]
             seconds = sum(m[0] for m in measured)  # 0 when no step finished (e.g. out of memory in the first)
             step_seconds = seconds / len(measured) if measured else None
-            per_second = lambda i: round(sum(m[i] for m in measured) / seconds, 1) if seconds else None
+            # Counted on this process; the other ranks get batches of the same size, hence x world size.
+            per_second = lambda i: round(sum(m[i] for m in measured) * world_size() / seconds, 1) if seconds else None
             on_cuda = torch.cuda.is_available()
             return {
                 "gpu": torch.cuda.get_device_name() if on_cuda else "cpu",
+                "processes": world_size(),
                 "steps_measured": len(measured),
                 "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
                 "tokens_per_second": per_second(1),
@@ -1166,16 +1249,27 @@ def run_train(cfg: Config):
 
     from datasets import Dataset
 
-    if (cfg.overwrite or cfg.demo) and not cfg.resume:
+    if (cfg.overwrite or cfg.demo) and not cfg.resume and is_main_process():
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    args = build_sft_config(cfg, on_cuda)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
+    if distributed_strategy(cfg).startswith("deepspeed"):
+        import deepspeed
+
+        deepspeed.init_distributed()  # accelerate does this on GPUs only; ZeRO-3's loading needs it everywhere
     model = load_model(cfg, config, on_cuda, training=True)
+    if distributed_strategy(cfg).startswith("deepspeed"):
+        from deepspeed.utils import set_z3_leaf_modules
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+        set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
     if cfg.packing:
         attach_document_masks(model)
     meter = make_speed_meter(model)
     out = Path(cfg.output_dir)
-    trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), on_cuda,
+    trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), args,
                            callbacks=[meter, make_nonfinite_guard(cfg.output_dir)])
     trainer.model.print_trainable_parameters()
+    print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     steps_per_run = optimizer_steps_per_run(cfg, len(examples), trainer.args.world_size)
@@ -1194,8 +1288,14 @@ def run_train(cfg: Config):
         raise
     speed = meter.summary(steps_per_run)
 
-    staging = out / f".final.tmp{os.getpid()}"
-    trainer.save_model(str(staging))  # adapter_model.safetensors, adapter_config.json, tokenizer files
+    staging = out / ".final.tmp"
+    trainer.save_model(str(staging))  # every rank takes part (sharded weights are gathered); rank 0 writes
+    if distributed_strategy(cfg).startswith("deepspeed"):
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
+    if not is_main_process():
+        return trainer
     history = loss_history(trainer.state.log_history)
     plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
     summary = {
@@ -1204,6 +1304,7 @@ def run_train(cfg: Config):
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()})",
         "model_parameters": n_params,
         "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
+        "distributed": {"world_size": world_size(), "strategy": distributed_strategy(cfg)},
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "data": data_stats,
         "train_loss_first": history[0][1] if history else None,
@@ -1818,6 +1919,8 @@ def run_demo(cfg: Config):
         return
     if cfg.mode == "train":
         run_train(cfg)
+        if not is_main_process():
+            return
         print()
         cfg.adapter = cfg.output_dir
     elif cfg.adapter is None and (Path(cfg.output_dir) / "adapter_config.json").exists():
@@ -1837,6 +1940,10 @@ def main(argv=None) -> int:
         if args.print_config:
             print(json.dumps({**asdict(cfg), "runtime": describe_runtime(cfg)}, indent=2))
             return 0
+        if not is_main_process():
+            sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
+            if cfg.mode != "train":
+                return 0  # inference, eval and merge run on rank 0 alone
         if cfg.demo:
             os.environ["HF_HUB_OFFLINE"] = "1"
         run = run_demo if cfg.demo else {"train": run_train, "infer": run_infer, "eval": run_eval, "merge": run_merge}[cfg.mode]

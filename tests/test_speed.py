@@ -73,7 +73,8 @@ def test_same_loss_and_label_count_packed_padded_chunked_or_not(tiny, demo_model
             model = sft.load_model(cfg, sft.load_model_config(cfg.model), on_cuda=False, training=True)
             if packing:
                 sft.attach_document_masks(model)
-            trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), on_cuda=False)
+            args = sft.build_sft_config(cfg, on_cuda=False)
+            trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), args)
             trainer.model.eval()
             results[packing, chunked] = batch_loss(trainer, examples)
     expected_labels = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
@@ -93,7 +94,7 @@ def test_chunked_loss_never_calls_the_full_lm_head(tiny, demo_model, tmp_path):
         model = sft.load_model(cfg, sft.load_model_config(cfg.model), on_cuda=False, training=True)
         shapes = []
         model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
-        trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), on_cuda=False)
+        trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, False))
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this step skips
         trainer.training_step(trainer.model, trainer._prepare_inputs(trainer.data_collator(examples[:2])))
         calls[chunked] = shapes

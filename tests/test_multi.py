@@ -1,0 +1,123 @@
+"""More than one process: DDP, FSDP2 and DeepSpeed ZeRO-3 under torchrun and the deepspeed launcher, on CPU (gloo),
+against one process with the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gpt_oss_20b_sft as sft
+from conftest import SCRIPT
+from test_config import resolve
+
+ONE_STEP = ["--mode", "train", "--demo", "--report_to", "none", "--max_steps", "1", "--warmup_ratio", "0"]
+
+
+def launch(launcher, out, *extra):
+    """Run one optimizer step of the demo; two processes x batch 8 = one process x batch 16 (x 2 accumulation)."""
+    commands = {
+        "single": [sys.executable, str(SCRIPT), *ONE_STEP, "--batch_size", "16"],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(SCRIPT), *ONE_STEP],
+        "deepspeed": [shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed",
+                      "--num_gpus=2", str(SCRIPT), *ONE_STEP],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([*commands[launcher], "--output_dir", str(out), *extra], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    launch("single", out)
+    return out
+
+
+def adapter_logits(demo_model, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo_model), adapter).eval()
+    ids = tokenizer.apply_chat_template(sft.build_chat("What is 7 x 8?", "German"), add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+@pytest.mark.parametrize("launcher, extra, strategy", [
+    ("torchrun", [], "ddp"),
+    ("torchrun", ["--fsdp"], "fsdp2"),
+    ("torchrun", ["--deepspeed", "zero3"], "deepspeed-zero3"),
+    ("deepspeed", [], "deepspeed-zero3"),  # the launcher's --local_rank picks ZeRO-3
+], ids=["ddp", "fsdp2", "zero3", "deepspeed-launcher"])
+def test_two_processes_match_one(tmp_path, single, demo_model, launcher, extra, strategy):
+    out = tmp_path / "run"
+    result = launch(launcher, out, *extra)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["distributed"] == {"world_size": 2, "strategy": strategy}
+    reference = json.loads((single / "run_summary.json").read_text())
+    assert reference["distributed"] == {"world_size": 1, "strategy": "single"}
+    # Same 32 rows in the first optimizer step; only the order of the float reductions differs.
+    assert summary["train_loss_first"] == pytest.approx(reference["train_loss_first"], rel=1e-6)
+    assert result.stdout.count("saved adapter") == 1 and result.stdout.count("trainable params") == 1
+    assert not (out / ".final.tmp").exists()
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(b[k].abs().max().item() for k in b) > 1e-2  # the step moved the adapter: the comparison means something
+    torch.testing.assert_close(adapter_logits(demo_model, out), adapter_logits(demo_model, single), rtol=0, atol=1e-5)
+
+
+def test_strategy_choice(monkeypatch, tmp_path):
+    assert sft.distributed_strategy(resolve()) == "single"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sft.distributed_strategy(resolve()) == "ddp"
+    assert sft.distributed_strategy(resolve("--fsdp")) == "fsdp2"
+    assert sft.distributed_strategy(resolve("--local_rank=1")) == "deepspeed-zero3"
+    assert sft.distributed_strategy(resolve("--local-rank", "0", "--fsdp")) == "fsdp2"
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps(sft.zero3_config()))
+    assert sft.distributed_strategy(resolve("--deepspeed", str(own))) == "deepspeed-file"
+
+
+def test_trainer_arguments_for_each_strategy(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ddp = sft.parallel_arguments(resolve())
+    assert ddp == {"ddp_find_unused_parameters": False}
+    fsdp = sft.parallel_arguments(resolve("--fsdp"))
+    assert fsdp["gradient_checkpointing"] is False and fsdp["fsdp_config"]["activation_checkpointing"] is True
+    assert fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["GptOssDecoderLayer"]
+    zero3 = sft.parallel_arguments(resolve("--deepspeed", "zero3"))["deepspeed"]
+    assert zero3["zero_optimization"]["stage"] == 3 and zero3["bf16"] == {"enabled": "auto"}
+
+
+def test_zero3_preset_is_valid_for_the_pinned_deepspeed():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = sft.zero3_config()
+    concrete = {**config, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2, "train_batch_size": 16,
+                "gradient_clipping": 1.0, "bf16": {"enabled": True},
+                "zero_optimization": {**config["zero_optimization"], "reduce_bucket_size": 5e8,
+                                      "stage3_prefetch_bucket_size": 5e8, "stage3_param_persistence_threshold": 1e5}}
+    parsed = DeepSpeedConfig(concrete)
+    assert parsed.zero_optimization_stage == 3 and parsed.bfloat16_config.enabled
+    assert parsed.zero_config.gather_16bit_weights_on_model_save
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--deepspeed", "zero3", "--fsdp"], "--deepspeed and --fsdp are two ways to shard the model: pick one"),
+    (["--deepspeed", "missing.json"], "--deepspeed missing.json: not 'zero3' and not a readable DeepSpeed JSON file"),
+    (["--use_4bit", "--fsdp"], "--use_4bit with --deepspeed/--fsdp"),
+])
+def test_bad_parallel_flags(argv, needle):
+    with pytest.raises(sft.UsageError, match=None) as e:
+        resolve(*argv)
+    assert needle in str(e.value)
