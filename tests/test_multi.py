@@ -25,6 +25,8 @@ def launch(launcher, out, *extra):
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(SCRIPT), *ONE_STEP],
         "deepspeed": [shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed",
                       "--num_gpus=2", str(SCRIPT), *ONE_STEP],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+                       "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", str(SCRIPT), *ONE_STEP],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run([*commands[launcher], "--output_dir", str(out), *extra], capture_output=True, text=True,
@@ -57,7 +59,8 @@ def adapter_logits(demo_model, adapter):
     ("torchrun", ["--fsdp"], "fsdp2"),
     ("torchrun", ["--deepspeed", "zero3"], "deepspeed-zero3"),
     ("deepspeed", [], "deepspeed-zero3"),  # the launcher's --local_rank picks ZeRO-3
-], ids=["ddp", "fsdp2", "zero3", "deepspeed-launcher"])
+    ("accelerate", [], "ddp"),
+], ids=["ddp", "fsdp2", "zero3", "deepspeed-launcher", "accelerate-launch"])
 def test_two_processes_match_one(tmp_path, single, demo_model, launcher, extra, strategy):
     out = tmp_path / "run"
     result = launch(launcher, out, *extra)
