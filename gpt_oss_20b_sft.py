@@ -4,10 +4,12 @@
     python gpt_oss_20b_sft.py                                  # train: LoRA + TRL SFT, the seed recipe
     python gpt_oss_20b_sft.py --mode infer --reasoning-language German --prompt "What is 7 x 8?"
     python gpt_oss_20b_sft.py --mode eval --adapter DIR --compare-base   # reasoning-language match, accuracy
+    python gpt_oss_20b_sft.py --mode merge --adapter DIR --output merged/ # one standalone bf16 checkpoint
     python gpt_oss_20b_sft.py --demo                           # the whole pipeline offline, on CPU, tiny model
     python gpt_oss_20b_sft.py --mode train --print-config      # the resolved configuration, loads nothing
+    torchrun --nproc_per_node=2 gpt_oss_20b_sft.py             # several GPUs (also deepspeed, accelerate launch)
 
-Reads top to bottom in pipeline order: configuration, data, model, train, infer, eval.
+Reads top to bottom in pipeline order: configuration, data, model, train, infer, eval, merge.
 """
 
 import argparse
@@ -819,7 +821,8 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
                   attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda))
     # Each process loads onto its own GPU; under FSDP2 and ZeRO-3 the libraries place (and shard) the weights.
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_cuda else "cpu"
-    device_map = device if on_cuda and distributed_strategy(cfg) in ("single", "ddp") else None
+    sharded = training and distributed_strategy(cfg) not in ("single", "ddp")
+    device_map = device if on_cuda and not sharded else None
     if cfg.use_4bit:
         if not cfg.random_init and checkpoint_quantization(config) != "mxfp4":
             raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {cfg.model}'s experts "
