@@ -30,8 +30,8 @@ def test_print_config_shows_the_seed_recipe():
                     weight_decay=0.01, gradient_checkpointing=True, train_on_all_tokens=False,
                     router_aux_loss_coef=0.0, report_to="trackio", push_to_hub=False)
     assert {k: cfg[k] for k in expected} == expected
-    assert cfg["runtime"] == {"device": "cpu", "dtype": "float32", "attn_implementation": "eager", "packing": False,
-                              "effective_batch_size": 16}
+    assert cfg["runtime"] == {"device": "cpu", "dtype": "float32", "attn_implementation": "eager", "experts": "bf16",
+                              "packing": False, "world_size": 1, "strategy": "single", "effective_batch_size": 16}
 
 
 def test_print_config_writes_nothing(tmp_path):
