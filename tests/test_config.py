@@ -77,7 +77,6 @@ def test_demo_defaults_yield_to_flags():
     (["--max_samples", "0"], "--max_samples must be a positive integer, got 0"),
     (["--reasoning-language", " "], "--reasoning-language is empty"),
     (["--attn-implementation", "sdpa"], "gpt-oss does not support sdpa"),
-    (["--use_4bit"], "--use_4bit is not available yet"),
     (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     (["--target_modules", ""], "nothing to train"),
 ])
