@@ -1134,14 +1134,15 @@ def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
 def render_model_card(summary: dict) -> str:
     """The adapter's README.md: what it is, how it was trained, what training measured, how to run it."""
     cfg, data = summary["config"], summary["data"]
-    from lingua import Language
-
     codes = []
-    for name in summary.get("reasoning_languages", []):
-        try:
-            codes.append(Language.from_str(name).iso_code_639_1.name.lower())
-        except ValueError:
-            pass
+    if importlib.util.find_spec("lingua"):  # in requirements.txt; the bare GPU benchmark image lacks it
+        from lingua import Language
+
+        for name in summary.get("reasoning_languages", []):
+            try:
+                codes.append(Language.from_str(name).iso_code_639_1.name.lower())
+            except ValueError:
+                pass
     base = cfg["model"]
     on_hub = lambda source: not Path(source).exists()  # the card's metadata and links name hub ids only
     repo = cfg["hub_model_id"] or "<this adapter's directory or repo id>"
