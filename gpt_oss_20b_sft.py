@@ -720,7 +720,7 @@ def checkpoint_files(source: str) -> list:
     return files
 
 
-def load_mxfp4_model(cfg: Config, config, device: str, dtype):
+def load_mxfp4_model(cfg: Config, config, device: str, dtype, attn_implementation: str):
     """gpt-oss with its experts kept in MXFP4 (--use_4bit); every other weight in dtype."""
     import torch
     from safetensors import safe_open
@@ -729,8 +729,7 @@ def load_mxfp4_model(cfg: Config, config, device: str, dtype):
     experts_class = mxfp4_experts_class()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(unquantized_config(config), dtype=dtype,
-                                                 attn_implementation=resolve_attention(cfg.attn_implementation,
-                                                                                       device == "cuda"))
+                                                 attn_implementation=attn_implementation)
         for layer in model.model.layers:
             layer.mlp.experts = experts_class(model.config)
     if cfg.random_init:  # preflight: random weights of the real shapes, built where they will run
@@ -827,7 +826,7 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
         if not cfg.random_init and checkpoint_quantization(config) != "mxfp4":
             raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {cfg.model}'s experts "
                              "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
-        model = load_mxfp4_model(cfg, config, device, kwargs["dtype"])
+        model = load_mxfp4_model(cfg, config, device, **kwargs)
     elif cfg.random_init:
         torch.manual_seed(cfg.seed)
         with torch.device(device_map or "cpu"):
