@@ -34,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEMO_DATASET = HERE / "data" / "demo_sample.jsonl"
+EVAL_QUESTIONS = HERE / "data" / "eval_questions.jsonl"
 DEMO_CACHE = Path(os.environ.get("GPT_OSS_SFT_CACHE", Path.home() / ".cache" / "gpt_oss_20b_sft"))
 DEMO_OUTPUT_DIR = "demo_output"
 
@@ -105,7 +106,7 @@ class Config:
     raw: bool = False
     json: bool = False
     # evaluation
-    eval_file: str = str(HERE / "data" / "eval_questions.jsonl")
+    eval_file: str = str(EVAL_QUESTIONS)
     question_languages: list | None = None
     limit: int | None = None  # questions per reasoning language
     full_grid: bool = False
@@ -395,11 +396,44 @@ def check_output_dir(cfg: Config):
                          + (" or --resume to continue" if cfg.mode == "train" else ""))
 
 
+def write_atomically(path: Path, data: str | bytes):
+    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(staging, path)
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path):
+    """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
+    target is either the old one or the complete new one, never half of it."""
+    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
 # -----------------------------------------------------------------------------
 # Data
 
 REQUIRED_FLAT_COLUMNS = ("reasoning_language", "user", "analysis", "final")
 REASONING_PREFIX = "reasoning language: "
+
+
+def jsonl_lines(path: Path, name: str):
+    """(line number, parsed value) for each non-blank line; a line that is not JSON is a UsageError naming it."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{name} line {number} is not valid JSON ({e.msg}); one object per line") from e
 
 
 def read_rows(source: str, split: str = "train") -> list:
@@ -430,14 +464,7 @@ def read_rows(source: str, split: str = "train") -> list:
             raise UsageError(f"{source} is not valid JSON ({e}); expected a list of rows") from e
         rows = rows.get("data", rows) if isinstance(rows, dict) else rows
     else:
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{source} line {number} is not valid JSON ({e.msg}); one object per line") from e
+        rows = [row for _, row in jsonl_lines(path, source)]
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UsageError(f"{source} must hold a list of objects (rows), one per example")
     if not rows:
@@ -784,8 +811,7 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
     if (target / "config.json").exists():
         return target
     import torch
-    from safetensors.torch import save_file
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -797,16 +823,13 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
             out[f"{key}_blocks"], out[f"{key}_scales"] = quantize_to_mxfp4(tensor)
         else:
             out[key] = tensor.to(torch.bfloat16)
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(staging / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
     config = AutoConfig.from_pretrained(source)
     config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    config.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(source).save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with staged_directory(target) as staging:
+        save_file(out, str(staging / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(source).save_pretrained(staging)
     return target
 
 
@@ -1254,13 +1277,14 @@ def run_train(cfg: Config):
 
     if (cfg.overwrite or cfg.demo) and not cfg.resume and is_main_process():
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    strategy = distributed_strategy(cfg)
     args = build_sft_config(cfg, on_cuda)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
-    if distributed_strategy(cfg).startswith("deepspeed"):
+    if strategy.startswith("deepspeed"):
         import deepspeed
 
         deepspeed.init_distributed()  # accelerate does this on GPUs only; ZeRO-3's loading needs it everywhere
     model = load_model(cfg, config, on_cuda, training=True)
-    if distributed_strategy(cfg).startswith("deepspeed"):
+    if strategy.startswith("deepspeed"):
         from deepspeed.utils import set_z3_leaf_modules
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
@@ -1272,7 +1296,7 @@ def run_train(cfg: Config):
     trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), args,
                            callbacks=[meter, make_nonfinite_guard(cfg.output_dir)])
     trainer.model.print_trainable_parameters()
-    print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
+    print(f"processes: {world_size()}, strategy: {strategy}")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     steps_per_run = optimizer_steps_per_run(cfg, len(examples), trainer.args.world_size)
@@ -1293,7 +1317,7 @@ def run_train(cfg: Config):
 
     staging = out / ".final.tmp"
     trainer.save_model(str(staging))  # every rank takes part (sharded weights are gathered); rank 0 writes
-    if distributed_strategy(cfg).startswith("deepspeed"):
+    if strategy.startswith("deepspeed"):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
@@ -1307,7 +1331,7 @@ def run_train(cfg: Config):
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()})",
         "model_parameters": n_params,
         "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
-        "distributed": {"world_size": world_size(), "strategy": distributed_strategy(cfg)},
+        "distributed": {"world_size": world_size(), "strategy": strategy},
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "data": data_stats,
         "train_loss_first": history[0][1] if history else None,
@@ -1334,6 +1358,9 @@ def run_train(cfg: Config):
 
 # -----------------------------------------------------------------------------
 # Infer
+
+
+STOP_TOKENS = ["<|return|>", "<|call|>"]  # end of the assistant's turn; <|end|> only closes a channel
 
 
 def build_chat(prompt: str, reasoning_language: str, answer_language: str | None = None) -> list:
@@ -1402,7 +1429,7 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
 
     set_seed(seed)
     tokenizer.padding_side = "left"  # new tokens follow every prompt directly
-    stop = tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])
+    stop = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     outputs = []
     for start in tqdm(range(0, len(chats), batch_size), desc=progress, disable=progress is None, unit="batch"):
         inputs = tokenizer.apply_chat_template(chats[start:start + batch_size], add_generation_prompt=True,
@@ -1454,7 +1481,6 @@ def run_infer(cfg: Config) -> dict:
 # -----------------------------------------------------------------------------
 # Eval: does the model reason in the requested language, and does it still answer correctly?
 
-EVAL_QUESTIONS = HERE / "data" / "eval_questions.jsonl"
 TRAINED_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")  # Multilingual-Thinking's five
 EVAL_REASONING_LANGUAGES = TRAINED_LANGUAGES + ("Chinese", "Japanese", "Russian")
 
@@ -1570,13 +1596,7 @@ def read_jsonl(path: str, what: str) -> list:
     if not file.is_file():
         raise UsageError(f"{what} {path} does not exist")
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} line {number} is not valid JSON ({e.msg}); one object per line") from e
+    for number, row in jsonl_lines(file, path):
         if not isinstance(row, dict):
             raise UsageError(f"{path} line {number} is not a JSON object")
         rows.append((number, row))
@@ -1696,13 +1716,6 @@ def plot_match_rates(rows: list, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_atomically(path: Path, data: str | bytes):
-    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
-    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(staging, path)
 
 
 def generate_eval_outputs(cfg: Config, plan: list):
@@ -1827,16 +1840,15 @@ def run_merge(cfg: Config) -> dict:
 
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config  # the weights are plain bf16 now
-    stops = tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"])
+    stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     eos = merged.generation_config.eos_token_id
     merged.generation_config.eos_token_id = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *stops]))
-    staging = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    merged.save_pretrained(staging, max_shard_size="5GB")
-    tokenizer.save_pretrained(staging)
-    (staging / "merge_check.json").write_text(json.dumps({**check, "base": adapter_base(cfg), "adapter": cfg.adapter,
-                                                          "dtype": "bfloat16"}, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)  # empty, or --overwrite said so
-    os.replace(staging, out)
+    with staged_directory(out) as staging:  # out is empty, or --overwrite said it may be replaced
+        merged.save_pretrained(staging, max_shard_size="5GB")
+        tokenizer.save_pretrained(staging)
+        (staging / "merge_check.json").write_text(json.dumps({**check, "base": adapter_base(cfg),
+                                                              "adapter": cfg.adapter, "dtype": "bfloat16"},
+                                                             indent=2) + "\n")
     print(f"wrote the merged model to {out}/ (safetensors, config, generation config, tokenizer)")
     return check
 
@@ -1877,11 +1889,9 @@ def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
     torch.manual_seed(0)
     model = GptOssForCausalLM(config)
     pretrain_demo_model(model, tokenizer)
-    staging = directory.with_name(directory.name + f".tmp{os.getpid()}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
+    with staged_directory(directory) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return directory
 
 

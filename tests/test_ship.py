@@ -223,3 +223,17 @@ def test_out_of_memory_becomes_one_paragraph_exit_1(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("CUDA ran out of memory during inference (peak 77.5 GiB")
     assert "--max_new_tokens 256, --use_4bit" in err and len(err.splitlines()) == 1
+
+
+def test_staged_directory_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with sft.staged_directory(target) as staging:
+            (staging / "half.safetensors").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and [p.name for p in target.iterdir()] == ["old.txt"]
+    with sft.staged_directory(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and [p.name for p in target.iterdir()] == ["new.txt"]
