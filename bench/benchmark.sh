@@ -26,6 +26,7 @@ flags_for() {
     ours_4bit) echo "--use_4bit" ;;
     ours_4bit_b1) echo "--use_4bit --batch_size 1 --gradient_accumulation_steps 16" ;;
     ours_4bit_b2) echo "--use_4bit --batch_size 2 --gradient_accumulation_steps 8" ;;
+    ours_4bit_b1_ga2) echo "--use_4bit --batch_size 1 --gradient_accumulation_steps 2" ;;  # memory as b1, quicker steps
   esac
 }
 

@@ -49,6 +49,40 @@ def test_packed_rows_see_only_themselves(tiny):
         start += n
 
 
+def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model):
+    """The mask the GPU default uses: the hook hands flex_attention a BlockMask. On CPU torch compiles flex for
+    inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out; they
+    rescale each query's output by its own log-sum-exp, which no mask changes."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
+
+    masks_seen = set()
+
+    def flex_without_sinks(module, query, key, value, attention_mask, s_aux=None, **kwargs):
+        masks_seen.add(type(attention_mask).__name__)
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("flex_without_sinks", flex_without_sinks)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
+    _, _, examples = tiny
+    ids, positions = packed_inputs(examples)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
+        leaky = model(input_ids=ids, position_ids=positions).logits[0]
+        sft.attach_document_masks(model)
+        packed = model(input_ids=ids, position_ids=positions).logits[0]
+    start = 0
+    for i, logits in enumerate(alone):
+        n = len(logits)
+        torch.testing.assert_close(packed[start:start + n], logits, atol=1e-5, rtol=1e-5)
+        if i > 0:
+            assert (leaky[start:start + n] - logits).abs().max() > 1e-2
+        start += n
+    assert masks_seen == {"BlockMask"}
+
+
 def batch_loss(trainer, examples):
     batch = trainer._prepare_inputs(trainer.data_collator(examples))
     labelled = int((batch["labels"][:, 1:] != -100).sum())
