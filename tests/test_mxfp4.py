@@ -51,9 +51,11 @@ def reference_and_4bit(mxfp4_model):
     return reference, four_bit
 
 
-def test_logits_loss_and_lora_gradients_equal_the_dequantized_path(mxfp4_model):
+@pytest.mark.parametrize("rows_per_chunk", [sft.MXFP4_ROWS_PER_CHUNK, 100])  # 100: several chunks, a ragged last one
+def test_logits_loss_and_lora_gradients_equal_the_dequantized_path(mxfp4_model, monkeypatch, rows_per_chunk):
     from peft import get_peft_model
 
+    monkeypatch.setattr(sft, "MXFP4_ROWS_PER_CHUNK", rows_per_chunk)
     reference, four_bit = reference_and_4bit(mxfp4_model)
     experts = four_bit.model.layers[0].mlp.experts
     assert experts.gate_up_proj_blocks.dtype == torch.uint8 and "gate_up_proj" not in dict(experts.named_parameters())
