@@ -5,6 +5,9 @@
 #   .gpu_assets/gpt-oss-20b/   config.json + tokenizer files copied from ../shared/gpt-oss-20b (no weights)
 # then run it with carry [".whl", ".gpu_assets"]; results land in $OUT (few files: the device tool returns 8 at most).
 # BUDGET (seconds, default 540) bounds the whole script: each run gets at most its own cap and what is left.
+# The call as planned (15 device minutes a session, a machine start included):
+#   run(command="mkdir -p $OUT && BUDGET=500 bash bench/device_run.sh 2>&1 | tail -c 11000",
+#       carry=[".whl", ".gpu_assets"], kind="nvidia-h100-x1" or "nvidia-h200", timeout_s=560)
 set -u
 start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
