@@ -27,10 +27,9 @@ def packed_inputs(examples):
     return ids, positions
 
 
-def test_packed_rows_see_only_themselves(tiny):
-    model, _, examples = tiny
-    assert sorted({len(e["input_ids"]) for e in examples}) == sorted(len(e["input_ids"]) for e in examples)
-    assert max(len(e["input_ids"]) for e in examples) > 128  # longer than the sliding window: both mask kinds used
+def assert_packed_rows_see_only_themselves(model, examples):
+    """Packed with the hook's per-row masks, each row's logits equal the row run alone; without them the rows after
+    the first attend to the rows before them (the leak the hook closes)."""
     ids, positions = packed_inputs(examples)
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
@@ -44,9 +43,16 @@ def test_packed_rows_see_only_themselves(tiny):
     for i, logits in enumerate(alone):
         n = len(logits)
         torch.testing.assert_close(packed[start:start + n], logits, atol=1e-5, rtol=1e-5)
-        if i > 0:  # without the masks, later rows attend to earlier ones: the leak the hook closes
+        if i > 0:
             assert (leaky[start:start + n] - logits).abs().max() > 1e-2
         start += n
+
+
+def test_packed_rows_see_only_themselves(tiny):
+    model, _, examples = tiny
+    assert sorted({len(e["input_ids"]) for e in examples}) == sorted(len(e["input_ids"]) for e in examples)
+    assert max(len(e["input_ids"]) for e in examples) > 128  # longer than the sliding window: both mask kinds used
+    assert_packed_rows_see_only_themselves(model, examples)
 
 
 def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model):
@@ -66,20 +72,7 @@ def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_mo
     AttentionInterface.register("flex_without_sinks", flex_without_sinks)
     ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
     model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
-    _, _, examples = tiny
-    ids, positions = packed_inputs(examples)
-    with torch.no_grad():
-        alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
-        leaky = model(input_ids=ids, position_ids=positions).logits[0]
-        sft.attach_document_masks(model)
-        packed = model(input_ids=ids, position_ids=positions).logits[0]
-    start = 0
-    for i, logits in enumerate(alone):
-        n = len(logits)
-        torch.testing.assert_close(packed[start:start + n], logits, atol=1e-5, rtol=1e-5)
-        if i > 0:
-            assert (leaky[start:start + n] - logits).abs().max() > 1e-2
-        start += n
+    assert_packed_rows_see_only_themselves(model, tiny[2])
     assert masks_seen == {"BlockMask"}
 
 
