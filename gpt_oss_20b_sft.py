@@ -1724,10 +1724,8 @@ def plot_match_rates(rows: list, path: Path):
 
 def generate_eval_outputs(cfg: Config, plan: list):
     """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off)."""
-    from contextlib import nullcontext
-
     model, tokenizer = load_for_inference(cfg)
-    runs = [("tuned" if cfg.adapter else "base", nullcontext())]
+    runs = [("tuned" if cfg.adapter else "base", contextlib.nullcontext())]
     if cfg.compare_base:
         runs.insert(0, ("base", model.disable_adapter()))
     chats = [build_chat(p["prompt"], p["reasoning_language"], p["answer_language"] if p["answer_language_instructed"]
