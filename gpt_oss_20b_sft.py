@@ -919,6 +919,7 @@ def zero3_config() -> dict:
                               "stage3_gather_16bit_weights_on_model_save": True},
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
         "gradient_clipping": "auto", "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # ZeRO takes --optim's optimizer, not only its own tested Adams
     }
 
 
