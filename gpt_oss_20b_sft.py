@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 # Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside the functions that use them,
@@ -77,6 +77,7 @@ class Config:
     router_aux_loss_coef: float = 0.0
     attn_implementation: str = "auto"
     packing: bool = False  # each batch's rows in one padding-free sequence, each row masked to itself
+    sampler: str = "batch_rebalance"  # how each optimizer step's rows are drawn and split into micro-batches
     chunked_loss: bool = True  # TRL's loss without the full-vocabulary logits
     # preflight / benchmark
     random_init: bool = False
@@ -212,6 +213,10 @@ def build_parser():
     _flag(g, "packing", action=argparse.BooleanOptionalAction,
           help="put each batch's rows into one padding-free sequence, each row masked to itself (default off: exact "
           "with eager attention; not yet with flex_attention on CUDA, see the README)")
+    _flag(g, "sampler", choices=["batch_rebalance", "random", "group_by_length"],
+          help="how rows become micro-batches. batch_rebalance (default): each optimizer step's rows are a random "
+          "draw, as with random, split into micro-batches of similar length: less padding, same loss. random: the "
+          "seed's. group_by_length: steps of similar-length rows, least padding, but changes which rows train together")
     _flag(g, "chunked_loss", action=argparse.BooleanOptionalAction,
           help="TRL's loss that never builds the full-vocabulary logits (default on; off = the Cookbook's loss)")
     _flag(g, "logging_steps", type=int, help=f"(default {d.logging_steps})")
@@ -368,7 +373,7 @@ def describe_runtime(cfg: Config) -> dict:
             "dtype": "bfloat16" if on_cuda else "float32",
             "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
             "experts": "MXFP4, dequantized per layer" if cfg.use_4bit else "bf16",
-            "packing": cfg.packing,
+            "packing": cfg.packing, "sampler": cfg.sampler,
             "world_size": world_size(), "strategy": distributed_strategy(cfg),
             "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size()}
 
@@ -954,6 +959,7 @@ def build_sft_config(cfg: Config, on_cuda: bool):
         num_train_epochs=cfg.num_train_epochs,
         max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
         padding_free=cfg.packing,
+        train_sampling_strategy=cfg.sampler,  # transformers' samplers; the loss is normalised over the whole step
         max_steps=cfg.max_steps or -1,
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
@@ -981,15 +987,23 @@ def build_sft_config(cfg: Config, on_cuda: bool):
 
 def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=()):
     from transformers import Trainer
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
     from trl import SFTTrainer
 
-    class FullLogitsSFTTrainer(SFTTrainer):
+    class SeededSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, BatchRebalanceSampler):  # transformers leaves its seed at 42 whatever --seed says;
+                sampler.seed = self.args.seed  # seeded as the random sampler is, it draws the same rows for each step
+            return sampler
+
+    class FullLogitsSFTTrainer(SeededSFTTrainer):
         """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
-    trainer_class = SFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
+    trainer_class = SeededSFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
     return trainer_class(model=model, args=args, train_dataset=train_dataset,
                          processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
 
@@ -1253,6 +1267,14 @@ def push_adapter(out: Path, repo_id: str):
     print(f"pushed to {info.commit_url if hasattr(info, 'commit_url') else repo_id}")
 
 
+def sampler_for(cfg: Config, rows: int, processes: int = 1) -> str:
+    """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
+    last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
+    micro_batches = cfg.gradient_accumulation_steps * processes
+    last_step_rows = rows % (cfg.batch_size * micro_batches)
+    return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
+
+
 def optimizer_steps_per_run(cfg: Config, rows: int, world_size: int = 1) -> int:
     batches = math.ceil(rows / (cfg.batch_size * world_size))
     return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
@@ -1280,6 +1302,10 @@ def run_train(cfg: Config):
 
     from datasets import Dataset
 
+    sampler = sampler_for(cfg, len(examples), world_size())
+    if sampler != cfg.sampler:
+        print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
+        cfg = replace(cfg, sampler=sampler)
     if (cfg.overwrite or cfg.demo) and not cfg.resume and is_main_process():
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
     strategy = distributed_strategy(cfg)
@@ -1355,7 +1381,7 @@ def run_train(cfg: Config):
     if cfg.push_to_hub:
         push_adapter(out, cfg.hub_model_id)
     print(json.dumps({**speed, "attn_implementation": model.config._attn_implementation, "packing": cfg.packing,
-                      "chunked_loss": cfg.chunked_loss, "gradient_checkpointing": cfg.gradient_checkpointing, "use_4bit": cfg.use_4bit,
+                      "sampler": cfg.sampler, "chunked_loss": cfg.chunked_loss, "gradient_checkpointing": cfg.gradient_checkpointing, "use_4bit": cfg.use_4bit,
                       "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                       "max_seq_length": cfg.max_seq_length, "rows": len(examples)}))
     return trainer

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speed and memory of the seed recipe: the Cookbook way (eager attention, padded batches, full-logits loss) against
+# Speed and memory of the seed recipe: the Cookbook way (eager attention, randomly batched padded rows, full-logits loss) against
 # our defaults, same hyper-parameters, random weights at the model's full size, synthetic rows with the length
 # profile of Multilingual-Thinking. One command:
 #
@@ -13,16 +13,18 @@ cd "$(dirname "$0")/.."
 MODEL=${1:-openai/gpt-oss-20b}
 OUT=${2:-bench_output}
 STEPS=${STEPS:-6}
-RUNS=${RUNS:-"ours_padded baseline baseline_b4 ours"}
+RUNS=${RUNS:-"baseline baseline_b4 ours_random ours"}
 mkdir -p "$OUT"
 
 flags_for() {
   case $1 in
     ours) echo "" ;;
-    ours_padded) echo "--no-packing" ;;
+    ours_random) echo "--sampler random" ;;  # ours with the seed's micro-batches: what batch_rebalance saves
+    ours_grouped) echo "--sampler group_by_length" ;;
+    ours_packing) echo "--packing" ;;
     ours_no_checkpointing) echo "--no-gradient-checkpointing" ;;
-    baseline) echo "--attn-implementation eager --no-packing --no-chunked-loss" ;;
-    baseline_b4) echo "--attn-implementation eager --no-packing --no-chunked-loss --batch_size 4 --gradient_accumulation_steps 4" ;;
+    baseline) echo "--attn-implementation eager --no-packing --no-chunked-loss --sampler random" ;;
+    baseline_b4) echo "--attn-implementation eager --no-packing --no-chunked-loss --sampler random --batch_size 4 --gradient_accumulation_steps 4" ;;
     ours_4bit) echo "--use_4bit" ;;
     ours_4bit_b1) echo "--use_4bit --batch_size 1 --gradient_accumulation_steps 16" ;;
     ours_4bit_b2) echo "--use_4bit --batch_size 2 --gradient_accumulation_steps 8" ;;

@@ -46,4 +46,6 @@ run ours_4bit_b1_ga2 gpt-oss-120b 4 150
 cap=$(seconds_for 120)
 if [ "$cap" = 0 ]; then echo "== check_attention: skipped, out of time" | tee -a $OUT/logs.txt
 else timeout $cap python3 bench/check_attention.py .gpu_assets/gpt-oss-20b --layers 4 2>&1 | grep '^{' | tee $OUT/check_attention.txt; fi
+# ours with the seed's random micro-batches: how much of the gain is batch_rebalance's less padding
+run ours_random gpt-oss-20b 5 100
 cat $OUT/results_*.md

@@ -31,7 +31,7 @@ def test_print_config_shows_the_seed_recipe():
                     router_aux_loss_coef=0.0, report_to="trackio", push_to_hub=False)
     assert {k: cfg[k] for k in expected} == expected
     assert cfg["runtime"] == {"device": "cpu", "dtype": "float32", "attn_implementation": "eager", "experts": "bf16",
-                              "packing": False, "world_size": 1, "strategy": "single", "effective_batch_size": 16}
+                              "packing": False, "sampler": "batch_rebalance", "world_size": 1, "strategy": "single", "effective_batch_size": 16}
 
 
 def test_print_config_writes_nothing(tmp_path):

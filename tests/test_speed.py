@@ -153,7 +153,78 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     assert summary["gpu"] == "cpu" and set(summary["peak_memory_gib"]) == {"allocated", "reserved"}
     assert summary["optimizer_steps_per_run"] == 3  # ceil(16 / 16) x 3 epochs: projected for the configured run
     assert summary["tokens_per_second"] > 0 and summary["padded_tokens_per_second"] >= summary["tokens_per_second"]
-    assert summary["rows"] == 16 and summary["packing"] is False
+    assert summary["rows"] == 16 and summary["packing"] is False and summary["sampler"] == "batch_rebalance"
+
+
+def one_step_gradients(cfg, demo_model, tokenizer, examples):
+    """LoRA gradients of one optimizer step over all the examples, and the tokens the model computed on."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    class KeepGradients(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = sft.load_model(cfg, sft.load_model_config(cfg.model), on_cuda=False, training=True)
+    meter, keep = sft.make_speed_meter(model), KeepGradients()
+    trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, False),
+                               callbacks=[meter, keep])
+    trainer.train()
+    (_, real, padded), = meter.steps
+    return keep.grads, real, padded
+
+
+@pytest.mark.parametrize("sampler", ["batch_rebalance", "group_by_length"])
+def test_samplers_split_a_step_differently_but_give_its_gradient(tiny, demo_model, tmp_path, sampler):
+    """One optimizer step (16 rows, 2 micro-batches of 8 under random): the loss is normalised over the whole step,
+    so however the rows are split into micro-batches, the LoRA gradients are the same; the split pads less."""
+    _, tokenizer, _ = tiny
+    chats = sft.prepare_chats(sft.read_rows(str(sft.DEMO_DATASET)))[:16]
+    examples, _ = sft.tokenize_chats(tokenizer, chats, max_length=512)
+    found = {}
+    for name in ("random", sampler):
+        cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / name), "--report_to", "none",
+                      "--max-steps", "1", "--sampler", name)
+        found[name] = one_step_gradients(cfg, demo_model, tokenizer, examples)
+    (reference, real, padded), (grads, real_split, padded_split) = found["random"], found[sampler]
+    assert real_split == real == sum(len(e["input_ids"]) for e in examples)
+    assert padded_split < padded
+    layers = tiny[0].config.num_hidden_layers
+    assert reference.keys() == grads.keys() and len(grads) == 4 * layers  # q_proj and v_proj, lora_A and lora_B
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-7)
+
+
+def test_batch_rebalance_trains_on_the_same_rows_per_step_as_random(demo_model, tmp_path):
+    """The default sampler keeps the seed's maths: for any --seed, each optimizer step gets the rows the random
+    sampler gives it (so the same per-step losses, over 3 epochs), split into micro-batches with less padding."""
+    losses, real_share = {}, {}
+    for sampler in ("random", "batch_rebalance"):
+        out = tmp_path / sampler
+        cfg = resolve("--demo", "--model", str(demo_model), "--seed", "7", "--sampler", sampler, "--report_to", "none",
+                      "--output_dir", str(out))
+        trainer = sft.run_train(cfg)
+        losses[sampler] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        real_share[sampler] = json.loads((out / "run_summary.json").read_text())["speed"]["real_token_share"]
+    assert len(losses["random"]) == 9  # 45 rows: 3 steps of 16, 16 and 13 rows, 3 epochs
+    assert losses["batch_rebalance"] == pytest.approx(losses["random"], rel=1e-4)
+    assert real_share["batch_rebalance"] > real_share["random"]
+
+
+def test_batch_rebalance_steps_aside_where_it_would_repeat_rows():
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    # What it would do: 17 rows, steps of 16 in 2 micro-batches; the last step's one row cannot fill two.
+    batches = list(BatchRebalanceSampler(lengths=list(range(1, 18)), effective_batch_size=16, dp_size=1, grad_accum=2,
+                                         drop_last=False))
+    assert sum(len(b) for b in batches) == 18 and len({i for b in batches for i in b}) == 17
+    cfg = resolve()  # batch 8 x accumulation 2
+    assert [sft.sampler_for(cfg, rows) for rows in (16, 17, 18, 31, 1000)] == [
+        "batch_rebalance", "random", "batch_rebalance", "batch_rebalance", "batch_rebalance"]
+    # 4 processes: 64 rows a step in 8 micro-batches, so a last step of 1-7 rows would repeat rows
+    assert [sft.sampler_for(cfg, rows, processes=4) for rows in (33, 65, 71, 72)] == [
+        "batch_rebalance", "random", "random", "batch_rebalance"]
+    assert sft.sampler_for(resolve("--sampler", "group_by_length"), 17) == "group_by_length"
 
 
 def test_speed_summary_before_any_step_is_valid_json(tiny):
@@ -169,5 +240,8 @@ def test_baseline_flags_combine(tmp_path):
     assert (cfg["attn_implementation"], cfg["packing"], cfg["chunked_loss"]) == ("eager", False, False)
     assert cfg["runtime"]["packing"] is False
     assert json.loads(run_cli("--print-config").stdout)["runtime"]["packing"] is False  # off by default
+    assert resolve("--sampler", "random").sampler == resolve("--sampler=random").sampler == "random"
+    out = run_cli("--print-config", "--sampler", "sorted")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--sampler: invalid choice: 'sorted'" in out.stderr
     out = run_cli("--demo", "--attn-implementation", "flex_attention", "--output_dir", str(tmp_path / "o"))
     assert out.returncode == 2 and "flex_attention applies gpt-oss's attention sinks on CUDA only" in out.stderr
