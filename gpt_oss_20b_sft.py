@@ -1380,11 +1380,12 @@ def run_train(cfg: Config):
           f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
     if cfg.push_to_hub:
         push_adapter(out, cfg.hub_model_id)
+    settings = {name: getattr(cfg, name) for name in ("packing", "sampler", "chunked_loss", "gradient_checkpointing",
+                                                      "use_4bit", "batch_size", "gradient_accumulation_steps",
+                                                      "max_seq_length")}
     print(json.dumps({**speed, "attn_implementation": model.config._attn_implementation,
-                      "experts_implementation": model.config._experts_implementation, "packing": cfg.packing,
-                      "sampler": cfg.sampler, "chunked_loss": cfg.chunked_loss, "gradient_checkpointing": cfg.gradient_checkpointing, "use_4bit": cfg.use_4bit,
-                      "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                      "max_seq_length": cfg.max_seq_length, "rows": len(examples)}))
+                      "experts_implementation": model.config._experts_implementation, **settings,
+                      "rows": len(examples)}))
     return trainer
 
 
