@@ -14,6 +14,7 @@ Reads top to bottom in pipeline order: configuration, data, model, train, infer,
 
 import argparse
 import contextlib
+import fnmatch
 import functools
 import importlib.util
 import json
@@ -192,7 +193,7 @@ def build_parser():
     g = p.add_argument_group("training")
     _flag(g, "output_dir", "output", help=f"where the adapter and reports go (default {d.output_dir}; demo: "
           f"{DEMO_OUTPUT_DIR}; eval: <adapter>/eval; merge: <adapter>-merged)")
-    _flag(g, "overwrite", action="store_true", help="allow a non-empty --output_dir (its contents are replaced)")
+    _flag(g, "overwrite", action="store_true", help="replace this mode's earlier outputs in --output_dir (never files it did not write)")
     _flag(g, "resume", action="store_true", help="continue from the last checkpoint in --output_dir")
     _flag(g, "batch_size", "per_device_train_batch_size", type=int, help=f"rows per device per step (default {d.batch_size})")
     _flag(g, "gradient_accumulation_steps", type=int, help=f"(default {d.gradient_accumulation_steps})")
@@ -386,19 +387,83 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
 
 
+OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills; names the mode that filled it
+OWN_OUTPUTS = {  # what each mode writes into its folder: all that --overwrite (and the demo) may replace
+    "train": ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "training_args.bin", "run_summary.json", "speed.json",
+              "loss_curve.png", "README.md", "checkpoint-*", ".final.tmp*", "runs"),
+    "eval": ("eval_results.json", "eval_summary.md", "eval_summary.png", ".eval_*.tmp*"),
+    "merge": ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "merge_check.json"),
+}
+
+
+def owner_of(folder: Path) -> str | None:
+    """The mode that filled this folder, from the file it wrote there first; None for a folder the tool did not fill."""
+    try:
+        return json.loads((folder / OWNER_FILE).read_text()).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def sort_outputs(folder: Path, mode: str) -> tuple:
+    """(this mode's earlier outputs, entries this tool did not write). Another output folder of the tool inside it,
+    e.g. <adapter>/eval, is neither: it stays as it is."""
+    mine = owner_of(folder) == mode
+    own, foreign = [], []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == OWNER_FILE or entry.is_dir() and owner_of(entry):
+            continue
+        (own if mine and any(fnmatch.fnmatch(entry.name, p) for p in OWN_OUTPUTS[mode]) else foreign).append(entry)
+    return own, foreign
+
+
+def protected_folder(out: Path, cfg: Config) -> str | None:
+    """Why out must never be an output folder, or None: folders that hold the user's work."""
+    target, here = out.expanduser().resolve(), Path.cwd().resolve()
+    if target == here:
+        return "is the folder you are in"
+    if target in here.parents or target == Path.home().resolve():
+        return "holds the folder you are in" if target in here.parents else "is your home folder"
+    inputs = {"the dataset": cfg.dataset, "this script": __file__, "--eval-file": cfg.eval_file,
+              "--score-file": cfg.score_file}
+    for what, path in inputs.items():
+        if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
+            return f"holds {what}"
+    return None
+
+
 def check_output_dir(cfg: Config):
+    """Refuse, before anything is loaded, an output folder this run could not write without touching the user's
+    files. The tool replaces only what it wrote earlier (OWN_OUTPUTS, in a folder carrying its OWNER_FILE)."""
     out = Path(cfg.output_dir)
+    reason = protected_folder(out, cfg)
+    if reason:
+        raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
+                         f"--output_dir {Path(Config.output_dir).name if cfg.mode == 'train' else 'eval_output'}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
-    non_empty = out.is_dir() and any(out.iterdir())
-    # the demo may always replace its own output
-    demo_default = cfg.demo and cfg.output_dir in (DEMO_OUTPUT_DIR, str(Path(DEMO_OUTPUT_DIR) / "eval"),
-                                                    DEMO_OUTPUT_DIR + "-merged")
+    own, foreign = sort_outputs(out, cfg.mode) if out.is_dir() else ([], [])
+    if foreign:
+        names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
+                         "own outputs: move them or pick another folder")
     if cfg.resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
-    if non_empty and not (cfg.overwrite or cfg.resume or demo_default):
-        raise UsageError(f"--output_dir {out} is not empty; pass --overwrite to replace it"
-                         + (" or --resume to continue" if cfg.mode == "train" else ""))
+    if own and not (cfg.overwrite or cfg.resume or cfg.demo):  # the demo replaces its own outputs
+        raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
+                         "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
+
+
+def claim_output_dir(out: Path, mode: str, replace: bool):
+    """Create out and mark it as this mode's; with replace, first delete this mode's earlier outputs (only those:
+    check_output_dir has refused any folder holding something else)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if replace:
+        for entry in sort_outputs(out, mode)[0]:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py"}) + "\n")
 
 
 def write_atomically(path: Path, data: str | bytes):
@@ -420,6 +485,9 @@ def staged_directory(target: Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for entry in target.iterdir() if target.is_dir() else ():
+        if entry.is_dir() and owner_of(entry):  # another output of this tool inside, e.g. <merged>/eval: kept
+            os.replace(entry, staging / entry.name)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
 
@@ -1306,8 +1374,8 @@ def run_train(cfg: Config):
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
         cfg = replace(cfg, sampler=sampler)
-    if (cfg.overwrite or cfg.demo) and not cfg.resume and is_main_process():
-        shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    if is_main_process():
+        claim_output_dir(Path(cfg.output_dir), "train", replace=not cfg.resume)
     strategy = distributed_strategy(cfg)
     args = build_sft_config(cfg, on_cuda)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     if strategy.startswith("deepspeed"):
@@ -1803,7 +1871,7 @@ def run_eval(cfg: Config, prepared: list | None = None) -> dict:
     rows = summarize_scores(items)
     table = summary_table(rows)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "eval", replace=False)  # each report file is replaced by an atomic write
     write_atomically(out / "eval_results.json", json.dumps({"config": asdict(cfg), "summary": rows, "items": items},
                                                            indent=2, ensure_ascii=False) + "\n")
     write_atomically(out / "eval_summary.md", table + "\n")
@@ -1874,7 +1942,8 @@ def run_merge(cfg: Config) -> dict:
     stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     eos = merged.generation_config.eos_token_id
     merged.generation_config.eos_token_id = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *stops]))
-    with staged_directory(out) as staging:  # out is empty, or --overwrite said it may be replaced
+    with staged_directory(out) as staging:  # out is empty, or holds an earlier merge that --overwrite replaces
+        claim_output_dir(staging, "merge", replace=False)
         merged.save_pretrained(staging, max_shard_size="5GB")
         tokenizer.save_pretrained(staging)
         (staging / "merge_check.json").write_text(json.dumps({**check, "base": adapter_base(cfg),

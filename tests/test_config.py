@@ -101,14 +101,14 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, argv, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_non_empty_output_dir_is_refused(tmp_path):
+def test_a_folder_with_the_users_files_is_refused(tmp_path):
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("mine")
-    out = run_cli("--output_dir", str(out_dir), "--dataset", "nope.jsonl", cwd=tmp_path)
+    out = run_cli("--output_dir", str(out_dir), "--dataset", "nope.jsonl", "--overwrite", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip() == (f"error: --output_dir {out_dir} is not empty; pass --overwrite to replace it or "
-                                  "--resume to continue")
+    assert out.stderr.strip() == (f"error: --output_dir {out_dir} holds files this tool did not write (keep.txt); it "
+                                  "only ever replaces its own outputs: move them or pick another folder")
     assert [p.name for p in out_dir.iterdir()] == ["keep.txt"]
 
 

@@ -218,7 +218,7 @@ def test_eval_demo_end_to_end(tmp_path):
     result = run_cli("--mode", "eval", "--demo", "--limit", "4", "--report_to", "none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "demo_output" / "eval"
-    assert {p.name for p in out.iterdir()} == {"eval_results.json", "eval_summary.md", "eval_summary.png"}
+    assert {p.name for p in out.iterdir()} == {"eval_results.json", "eval_summary.md", "eval_summary.png", sft.OWNER_FILE}
     report = json.loads((out / "eval_results.json").read_text())
     items = report["items"]
     assert len(items) == 2 * 8 * 4 and [i["model"] for i in items[::32]] == ["base", "tuned"]
