@@ -2,18 +2,22 @@
 """Fine-tune gpt-oss-20b to reason in the language you ask for, then talk to it.
 
     python gpt_oss_20b_sft.py                                  # train: LoRA + TRL SFT, the seed recipe
+    python gpt_oss_20b_sft.py --config recipes/cookbook.yaml   # the OpenAI Cookbook's recipe instead
     python gpt_oss_20b_sft.py --mode infer --reasoning-language German --prompt "What is 7 x 8?"
     python gpt_oss_20b_sft.py --mode eval --adapter DIR --compare-base   # reasoning-language match, accuracy
-    python gpt_oss_20b_sft.py --mode merge --adapter DIR --output merged/ # one standalone bf16 checkpoint
+    python gpt_oss_20b_sft.py --mode merge --adapter DIR       # one standalone checkpoint for serving
     python gpt_oss_20b_sft.py --demo                           # the whole pipeline offline, on CPU, tiny model
-    python gpt_oss_20b_sft.py --mode train --print-config      # the resolved configuration, loads nothing
+    python gpt_oss_20b_sft.py --print-config                   # the resolved settings (YAML), loads nothing
     torchrun --nproc_per_node=2 gpt_oss_20b_sft.py             # several GPUs (also deepspeed, accelerate launch)
 
-Reads top to bottom in pipeline order: configuration, data, model, train, infer, eval, merge.
+Reads top to bottom in pipeline order: errors and files, settings, data, model, train, infer, eval, merge, the
+demo, and last the table of modes that main() runs.
 """
 
 import argparse
 import contextlib
+import copy
+import difflib
 import fnmatch
 import functools
 import importlib.util
@@ -26,335 +30,35 @@ import shutil
 import socket
 import sys
 import time
+import types
 import unicodedata
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal, get_type_hints
 
-# Heavy libraries (torch, transformers, trl, peft, datasets) are imported inside the functions that use them,
-# so --help and --print-config answer at once and the Hub check below runs before any of them reads HF_HUB_OFFLINE.
+from trl import TrlParser  # TRL's copy of transformers' HfArgumentParser: it imports no model library
+
+# Heavy libraries (torch, transformers, peft, datasets) are imported inside the functions that use them, so --help
+# answers at once and the offline decision is made before any of them reads HF_HUB_OFFLINE.
 
 HERE = Path(__file__).resolve().parent
 DEMO_DATASET = HERE / "data" / "demo_sample.jsonl"
 EVAL_QUESTIONS = HERE / "data" / "eval_questions.jsonl"
 DEMO_CACHE = Path(os.environ.get("GPT_OSS_SFT_CACHE", Path.home() / ".cache" / "gpt_oss_20b_sft"))
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+DEFAULT_OUTPUT_DIR = "gpt-oss-20b-multilingual-reasoner"
 DEMO_OUTPUT_DIR = "demo_output"
 
 # -----------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class Config:
-    mode: str = "train"
-    demo: bool = False
-    # model and data
-    model: str = "openai/gpt-oss-20b"
-    dataset: str = "HuggingFaceH4/Multilingual-Thinking"
-    dataset_split: str = "train"
-    reasoning_languages: list | None = None  # keep only rows in these reasoning languages
-    max_samples: int | None = None
-    output_dir: str = "gpt-oss-20b-multilingual-reasoner"
-    overwrite: bool = False
-    resume: bool = False
-    # LoRA
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list = None
-    target_parameters: list = None  # expert tensors, e.g. mlp.experts.gate_up_proj
-    # optimisation (the seed recipe)
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 2
-    learning_rate: float = 2e-5
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.1
-    num_train_epochs: float = 3.0
-    max_seq_length: int = 2048
-    optim: str = "adamw_torch_fused"
-    weight_decay: float = 0.01
-    gradient_checkpointing: bool = True
-    use_4bit: bool = False
-    train_on_all_tokens: bool = False
-    router_aux_loss_coef: float = 0.0
-    attn_implementation: str = "auto"
-    packing: bool = False  # each batch's rows in one padding-free sequence, each row masked to itself
-    sampler: str = "batch_rebalance"  # how each optimizer step's rows are drawn and split into micro-batches
-    chunked_loss: bool = True  # TRL's loss without the full-vocabulary logits
-    # preflight / benchmark
-    random_init: bool = False
-    synthetic_data: int | None = None
-    max_steps: int | None = None
-    seed: int = 42
-    logging_steps: int = 1
-    save_steps: int = 50
-    save_total_limit: int = 2
-    # tracking and sharing
-    report_to: str = "trackio"
-    trackio_project: str = "gpt-oss-20b-sft"
-    run_name: str | None = None
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    # more than one GPU (torchrun, deepspeed, accelerate launch)
-    deepspeed: str | None = None  # "zero3" (the built-in preset) or a DeepSpeed JSON file
-    fsdp: bool = False
-    # inference
-    prompt: str | None = None
-    reasoning_language: str = "English"
-    answer_language: str | None = None
-    reasoning_effort: str = "medium"
-    adapter: str | None = None
-    temperature: float = 0.6
-    max_new_tokens: int = 512
-    raw: bool = False
-    json: bool = False
-    # evaluation
-    eval_file: str = str(EVAL_QUESTIONS)
-    question_languages: list | None = None
-    limit: int | None = None  # questions per reasoning language
-    full_grid: bool = False
-    compare_base: bool = False
-    score_file: str | None = None
-
-
-# What --demo changes: a tiny random model trained on the bundled sample, so the run fits a CPU in minutes.
-# The larger learning rate lets a randomly initialised model show a falling loss within a few steps.
-DEMO_DEFAULTS = dict(
-    dataset=str(DEMO_DATASET),
-    output_dir=DEMO_OUTPUT_DIR,
-    max_seq_length=512,
-    learning_rate=1e-2,
-    max_new_tokens=48,
-    reasoning_language="German",
-    prompt="What is the capital of Australia?",
-)
-
-# Evaluation is greedy (repeatable), leaves room for reasoning before the answer, and generates in larger batches.
-MODE_DEFAULTS = {"eval": dict(temperature=0.0, max_new_tokens=1024, batch_size=32)}
-
-SIZE_FIELDS = ("lora_r", "lora_alpha", "batch_size", "gradient_accumulation_steps", "max_seq_length",
-               "max_new_tokens", "logging_steps", "save_steps", "save_total_limit", "synthetic_data", "max_steps", "limit")
-RATE_FIELDS = ("learning_rate", "num_train_epochs")
+# Errors, processes and files
 
 
 class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
+    """A problem with what the user asked for: one line on stderr, exit code 2, nothing written."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _flag(parser, name, *aliases, **kwargs):
-    """Register --name with both spellings (snake_case as in the seed, kebab-case) plus aliases."""
-    spellings = []
-    for n in (name, *aliases):
-        for s in (f"--{n}", f"--{n.replace('_', '-')}"):
-            if s not in spellings:
-                spellings.append(s)
-    kwargs.setdefault("default", None)
-    parser.add_argument(*spellings, dest=name, **kwargs)
-
-
-def build_parser():
-    p = OneLineParser(
-        prog="gpt_oss_20b_sft.py",
-        description="LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for; inference with the "
-        "result. Every flag accepts snake_case and kebab-case spellings.",
-        usage="%(prog)s [--mode {train,infer,eval,merge}] [--demo] [--print-config] [options]",
-    )
-    d = Config()
-    g = p.add_argument_group("general")
-    _flag(g, "mode", choices=["train", "infer", "eval", "merge"], help=f"what to do (default {d.mode}); merge: fold "
-          "--adapter into its base and write a standalone bf16 checkpoint")
-    _flag(g, "demo", action="store_true", help="offline demo on CPU: tiny random gpt-oss model, bundled sample data")
-    _flag(g, "print_config", action="store_true", help="print the resolved configuration as JSON and exit")
-    _flag(g, "model", help=f"hub id or local directory (default {d.model}; infer: the adapter's base)")
-    _flag(g, "seed", type=int, help=f"random seed (default {d.seed})")
-
-    g = p.add_argument_group("data")
-    _flag(g, "dataset", help=f"hub dataset id or a local .jsonl/.json/.parquet file (default {d.dataset})")
-    _flag(g, "dataset_split", help=f"split of a hub dataset (default {d.dataset_split})")
-    _flag(g, "reasoning_languages", help="train: reasoning languages to keep, e.g. French,German; eval: the "
-          f"languages to evaluate (default {','.join(EVAL_REASONING_LANGUAGES)})")
-    _flag(g, "max_samples", type=int, help="use only the first N rows (after filtering)")
-    _flag(g, "max_seq_length", "max_length", type=int, help=f"tokens per row; longer rows are cut (default {d.max_seq_length})")
-    _flag(g, "train_on_all_tokens", action="store_true",
-          help="loss on every token, as the Cookbook did (default: only the assistant's analysis, final and <|return|>)")
-
-    g = p.add_argument_group("LoRA")
-    _flag(g, "lora_r", type=int, help=f"LoRA rank (default {d.lora_r})")
-    _flag(g, "lora_alpha", type=int, help=f"LoRA alpha (default {d.lora_alpha})")
-    _flag(g, "lora_dropout", type=float, help=f"LoRA dropout (default {d.lora_dropout})")
-    _flag(g, "target_modules", help="comma-separated Linear modules to adapt (default q_proj,v_proj)")
-    _flag(g, "target_parameters", help="comma-separated expert tensors to adapt, e.g. "
-          "mlp.experts.gate_up_proj,mlp.experts.down_proj (default none)")
-
-    g = p.add_argument_group("training")
-    _flag(g, "output_dir", "output", help=f"where the adapter and reports go (default {d.output_dir}; demo: "
-          f"{DEMO_OUTPUT_DIR}; eval: <adapter>/eval; merge: <adapter>-merged)")
-    _flag(g, "overwrite", action="store_true", help="replace this mode's earlier outputs in --output_dir (never files it did not write)")
-    _flag(g, "resume", action="store_true", help="continue from the last checkpoint in --output_dir")
-    _flag(g, "batch_size", "per_device_train_batch_size", type=int, help=f"rows per device per step (default {d.batch_size})")
-    _flag(g, "gradient_accumulation_steps", type=int, help=f"(default {d.gradient_accumulation_steps})")
-    _flag(g, "learning_rate", type=float, help=f"(default {d.learning_rate}; demo {DEMO_DEFAULTS['learning_rate']})")
-    _flag(g, "lr_scheduler_type", help=f"(default {d.lr_scheduler_type})")
-    _flag(g, "warmup_ratio", type=float, help=f"(default {d.warmup_ratio})")
-    _flag(g, "num_train_epochs", type=float, help=f"(default {d.num_train_epochs})")
-    _flag(g, "optim", help=f"(default {d.optim})")
-    _flag(g, "weight_decay", type=float, help=f"(default {d.weight_decay})")
-    _flag(g, "gradient_checkpointing", action=argparse.BooleanOptionalAction,
-          help="recompute activations in the backward pass to save memory (default on)")
-    _flag(g, "use_4bit", action="store_true", help="keep the experts (91%% of the weights) in MXFP4 as shipped and "
-          "dequantize one layer at a time: about 14 GB of weights instead of 42 GB, same values (train, infer, eval)")
-    _flag(g, "router_aux_loss_coef", type=float,
-          help="MoE load-balancing loss weight (default 0: TRL would otherwise add 0.9 x aux loss from the config)")
-    _flag(g, "attn_implementation", help="auto (flex_attention on CUDA, eager otherwise), eager, flex_attention, "
-          "or a hub kernel id; sdpa is not supported by gpt-oss")
-    _flag(g, "packing", action=argparse.BooleanOptionalAction,
-          help="put each batch's rows into one padding-free sequence, each row masked to itself (default off: exact "
-          "with eager attention; not yet with flex_attention on CUDA, see the README)")
-    _flag(g, "sampler", choices=["batch_rebalance", "random", "group_by_length"],
-          help="how rows become micro-batches. batch_rebalance (default): each optimizer step's rows are a random "
-          "draw, as with random, split into micro-batches of similar length: less padding, same loss. random: the "
-          "seed's. group_by_length: steps of similar-length rows, least padding, but changes which rows train together")
-    _flag(g, "chunked_loss", action=argparse.BooleanOptionalAction,
-          help="TRL's loss that never builds the full-vocabulary logits (default on; off = the Cookbook's loss)")
-    _flag(g, "logging_steps", type=int, help=f"(default {d.logging_steps})")
-    _flag(g, "save_steps", type=int, help=f"checkpoint every N optimizer steps (default {d.save_steps})")
-    _flag(g, "save_total_limit", type=int, help=f"checkpoints kept (default {d.save_total_limit})")
-    _flag(g, "report_to", choices=["trackio", "none"], help=f"experiment tracking, local only (default {d.report_to})")
-    _flag(g, "trackio_project", help=f"trackio project name (default {d.trackio_project})")
-    _flag(g, "run_name", help="trackio run name (default: the output dir's name and a timestamp)")
-    _flag(g, "push_to_hub", action="store_true", help="upload the adapter to the Hub after training")
-    _flag(g, "hub_model_id", help="repo id for --push_to_hub, e.g. you/gpt-oss-20b-multilingual-reasoner")
-
-    g = p.add_argument_group("more than one GPU: run under torchrun, deepspeed or accelerate launch (README)")
-    _flag(g, "deepspeed", help="zero3 (built-in ZeRO-3 preset; the default under the deepspeed launcher) or a "
-          "DeepSpeed JSON config file")
-    _flag(g, "fsdp", action="store_true", help="FSDP2: shard the model over the GPUs (default under torchrun: DDP)")
-    _flag(g, "local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it; ranks come from env
-
-    g = p.add_argument_group("preflight / benchmark: will this config fit my GPU, and how fast is it?")
-    _flag(g, "random_init", action="store_true", help="random bf16 weights from the model's config, built on the GPU "
-          "(no weight download); speed and memory are those of the real model")
-    _flag(g, "synthetic_data", type=int, help="N generated rows in the dataset schema, lengths as in "
-          "Multilingual-Thinking (see README)")
-    _flag(g, "max_steps", type=int, help="stop after N optimizer steps")
-
-    g = p.add_argument_group("inference")
-    _flag(g, "prompt", help="the user message (read from stdin when omitted and stdin is not a terminal)")
-    _flag(g, "reasoning_language", help=f"language of the analysis channel (default {d.reasoning_language})")
-    _flag(g, "answer_language", help="language of the final answer, when it should differ from the question's")
-    _flag(g, "reasoning_effort", choices=["low", "medium", "high"], help=f"(default {d.reasoning_effort})")
-    _flag(g, "adapter", help="LoRA adapter directory from train mode (default: the base model alone)")
-    _flag(g, "temperature", type=float, help=f"0 = greedy (default {d.temperature})")
-    _flag(g, "max_new_tokens", type=int, help=f"(default {d.max_new_tokens})")
-    _flag(g, "raw", action="store_true", help="print the whole harmony transcript")
-    _flag(g, "json", action="store_true", help="print {reasoning_language, analysis, final, tokens} as JSON")
-
-    g = p.add_argument_group("evaluation (--mode eval): greedy, --max_new_tokens 1024 and --batch_size 32 by default")
-    _flag(g, "compare_base", action=argparse.BooleanOptionalAction,
-          help="also evaluate the base model (the adapter switched off) and report both side by side")
-    _flag(g, "limit", type=int, help="only the first N questions (per reasoning language)")
-    _flag(g, "question_languages", help="languages the questions are asked in, rotated over the questions "
-          "(default: every language of the eval file)")
-    _flag(g, "full_grid", action="store_true", help="ask every question in every question language x answer "
-          "language instead of rotating (--answer-language takes a comma-separated list in eval)")
-    _flag(g, "eval_file", help="questions (default: the bundled data/eval_questions.jsonl)")
-    _flag(g, "score_file", help="score outputs generated elsewhere (.jsonl: reasoning_language, analysis; optional "
-          "final, answer_language, expected, model); loads no model")
-    return p
-
-
-def _split_list(value):
-    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-
-
-def resolve_config(args) -> Config:
-    """Seed defaults, then the demo's changes, then the user's flags; then validate. Touches nothing on disk."""
-    values = {f.name: getattr(Config(), f.name) for f in fields(Config)}
-    values["target_modules"], values["target_parameters"] = ["q_proj", "v_proj"], []
-    given = {k: v for k, v in vars(args).items() if v is not None and k in values}
-    values.update(MODE_DEFAULTS.get(given.get("mode"), {}))
-    if getattr(args, "demo", False):
-        values.update(DEMO_DEFAULTS)
-        values["compare_base"] = given.get("mode") == "eval" and not given.get("score_file")
-    values.update(given)
-    for name in ("target_modules", "target_parameters", "reasoning_languages", "question_languages"):
-        values[name] = _split_list(values[name])
-    if getattr(args, "local_rank", None) is not None and not values["deepspeed"] and not values["fsdp"]:
-        values["deepspeed"] = "zero3"  # started by the deepspeed launcher (torchrun passes ranks in the environment)
-    adapter = values["adapter"] or (DEMO_OUTPUT_DIR if values["demo"] else None)
-    if values["mode"] == "eval" and "output_dir" not in given:  # the report goes next to what it evaluates
-        values["output_dir"] = str(Path(adapter) / "eval") if adapter else "eval_output"
-    if values["mode"] == "merge" and "output_dir" not in given and adapter:
-        values["output_dir"] = str(Path(adapter)) + "-merged"
-    cfg = Config(**values)
-
-    for name in SIZE_FIELDS + ("max_samples",):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name} must be a positive integer, got {value}")
-    for name in RATE_FIELDS:
-        if not getattr(cfg, name) > 0:
-            raise UsageError(f"--{name} must be greater than 0, got {getattr(cfg, name)}")
-    for name in ("warmup_ratio", "lora_dropout"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.weight_decay < 0 or cfg.temperature < 0 or cfg.router_aux_loss_coef < 0:
-        raise UsageError("--weight_decay, --temperature and --router_aux_loss_coef cannot be negative")
-    if not cfg.reasoning_language.strip():
-        raise UsageError("--reasoning-language is empty: name a language, e.g. --reasoning-language German")
-    if cfg.answer_language is not None and not cfg.answer_language.strip():
-        raise UsageError("--answer-language is empty: name a language or leave the flag out")
-    if not cfg.target_modules and not cfg.target_parameters:
-        raise UsageError("nothing to train: give --target_modules and/or --target_parameters")
-    if cfg.attn_implementation.startswith("sdpa"):
-        raise UsageError("gpt-oss does not support sdpa attention (it cannot apply the attention sinks); "
-                         "use --attn-implementation flex_attention (CUDA) or eager")
-    if cfg.use_4bit and cfg.target_parameters:
-        raise UsageError("--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them: drop "
-                         "--target_parameters or --use_4bit")
-    if cfg.use_4bit and cfg.mode == "merge":
-        raise UsageError("merge writes the base in bf16 with the adapter folded in; drop --use_4bit (serve the "
-                         "adapter on the MXFP4 base with --use_4bit instead)")
-    if cfg.push_to_hub and not cfg.hub_model_id:
-        raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
-    if cfg.resume and cfg.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: pick one")
-    if cfg.deepspeed and cfg.fsdp:
-        raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
-    if cfg.deepspeed and cfg.deepspeed != "zero3":
-        try:
-            json.loads(Path(cfg.deepspeed).read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--deepspeed {cfg.deepspeed}: not 'zero3' and not a readable DeepSpeed JSON file "
-                             f"({type(e).__name__})") from None
-    if cfg.use_4bit and (cfg.deepspeed or cfg.fsdp):
-        raise UsageError("--use_4bit with --deepspeed/--fsdp: the MXFP4 experts are buffers, which neither shards; "
-                         "run it with plain torchrun (DDP: every GPU holds the 14 GB model)")
-    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
-    if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
-        raise UsageError("--score-file and --compare-base belong to --mode eval")
-    if cfg.mode == "merge" and not (cfg.adapter or cfg.demo):
-        raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
-    if cfg.compare_base and not (cfg.adapter or cfg.demo):
-        raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
-    return cfg
-
-
-def distributed_strategy(cfg: Config) -> str:
-    """single, ddp, fsdp2, deepspeed-zero3 or deepspeed-file. Under torchrun without a flag: DDP, because the
-    LoRA gradients to all-reduce are a few MB and each GPU can hold the whole model (42 GB in bf16, 14 GB with
-    --use_4bit); --fsdp shards it for smaller cards. Under the deepspeed launcher without a flag: ZeRO-3 (set by
-    resolve_config, which sees the launcher's --local_rank)."""
-    if cfg.deepspeed:
-        return "deepspeed-zero3" if cfg.deepspeed == "zero3" else "deepspeed-file"
-    if cfg.fsdp:
-        return "fsdp2"
-    return "ddp" if world_size() > 1 else "single"
+class RunFailed(Exception):
+    """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
 
 
 def world_size() -> int:
@@ -365,26 +69,31 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def describe_runtime(cfg: Config) -> dict:
-    """What this machine turns the configuration into: device, dtype, attention."""
-    import torch
-
-    on_cuda = torch.cuda.is_available()
-    return {"device": torch.cuda.get_device_name() if on_cuda else "cpu",
-            "dtype": "bfloat16" if on_cuda else "float32",
-            "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
-            "experts": "MXFP4, dequantized per layer" if cfg.use_4bit else "bf16",
-            "packing": cfg.packing, "sampler": cfg.sampler,
-            "world_size": world_size(), "strategy": distributed_strategy(cfg),
-            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size()}
+def write_atomically(path: Path, data: str | bytes):
+    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(staging, path)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
-    cut short (e.g. the process was killed while saving) and is skipped."""
-    complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
-                and (c / "trainer_state.json").is_file()]
-    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+@contextlib.contextmanager
+def staged_directory(target: Path):
+    """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
+    target is either the old one or the complete new one, never half of it. Other outputs of this tool inside the
+    old target (e.g. <merged>/eval) move into the new one."""
+    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for entry in target.iterdir() if target.is_dir() else ():
+        if entry.is_dir() and owner_of(entry):
+            os.replace(entry, staging / entry.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
 
 
 OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills; names the mode that filled it
@@ -419,7 +128,7 @@ def sort_outputs(folder: Path, mode: str) -> tuple:
     return own, foreign
 
 
-def protected_folder(out: Path, cfg: Config) -> str | None:
+def protected_folder(out: Path, cfg) -> str | None:
     """Why out must never be an output folder, or None: folders that hold the user's work."""
     target, here = out.expanduser().resolve(), Path.cwd().resolve()
     if target == here:
@@ -427,21 +136,29 @@ def protected_folder(out: Path, cfg: Config) -> str | None:
     if target in here.parents or target == Path.home().resolve():
         return "holds the folder you are in" if target in here.parents else "is your home folder"
     inputs = {"the dataset": cfg.dataset, "this script": __file__, "--eval-file": cfg.eval_file,
-              "--score-file": cfg.score_file}
+              "--score-file": cfg.score_file, "--adapter": cfg.adapter}
     for what, path in inputs.items():
         if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
             return f"holds {what}"
     return None
 
 
-def check_output_dir(cfg: Config):
-    """Refuse, before anything is loaded, an output folder this run could not write without touching the user's
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
+    cut short (e.g. the process was killed while saving) and is skipped."""
+    complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+                and (c / "trainer_state.json").is_file()]
+    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def check_output_dir(cfg):
+    """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
     files. The tool replaces only what it wrote earlier (OWN_OUTPUTS, in a folder carrying its OWNER_FILE)."""
     out = Path(cfg.output_dir)
     reason = protected_folder(out, cfg)
     if reason:
         raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
-                         f"--output_dir {Path(Config.output_dir).name if cfg.mode == 'train' else 'eval_output'}")
+                         f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     own, foreign = sort_outputs(out, cfg.mode) if out.is_dir() else ([], [])
@@ -456,42 +173,436 @@ def check_output_dir(cfg: Config):
                          "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
 
 
-def claim_output_dir(out: Path, mode: str, replace: bool):
-    """Create out and mark it as this mode's; with replace, first delete this mode's earlier outputs (only those:
+def claim_output_dir(out: Path, mode: str, replace_own: bool):
+    """Create out and mark it as this mode's; with replace_own, first delete this mode's earlier outputs (only those:
     check_output_dir has refused any folder holding something else)."""
     out.mkdir(parents=True, exist_ok=True)
-    if replace:
+    if replace_own:
         for entry in sort_outputs(out, mode)[0]:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py"}) + "\n")
 
 
-def write_atomically(path: Path, data: str | bytes):
-    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
-    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(staging, path)
+def gpu_memory_state() -> tuple:
+    """(peak GiB allocated, GiB on the card, card name) for the out-of-memory message."""
+    import torch
+
+    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30,
+            torch.cuda.get_device_name())
+
+
+def out_of_memory_advice(cfg, during: str, peak_gib: float, total_gib: float, device: str) -> str:
+    """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
+    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
+    if during == "training":
+        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
+                f"{max(cfg.max_seq_length // 2, 256)}"
+                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
+                + ("" if cfg.chunked_loss else ", --chunked-loss")
+                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
+                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
+                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
+    if during == "merging":
+        return head + ("Merging holds the whole model in bf16 (about 42 GB for gpt-oss-20b): run it on a card with "
+                       "more free memory, or on the CPU with CUDA_VISIBLE_DEVICES= in front of the command (it then "
+                       "needs about 45 GB of RAM).")
+    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
+            + (f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.eval_batch_size > 1
+               else "")
+            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
 
 
 @contextlib.contextmanager
-def staged_directory(target: Path):
-    """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
-    target is either the old one or the complete new one, never half of it."""
-    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+def out_of_memory_is_a_message(cfg, during: str):
+    """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
+    import torch
+
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for entry in target.iterdir() if target.is_dir() else ():
-        if entry.is_dir() and owner_of(entry):  # another output of this tool inside, e.g. <merged>/eval: kept
-            os.replace(entry, staging / entry.name)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+        yield
+    except torch.OutOfMemoryError as e:
+        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
 
 
+def ensure_hub_reachable(repo_id: str):
+    """Fail in one line, in seconds, when a hub id is needed and the Hub cannot be reached.
+
+    Without HF_HUB_OFFLINE the libraries retry for ~30 s before failing; with it set they use the local cache only,
+    which is what we fall back to here so a cached model still works offline.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        print(f"note: the Hugging Face Hub ({host}) is unreachable; using the local cache for {repo_id}",
+              file=sys.stderr)
+
+
+def _hub_error(source: str, error: Exception) -> UsageError:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
+                          "offline; connect to the Hub once or pass a local directory")
+    return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
+
+
+# -----------------------------------------------------------------------------
+# Settings: one field each, with its default, one help line, other spellings and the rule it must meet
+
+
+def setting(default=None, help="", *aliases, check=None, factory=None):
+    """A Config field: its default, its --help line, other flag names (each in both spellings) and the name of the
+    rule validate() holds it to."""
+    names = list(dict.fromkeys(s for a in aliases for s in (f"--{a}", f"--{a.replace('_', '-')}")))
+    metadata = {"help": help, "aliases": names, "check": check}
+    return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Config:
+    # what to run
+    mode: Literal["train", "infer", "eval", "merge"] = setting(
+        "train", "train an adapter, infer (answer one prompt), eval (reasoning-language match) or merge it into its base")
+    demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny random gpt-oss and the bundled sample")
+    print_config: bool = setting(False, "print the resolved settings as YAML (--json: JSON) and exit; they work as a --config")
+    seed: int = setting(42, "random seed")
+    # model and data
+    model: str | None = setting(None, f"hub id or local directory (default {DEFAULT_MODEL}; with --adapter: its base)")
+    adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, eval, merge)")
+    use_4bit: bool = setting(False, "keep the experts in MXFP4 as shipped, dequantized one layer at a time: 14 GB of "
+                                    "weights instead of 42")
+    attn_implementation: Literal["auto", "eager", "flex_attention"] = setting(
+        "auto", "auto: flex_attention on CUDA, eager on CPU (sdpa and flash-attention cannot apply gpt-oss's sinks)")
+    dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "hub dataset id or a local .jsonl/.json/.parquet file")
+    dataset_split: str = setting("train", "split of a hub dataset")
+    reasoning_languages: list[str] | None = setting(
+        None, "reasoning languages to cover: train keeps rows in these, eval asks for these (default: all rows; eval: 8)")
+    max_samples: int | None = setting(None, "only the first N rows (train) or questions per language (eval)", "limit",
+                                      check="positive")
+    max_seq_length: int = setting(2048, "tokens per row; longer rows are cut", "max_length", check="positive")
+    train_on_all_tokens: bool = setting(False, "loss on every token, as the Cookbook did (default: the assistant's "
+                                               "analysis, final and <|return|> only)")
+    reasoning_effort: Literal["low", "medium", "high"] = setting("medium", "the 'Reasoning:' level of the system prompt")
+    # LoRA
+    lora_r: int = setting(16, "LoRA rank", check="positive")
+    lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", check="positive")
+    lora_dropout: float = setting(0.0, "LoRA dropout", check="fraction")
+    target_modules: list[str] = setting(help="Linear layers to adapt (comma or space separated)",
+                                        factory=lambda: ["q_proj", "v_proj"])
+    target_parameters: list[str] = setting(help="expert tensors to adapt, e.g. mlp.experts.gate_up_proj,"
+                                                "mlp.experts.down_proj", factory=list)
+    # training
+    output_dir: str | None = setting(None, f"where outputs go (default: train {DEFAULT_OUTPUT_DIR}, demo "
+                                           f"{DEMO_OUTPUT_DIR}, eval <adapter>/eval, merge <adapter>-merged)", "output")
+    overwrite: bool = setting(False, "replace this mode's earlier outputs in --output_dir (never files it did not write)")
+    resume: bool = setting(False, "continue from the newest complete checkpoint in --output_dir")
+    batch_size: int = setting(8, "rows per device per micro-batch", "per_device_train_batch_size", check="positive")
+    gradient_accumulation_steps: int = setting(2, "micro-batches per optimizer step", check="positive")
+    learning_rate: float = setting(2e-5, "peak learning rate", check="above_zero")
+    lr_scheduler_type: str = setting("cosine", "learning-rate schedule, one of transformers' (cosine, linear, "
+                                               "cosine_with_min_lr, ...)")
+    min_lr_rate: float | None = setting(None, "cosine_with_min_lr: the last learning rate as a fraction of the peak",
+                                        check="fraction")
+    warmup_ratio: float = setting(0.1, "share of the steps spent warming up", check="fraction")
+    num_train_epochs: float = setting(3.0, "passes over the data", check="above_zero")
+    max_steps: int | None = setting(None, "stop after N optimizer steps", check="positive")
+    optim: str = setting("adamw_torch_fused", "optimizer, one of transformers' names")
+    weight_decay: float = setting(0.01, "weight decay", check="not_negative")
+    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass to save memory")
+    router_aux_loss_coef: float = setting(0.0, "MoE load-balancing loss weight (TRL would add 0.9 x the config's)",
+                                          check="not_negative")
+    packing: bool = setting(False, "each micro-batch's rows in one padding-free sequence, each masked to itself")
+    sampler: Literal["batch_rebalance", "random", "group_by_length"] = setting(
+        "batch_rebalance", "how rows become micro-batches: batch_rebalance draws each step as random does, with less "
+                           "padding")
+    chunked_loss: bool = setting(True, "TRL's loss without the full-vocabulary logits (off: the Cookbook's)")
+    logging_steps: int = setting(1, "log every N optimizer steps", check="positive")
+    save_steps: int = setting(50, "checkpoint every N optimizer steps", check="positive")
+    save_total_limit: int = setting(2, "checkpoints kept", check="positive")
+    report_to: Literal["trackio", "none"] = setting("trackio", "experiment tracking (trackio logs stay local)")
+    trackio_project: str = setting("gpt-oss-20b-sft", "trackio project")
+    run_name: str | None = setting(None, "run name in the tracker (default: the output folder's name and the time)")
+    push_to_hub: bool = setting(False, "upload the adapter to the Hub after training")
+    hub_model_id: str | None = setting(None, "repo for --push_to_hub, e.g. you/gpt-oss-20b-multilingual-reasoner")
+    # several GPUs: run under torchrun, deepspeed or accelerate launch
+    fsdp: bool = setting(False, "FSDP2: shard the model over the GPUs (default under a launcher: DDP)")
+    deepspeed: str | None = setting(None, "zero3 (the built-in ZeRO-3 preset; default under the deepspeed launcher) or "
+                                          "a DeepSpeed JSON file")
+    local_rank: int | None = setting(None, argparse.SUPPRESS)  # the deepspeed launcher passes it
+    # preflight: will this fit my GPU, and how fast is it?
+    random_init: bool = setting(False, "random weights of the model's shapes, built on the GPU (no download)")
+    synthetic_data: int | None = setting(None, "N generated rows with Multilingual-Thinking's lengths",
+                                         check="positive")
+    # inference
+    prompt: str | None = setting(None, "the user message (default: stdin)")
+    reasoning_language: str = setting("English", "language of the analysis channel")
+    answer_languages: list[str] | None = setting(None, "language of the final answer (eval: several, rotated)",
+                                                 "answer_language")
+    temperature: float = setting(0.6, "sampling temperature; 0 = greedy", check="not_negative")
+    max_new_tokens: int = setting(512, "tokens to generate at most", check="positive")
+    raw: bool = setting(False, "print the whole harmony transcript")
+    json: bool = setting(False, "print JSON (infer: {reasoning_language, analysis, final, complete, tokens})")
+    # evaluation
+    eval_batch_size: int = setting(32, "prompts per generation batch", check="positive")
+    compare_base: bool | None = setting(None, "also evaluate the base model, adapter off (default: on in the demo)")
+    question_languages: list[str] | None = setting(None, "languages the questions are asked in (default: all, rotated)")
+    full_grid: bool = setting(False, "every question in every question x answer language instead of rotating")
+    eval_file: str = setting(str(EVAL_QUESTIONS), "the questions (.jsonl)")
+    score_file: str | None = setting(None, "score outputs made elsewhere (.jsonl); loads no model")
+
+
+SECTIONS = {"mode": "what to run", "model": "model and data", "lora_r": "LoRA", "output_dir": "training",
+            "fsdp": "several GPUs: run the script under torchrun, deepspeed or accelerate launch (README)",
+            "random_init": "preflight: will this fit my GPU, and how fast is it?", "prompt": "inference",
+            "eval_batch_size": "evaluation (--mode eval)"}
+
+# What --demo changes: a tiny random model trained on the bundled sample, so the run fits a CPU in minutes. The
+# larger learning rate lets a randomly initialised model show a falling loss within a few steps.
+DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=1e-2, max_new_tokens=48,
+                     reasoning_language="German", prompt="What is the capital of Australia?")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """One line of help per flag, with its default after the mode's and the demo's layers (none where it is worked
+    out from other settings; the help line says how)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or "%(default)" in (action.help or ""):
+            return action.help
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        return f"{action.help} (default: {str(shown).replace('%', '%%')})"
+
+    def _format_action_invocation(self, action):
+        """The snake_case names once (the kebab-case twins work too), then what the flag takes."""
+        names = [s for s in action.option_strings if "-" not in s.lstrip("-")] or action.option_strings[:1]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{names[0]}, --no-{names[0][2:].replace('_', '-')}"
+        if action.nargs == 0:
+            return ", ".join(names)
+        takes = action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else "A,B" if action.nargs == "+"
+                 else {"int": "N", "float": "X"}.get(getattr(action.type, "__name__", ""), "TEXT"))
+        return f"{', '.join(names)} {takes}"
+
+
+class OneLineErrors:
+    """argparse's errors as one line on stderr, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class FirstPass(OneLineErrors, argparse.ArgumentParser):
+    """Reads what picks the layers of defaults (--mode, --demo, --config) before the full parse."""
+
+
+class Parser(OneLineErrors, TrlParser):
+    """TRL's parser over Config (both spellings of every flag, help from the fields, YAML recipes with --config, the
+    command line winning), with one-line errors, no abbreviations (--lr is no flag), --x/--no-x for every switch and
+    the help in sections."""
+
+    def __init__(self):
+        super().__init__(Config, prog="gpt_oss_20b_sft.py", allow_abbrev=False, formatter_class=HelpFormatter,
+                         usage="%(prog)s [--mode {train,infer,eval,merge}] [--demo] [--config FILE.yaml] "
+                               "[--print-config] [options]",
+                         description="LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for, and "
+                                     "what comes after. Every flag takes snake_case and kebab-case spellings.")
+        self.add_argument("--config", metavar="FILE.yaml", help="a recipe: settings in YAML (see recipes/); flags on "
+                          "the command line win")
+
+    def _add_dataclass_arguments(self, dtype):
+        group, hints = self, get_type_hints(dtype)
+        for f in fields(dtype):
+            group = self.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
+            f.type = hints[f.name]
+            if f.type in (bool, bool | None):
+                group.add_argument(*dict.fromkeys((f"--{f.name}", f"--{f.name.replace('_', '-')}")),
+                                   action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            else:  # the check is for validate(), not for argparse
+                plain = copy.copy(f)
+                plain.metadata = {k: v for k, v in f.metadata.items() if k != "check"}
+                self._parse_dataclass_field(group, plain)
+
+    def parse(self, argv: list) -> Config:
+        """Defaults in layers, each over the last: the fields', the mode's, the demo's, a --config recipe's; then the
+        command line."""
+        first = FirstPass(add_help=False, allow_abbrev=False)
+        first.add_argument("--mode")
+        first.add_argument("--demo", action=argparse.BooleanOptionalAction)
+        first.add_argument("--config")
+        picked, _ = first.parse_known_args(argv)
+        recipe = read_recipe(picked.config) if picked.config else {}
+        mode = picked.mode or recipe.get("mode", Config.mode)
+        demo = picked.demo if picked.demo is not None else recipe.get("demo", False)
+        names = [f.name for f in fields(Config)]
+        for unknown in (k for k in recipe if k not in names):
+            close = difflib.get_close_matches(unknown, [n for n in names if n != "local_rank"], n=1)  # hidden flag
+            raise UsageError(f"--config {picked.config}: unknown setting {unknown!r}"
+                             + (f" (did you mean {close[0]}?)" if close else "; --help lists them"))
+        self.set_defaults_with_config(**{**(MODES[mode].defaults if mode in MODES else {}),
+                                         **(DEMO_DEFAULTS if demo else {}), **recipe})
+        namespace = self.parse_args(argv)
+        return Config(**{f.name: getattr(namespace, f.name) for f in fields(Config)})
+
+
+def read_recipe(path: str) -> dict:
+    """A --config file: a YAML mapping of settings (what --print-config prints)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror.lower() if e.strerror else e}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config {path} must be a YAML mapping of settings, e.g. 'learning_rate: 2.0e-4'")
+    recipe.pop("runtime", None)  # what --print-config --json adds about the machine; not a setting
+    return recipe
+
+
+def parse_config(argv: list | None = None) -> Config:
+    """The settings of this run: parsed in layers, derived, validated, then frozen."""
+    return validate(derive(Parser().parse(list(sys.argv[1:] if argv is None else argv))))
+
+
+def _flat(values):
+    """Comma- or space-separated values as one list: --target_modules q_proj,v_proj = --target_modules q_proj v_proj."""
+    if values is None:
+        return None
+    return [v.strip() for value in ([values] if isinstance(values, str) else values) for v in str(value).split(",")
+            if v.strip()]
+
+
+def derive(cfg: Config) -> Config:
+    """Fill the settings that follow from others, where the user left them unset (None). A value given is kept, so
+    --print-config's output, fed back with --config, resolves to the same settings."""
+    adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and cfg.mode != "train" and not cfg.score_file else None)
+    model = cfg.model or (str(demo_model_dir(cfg.use_4bit)) if cfg.demo
+                          else adapter_base(adapter) if adapter else None) or DEFAULT_MODEL
+    output_dir = cfg.output_dir or {"train": DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR,
+                                    "eval": str(Path(adapter) / "eval") if adapter else "eval_output",
+                                    "merge": f"{Path(adapter)}-merged" if adapter else None}.get(cfg.mode)
+    return replace(
+        cfg, adapter=adapter, model=model, output_dir=output_dir,
+        target_modules=_flat(cfg.target_modules), target_parameters=_flat(cfg.target_parameters),
+        reasoning_languages=_flat(cfg.reasoning_languages), question_languages=_flat(cfg.question_languages),
+        answer_languages=_flat(cfg.answer_languages),
+        compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and cfg.mode == "eval" and not cfg.score_file,
+        deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
+
+
+RULES = {"positive": (lambda v: v > 0, "must be a positive integer"),
+         "above_zero": (lambda v: v > 0, "must be greater than 0"),
+         "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+         "not_negative": (lambda v: v >= 0, "cannot be negative")}
+
+
+def _is(value, kind) -> bool:
+    """Whether a value (a recipe's YAML can hold anything) has a field's type."""
+    for option in kind.__args__ if isinstance(kind, types.UnionType) else (kind,):
+        origin = getattr(option, "__origin__", None)
+        if (value is None if option is type(None) else value in option.__args__ if origin is Literal
+                else isinstance(value, list) and all(isinstance(v, str) for v in value) if origin is list
+                else isinstance(value, (int, float)) and not isinstance(value, bool) if option is float
+                else isinstance(value, option) and not (option is int and isinstance(value, bool))):
+            return True
+    return False
+
+
+def validate(cfg: Config) -> Config:
+    """Every rule the settings must meet, checked before anything is loaded or written; each error names its flag."""
+    hints = get_type_hints(Config)
+    for f in fields(Config):
+        value, flag = getattr(cfg, f.name), f"--{f.name}"
+        if not _is(value, hints[f.name]):
+            raise UsageError(f"{flag}: {value!r} is not a valid value"
+                             + (f"; choose from {', '.join(hints[f.name].__args__)}"
+                                if getattr(hints[f.name], "__origin__", None) is Literal else ""))
+        rule = f.metadata["check"]
+        if rule and value is not None and not RULES[rule][0](value):
+            also = "".join(f" ({a})" for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
+            raise UsageError(f"{flag}{also} {RULES[rule][1]}, got {value}")
+    if not cfg.reasoning_language.strip():
+        raise UsageError("--reasoning-language is empty: name a language, e.g. --reasoning-language German")
+    if cfg.answer_languages is not None and not cfg.answer_languages:
+        raise UsageError("--answer-language is empty: name a language or leave the flag out")
+    if not cfg.target_modules and not cfg.target_parameters:
+        raise UsageError("nothing to train: give --target_modules and/or --target_parameters")
+    if (cfg.lr_scheduler_type == "cosine_with_min_lr") != (cfg.min_lr_rate is not None):
+        raise UsageError("--lr_scheduler_type cosine_with_min_lr and --min_lr_rate go together (the last learning "
+                         "rate as a fraction of the peak, e.g. 0.1)")
+    if cfg.use_4bit and cfg.target_parameters:
+        raise UsageError("--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them: drop "
+                         "--target_parameters or --use_4bit")
+    if cfg.use_4bit and cfg.mode == "merge":
+        raise UsageError("merge writes the base in bf16 with the adapter folded in; drop --use_4bit (serve the "
+                         "adapter on the MXFP4 base with --use_4bit instead)")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: pick one")
+    if cfg.deepspeed and cfg.fsdp:
+        raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
+    if cfg.deepspeed and cfg.deepspeed != "zero3":
+        try:
+            json.loads(Path(cfg.deepspeed).read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--deepspeed {cfg.deepspeed}: not 'zero3' and not a readable DeepSpeed JSON file "
+                             f"({type(e).__name__})") from None
+    if cfg.use_4bit and (cfg.deepspeed or cfg.fsdp):
+        raise UsageError("--use_4bit with --deepspeed/--fsdp: the MXFP4 experts are buffers, which neither shards; "
+                         "run it with plain torchrun (DDP: every GPU holds the 14 GB model)")
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
+    if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
+        raise UsageError("--score-file and --compare-base belong to --mode eval")
+    if cfg.mode == "merge" and not cfg.adapter:
+        raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
+    if cfg.compare_base and not cfg.adapter:
+        raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
+    if cfg.adapter and not cfg.demo and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
+                         "pass the --output_dir of a train run")
+    return cfg
+
+
+def render_config(cfg: Config) -> str:
+    """--print-config: the settings (a recipe --config reads back) and what this machine makes of them."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("print_config", "local_rank")}
+    runtime = describe_runtime(cfg)
+    if cfg.json:
+        return json.dumps({**settings, "runtime": runtime}, indent=2)
+    import yaml
+
+    return (yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)
+            + "# on this machine: " + json.dumps(runtime) + "\n")
+
+
+def distributed_strategy(cfg: Config) -> str:
+    """single, ddp, fsdp2, deepspeed-zero3 or deepspeed-file. Under a launcher without a flag: DDP, because the
+    LoRA gradients to all-reduce are a few MB and one GPU holds the whole model; --fsdp and --deepspeed shard it."""
+    if cfg.deepspeed:
+        return "deepspeed-zero3" if cfg.deepspeed == "zero3" else "deepspeed-file"
+    if cfg.fsdp:
+        return "fsdp2"
+    return "ddp" if world_size() > 1 else "single"
+
+
+def describe_runtime(cfg: Config) -> dict:
+    """What this machine turns the settings into: device, dtype, attention, strategy."""
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name() if on_cuda else "cpu",
+            "dtype": "bfloat16" if on_cuda else "float32",
+            "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
+            "experts": "MXFP4, dequantized per layer" if cfg.use_4bit else "bf16",
+            "packing": cfg.packing, "sampler": cfg.sampler,
+            "world_size": world_size(), "strategy": distributed_strategy(cfg),
+            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size()}
 # -----------------------------------------------------------------------------
 # Data
 
@@ -653,9 +764,7 @@ def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens:
     return examples, stats
 
 
-# Multilingual-Thinking's length profile: log-normal tokens per row with mean 1,200 and sigma 0.57 (median 1,020).
-# Fitted to what was measured of the real dataset: its rows averaged 852 tokens when capped at 1,024 (this profile
-# gives 853) and its 8.9 MB of text suggests 1,100-1,200 tokens per row uncapped; 11% of rows exceed 2,048.
+# Multilingual-Thinking's tokens per row, log-normal (mean 1,200); the README says how it was fitted
 LENGTH_PROFILE = {"mu": 6.928, "sigma": 0.57, "min": 256, "max": 8192}
 SYNTHETIC_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
 SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be are from or have an they which one "
@@ -686,30 +795,6 @@ def synthetic_rows(n: int, seed: int = 0) -> list:
 
 # -----------------------------------------------------------------------------
 # Model
-
-
-def ensure_hub_reachable(repo_id: str):
-    """Fail in one line, in seconds, when a hub id is needed and the Hub cannot be reached.
-
-    Without HF_HUB_OFFLINE the libraries retry for ~30 s before failing; with it set they use the local cache only,
-    which is what we fall back to here so a cached model still works offline.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
-    except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        print(f"note: the Hugging Face Hub ({host}) is unreachable; using the local cache for {repo_id}",
-              file=sys.stderr)
-
-
-def _hub_error(source: str, error: Exception) -> UsageError:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
-                          "offline; connect to the Hub once or pass a local directory")
-    return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
 
 
 def load_model_config(source: str):
@@ -763,13 +848,10 @@ def unquantized_config(config, **overrides):
 
 
 # The checkpoint stores each expert weight in MXFP4: 4-bit e2m1 values in blocks of 32 sharing one power-of-two
-# scale. --use_4bit keeps them so (about 10 GB for gpt-oss-20b's experts instead of 38 GB in bf16) and dequantizes
-# one layer's experts at a time, in its forward, with transformers' own dequantizer (the values Mxfp4Config(
-# dequantize=True) loads). With gradient checkpointing the backward pass recomputes, so it dequantizes again.
+# scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, with transformers'
+# own dequantizer (the values Mxfp4Config(dequantize=True) loads); checkpointing recomputes, so it dequantizes again.
 MXFP4_TENSORS = ("gate_up_proj", "down_proj")
-# Rows of 32 values dequantized at a time. transformers' default spans a whole layer: for one gpt-oss-20b layer's
-# gate_up_proj (1.06 GB in bf16) its temporaries took 2.6 GB more, in chunks of 2**21 rows 0.05 GB (CPU, measured).
-MXFP4_ROWS_PER_CHUNK = 2**21
+MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' default, a whole layer, takes GBs of temporaries
 
 
 def checkpoint_quantization(config) -> str | None:
@@ -865,51 +947,6 @@ def load_mxfp4_model(cfg: Config, config, device: str, dtype, attn_implementatio
     return model
 
 
-def quantize_to_mxfp4(weight):
-    """(blocks, scales) of a [experts, in, out] weight in the checkpoint's layout: the nearest e2m1 value of each
-    entry after dividing its block of 32 by the smallest power of two that fits the block's largest into +-6.
-    Written by hand because transformers' quantizer needs triton kernels from the Hub; used to build test and demo
-    checkpoints only."""
-    import torch
-    from transformers.integrations.mxfp4 import FP4_VALUES
-
-    rows = weight.transpose(1, 2).float()  # [experts, out, in]: the checkpoint stores rows of the transposed weight
-    groups = rows.reshape(*rows.shape[:-1], rows.shape[-1] // 32, 32)
-    largest = groups.abs().amax(-1, keepdim=True).clamp(min=2.0**-126)
-    exponent = torch.ceil(torch.log2(largest / 6.0)).clamp(-127, 127)
-    values = torch.tensor(FP4_VALUES)
-    codes = ((groups / torch.exp2(exponent)).unsqueeze(-1) - values).abs().argmin(-1).to(torch.uint8)
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks, (exponent.squeeze(-1) + 127).to(torch.uint8)
-
-
-def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
-    """Copy a bf16/fp32 gpt-oss checkpoint with its experts quantized to MXFP4, as the hub checkpoint ships them."""
-    if (target / "config.json").exists():
-        return target
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import SAFE_WEIGHTS_NAME
-
-    state = load_file(str(source / SAFE_WEIGHTS_NAME))
-    out = {}
-    for key, tensor in state.items():
-        name = key.rsplit(".", 1)[-1]
-        if name in MXFP4_TENSORS:
-            out[f"{key}_blocks"], out[f"{key}_scales"] = quantize_to_mxfp4(tensor)
-        else:
-            out[key] = tensor.to(torch.bfloat16)
-    config = AutoConfig.from_pretrained(source)
-    config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    with staged_directory(target) as staging:
-        save_file(out, str(staging / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(source).save_pretrained(staging)
-    return target
-
-
 def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
     """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models, unless dtype says otherwise), MXFP4 experts
     dequantized so LoRA can train on them and merge into them."""
@@ -977,8 +1014,9 @@ def attach_document_masks(model):
 def build_lora_config(cfg: Config):
     from peft import LoraConfig
 
+    modules = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules or None  # PEFT's spelling
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=cfg.target_modules or None, target_parameters=cfg.target_parameters or None,
+                      target_modules=modules, target_parameters=cfg.target_parameters or None,
                       task_type="CAUSAL_LM")
 
 
@@ -1014,7 +1052,7 @@ def parallel_arguments(cfg: Config) -> dict:
     return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
 
 
-def build_sft_config(cfg: Config, on_cuda: bool):
+def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
     from trl import SFTConfig
 
     arguments = dict(
@@ -1023,11 +1061,12 @@ def build_sft_config(cfg: Config, on_cuda: bool):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
+        lr_scheduler_kwargs={} if cfg.min_lr_rate is None else {"min_lr_rate": cfg.min_lr_rate},
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a fraction of all steps
         num_train_epochs=cfg.num_train_epochs,
         max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
         padding_free=cfg.packing,
-        train_sampling_strategy=cfg.sampler,  # transformers' samplers; the loss is normalised over the whole step
+        train_sampling_strategy=sampler or cfg.sampler,  # transformers' own; the loss is normalised over the step
         max_steps=cfg.max_steps or -1,
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
@@ -1061,12 +1100,13 @@ def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=(
     class SeededSFTTrainer(SFTTrainer):
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
-            if isinstance(sampler, BatchRebalanceSampler):  # transformers leaves its seed at 42 whatever --seed says;
+            if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
                 sampler.seed = self.args.seed  # seeded as the random sampler is, it draws the same rows for each step
             return sampler
 
     class FullLogitsSFTTrainer(SeededSFTTrainer):
-        """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits."""
+        """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits.
+        TRL 1.16 always fuses the LM head (its loss_type picks nll or dft only), so this needs its own compute_loss."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -1187,50 +1227,6 @@ def library_versions() -> dict:
     return out
 
 
-class RunFailed(Exception):
-    """The run started and could not finish (out of memory, NaN loss): printed as a paragraph, exit code 1."""
-
-
-def gpu_memory_state() -> tuple:
-    """(peak GiB allocated, GiB on the card, card name) for the out-of-memory message."""
-    import torch
-
-    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30,
-            torch.cuda.get_device_name())
-
-
-def out_of_memory_advice(cfg: Config, during: str, peak_gib: float, total_gib: float, device: str) -> str:
-    """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
-    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
-    if during == "training":
-        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
-                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
-                f"{max(cfg.max_seq_length // 2, 256)}"
-                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
-                + ("" if cfg.chunked_loss else ", --chunked-loss")
-                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
-                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
-                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
-    if during == "merging":
-        return head + ("Merging holds the whole model in bf16 (about 42 GB for gpt-oss-20b): run it on a card with "
-                       "more free memory, or on the CPU with CUDA_VISIBLE_DEVICES= in front of the command (it then "
-                       "needs about 45 GB of RAM).")
-    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
-            + (f", --batch_size {max(cfg.batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.batch_size > 1 else "")
-            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
-
-
-@contextlib.contextmanager
-def out_of_memory_is_a_message(cfg: Config, during: str):
-    """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
-    import torch
-
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
-
-
 def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
     """Move the finished files from staging into out, each by an atomic rename, `last` at the end: a directory
     holding adapter_config.json holds a complete adapter (PEFT and infer look for that file)."""
@@ -1252,24 +1248,18 @@ def render_model_card(summary: dict) -> str:
                 codes.append(Language.from_str(name).iso_code_639_1.name.lower())
             except ValueError:
                 pass
+    from huggingface_hub import ModelCardData
+
     base = cfg["model"]
     on_hub = lambda source: not Path(source).exists()  # the card's metadata and links name hub ids only
     repo = cfg["hub_model_id"] or "<this adapter's directory or repo id>"
     langs = ", ".join(summary.get("reasoning_languages", []))
-    yaml_list = lambda xs: "".join(f"\n- {x}" for x in xs) or " []"
     loss = lambda v: "n/a" if v is None else f"{v:.4f}"
+    metadata = ModelCardData(base_model=base if on_hub(base) else None, library_name="peft", license="apache-2.0",
+                             datasets=[cfg["dataset"]] if on_hub(cfg["dataset"]) and not cfg["synthetic_data"] else None,
+                             language=codes or None, tags=["gpt-oss", "lora", "sft", "trl", "multilingual-reasoning"])
     return f"""---
-{f"base_model: {base}" if on_hub(base) else f"# base model: local directory {base}"}
-library_name: peft
-license: apache-2.0
-datasets:{yaml_list([cfg["dataset"]] if on_hub(cfg["dataset"]) and not cfg["synthetic_data"] else [])}
-language:{yaml_list(codes)}
-tags:
-- gpt-oss
-- lora
-- sft
-- trl
-- multilingual-reasoning
+{"" if on_hub(base) else f"# base model: local directory {base}{chr(10)}"}{metadata.to_yaml()}
 ---
 
 # {Path(cfg["output_dir"]).name}
@@ -1348,36 +1338,27 @@ def optimizer_steps_per_run(cfg: Config, rows: int, world_size: int = 1) -> int:
     return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
 
 
-def run_train(cfg: Config):
-    import torch
-
-    on_cuda = torch.cuda.is_available()
-    check_output_dir(cfg)
+def training_chats(cfg: Config) -> list:
+    """The conversations to train on, every row checked before anything is loaded."""
     rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
-    chats = prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples)
-    config = load_model_config(cfg.model)
-    resolve_attention(cfg.attn_implementation, on_cuda)
-    n_params = count_parameters(config)
-    if not on_cuda and n_params > 1e9:
-        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
-                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
-    tokenizer = load_tokenizer(cfg.model)
-    examples, data_stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens)
-    if not examples:
-        raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
-    print(f"data: {data_stats['rows_used']} rows, {data_stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
-          f"{data_stats['tokens_per_epoch']:,} tokens per epoch ({data_stats['labelled_tokens_per_epoch']:,} with loss)")
+    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples)
 
+
+def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
+    """(tokenized dataset, statistics): token ids and labels, rows cut at --max_seq_length."""
     from datasets import Dataset
 
-    sampler = sampler_for(cfg, len(examples), world_size())
-    if sampler != cfg.sampler:
-        print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
-        cfg = replace(cfg, sampler=sampler)
-    if is_main_process():
-        claim_output_dir(Path(cfg.output_dir), "train", replace=not cfg.resume)
+    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens)
+    if not examples:
+        raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
+    print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
+          f"{stats['tokens_per_epoch']:,} tokens per epoch ({stats['labelled_tokens_per_epoch']:,} with loss)")
+    return Dataset.from_list(examples), stats
+
+
+def training_model(cfg: Config, config, on_cuda: bool):
+    """The model to train, placed (and under ZeRO-3 partitioned) as the strategy wants it."""
     strategy = distributed_strategy(cfg)
-    args = build_sft_config(cfg, on_cuda)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     if strategy.startswith("deepspeed"):
         import deepspeed
 
@@ -1390,73 +1371,112 @@ def run_train(cfg: Config):
         set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
     if cfg.packing:
         attach_document_masks(model)
-    meter = make_speed_meter(model)
-    out = Path(cfg.output_dir)
-    trainer = make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), args,
-                           callbacks=[meter, make_nonfinite_guard(cfg.output_dir)])
-    trainer.model.print_trainable_parameters()
-    print(f"processes: {world_size()}, strategy: {strategy}")
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    steps_per_run = optimizer_steps_per_run(cfg, len(examples), trainer.args.world_size)
-    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    return model
+
+
+def train(cfg: Config, trainer, meter, steps_per_run: int):
+    """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
+    end the progress bar first and become RunFailed."""
+    import torch
+
+    checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if checkpoint:
         print(f"resuming from {checkpoint}")
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
         print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
         raise RunFailed(out_of_memory_advice(cfg, "training", *gpu_memory_state())) from e
     except RunFailed:
-        for callback in trainer.callback_handler.callbacks:  # end the progress bar before the message, not after it
-            if getattr(callback, "training_bar", None) is not None:
-                callback.training_bar.close()
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
         raise
-    speed = meter.summary(steps_per_run)
 
-    staging = out / ".final.tmp"
-    trainer.save_model(str(staging))  # every rank takes part (sharded weights are gathered); rank 0 writes
-    if strategy.startswith("deepspeed"):
+
+def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
+    """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
+    folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
+    gathered); rank 0 writes the rest and returns the summary."""
+    import torch
+
+    out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
+    trainer.save_model(str(staging))
+    if distributed_strategy(cfg).startswith("deepspeed"):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
     if not is_main_process():
-        return trainer
+        return {}
     history = loss_history(trainer.state.log_history)
-    plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
+    speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
+             "attn_implementation": trainer.model.config._attn_implementation,
+             "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
+             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing", "use_4bit",
+                                                      "batch_size", "gradient_accumulation_steps", "max_seq_length")},
+             "rows": stats["rows_used"]}
     summary = {
         "config": asdict(cfg),
+        "sampler_used": sampler,
         "versions": library_versions(),
-        "device": torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
         "model_parameters": n_params,
         "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
-        "distributed": {"world_size": world_size(), "strategy": strategy},
+        "distributed": {"world_size": world_size(), "strategy": distributed_strategy(cfg)},
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "data": data_stats,
+        "data": stats,
         "train_loss_first": history[0][1] if history else None,
         "train_loss_last": history[-1][1] if history else None,
         "optimizer_steps": trainer.state.global_step,
-        "tokens_seen": int(trainer._total_train_tokens),  # TRL's count of real (non-pad) tokens trained on
+        "tokens_seen": next((int(e["num_tokens"]) for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0),
         "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
         "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
         "speed": speed,
     }
+    plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
     (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (staging / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
     (staging / "README.md").write_text(render_model_card(summary))
     publish(staging, out)
-    print(f"saved adapter, model card (README.md), run_summary.json and loss_curve.png to {out}/ "
+    return summary
+
+
+def run_train(cfg: Config):
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    check_output_dir(cfg)
+    chats = training_chats(cfg)
+    config = load_model_config(cfg.model)
+    resolve_attention(cfg.attn_implementation, on_cuda)
+    n_params = count_parameters(config)
+    if not on_cuda and n_params > 1e9:
+        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
+                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
+    tokenizer = load_tokenizer(cfg.model)
+    dataset, stats = training_dataset(cfg, tokenizer, chats)
+    sampler = sampler_for(cfg, len(dataset), world_size())
+    if sampler != cfg.sampler:
+        print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
+    if is_main_process():
+        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume)
+    args = build_sft_config(cfg, on_cuda, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
+    model = training_model(cfg, config, on_cuda)
+    meter = make_speed_meter(model)
+    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks=[meter, make_nonfinite_guard(cfg.output_dir)])
+    trainer.model.print_trainable_parameters()
+    print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg, trainer, meter, optimizer_steps_per_run(cfg, len(dataset), world_size()))
+    summary = save_run(cfg, trainer, result, meter, chats, stats, n_params, sampler)
+    if not is_main_process():
+        return trainer
+    print(f"saved adapter, model card (README.md), run_summary.json, speed.json and loss_curve.png to {cfg.output_dir}/ "
           f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
     if cfg.push_to_hub:
-        push_adapter(out, cfg.hub_model_id)
-    settings = {name: getattr(cfg, name) for name in ("packing", "sampler", "chunked_loss", "gradient_checkpointing",
-                                                      "use_4bit", "batch_size", "gradient_accumulation_steps",
-                                                      "max_seq_length")}
-    print(json.dumps({**speed, "attn_implementation": model.config._attn_implementation,
-                      "experts_implementation": model.config._experts_implementation, **settings,
-                      "rows": len(examples)}))
+        push_adapter(Path(cfg.output_dir), cfg.hub_model_id)
+    print(json.dumps(summary["speed"]))  # also in speed.json, which bench/benchmark.sh reads
     return trainer
-
-
 # -----------------------------------------------------------------------------
 # Infer
 
@@ -1489,29 +1509,24 @@ def split_channels(completion: str) -> dict:
     return {"analysis": "\n".join(analysis), "final": final, "complete": complete}
 
 
-def adapter_base(cfg: Config) -> str:
-    """The base model to load: --model when given, else the one the adapter names."""
-    if not cfg.adapter:
-        return cfg.model
-    adapter_config = Path(cfg.adapter) / "adapter_config.json"
-    if not adapter_config.is_file():
-        raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
-                         "pass the --output_dir of a train run")
-    if cfg.model != Config.model:
-        return cfg.model
-    return json.loads(adapter_config.read_text()).get("base_model_name_or_path") or cfg.model
+def adapter_base(adapter: str) -> str | None:
+    """The base model an adapter names (PEFT writes it into adapter_config.json); None when it cannot be read."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_for_inference(cfg: Config, dtype=None):
+    """The model (--model, with --adapter on top) and its tokenizer, in eval mode."""
     import torch
 
-    on_cuda = torch.cuda.is_available()
-    base = adapter_base(cfg)
-    cfg = Config(**{**asdict(cfg), "model": base})
-    config = load_model_config(base)
+    if cfg.demo:
+        ensure_demo_adapter(cfg)
+    config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer_config.json").exists()
-                               else base)
-    model = load_model(cfg, config, on_cuda, training=False, dtype=dtype)
+                               else cfg.model)
+    model = load_model(cfg, config, torch.cuda.is_available(), training=False, dtype=dtype)
     if cfg.adapter:
         from peft import PeftModel
 
@@ -1561,7 +1576,7 @@ def read_prompt(cfg: Config) -> str:
 def run_infer(cfg: Config) -> dict:
     prompt = read_prompt(cfg)
     model, tokenizer = load_for_inference(cfg)
-    chat = build_chat(prompt, cfg.reasoning_language, cfg.answer_language)
+    chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
     ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed)[0]
     completion = tokenizer.decode(ids, skip_special_tokens=False)
     result = {"reasoning_language": cfg.reasoning_language, **split_channels(completion), "tokens": len(ids)}
@@ -1831,38 +1846,33 @@ def generate_eval_outputs(cfg: Config, plan: list):
     for label, adapter_state in runs:
         with adapter_state:
             outputs = generate(model, tokenizer, chats, cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature,
-                               cfg.seed, progress=f"{label} model", batch_size=cfg.batch_size)
+                               cfg.seed, progress=f"{label} model", batch_size=cfg.eval_batch_size)
         for p, ids in zip(plan, outputs):
             items.append({"model": label, **p, **split_channels(tokenizer.decode(ids, skip_special_tokens=False)),
                           "tokens": len(ids)})
     return items, tokenizer
 
 
-def prepare_eval(cfg: Config) -> list:
-    """Everything eval can check before loading a model: the output directory, the languages, the input files.
-    Returns the outputs to score (--score-file) or the prompts to generate."""
-    check_output_dir(cfg)
-    if cfg.score_file:
-        return read_score_file(cfg.score_file)
+def eval_plan_of(cfg: Config) -> list:
+    """The prompts to generate: the questions, languages and rotation the flags ask for."""
     languages = [canonical_language(x, "--reasoning-languages") for x in cfg.reasoning_languages or EVAL_REASONING_LANGUAGES]
-    answer_languages = ([canonical_language(x, "--answer-language") for x in _split_list(cfg.answer_language)]
-                        if cfg.answer_language else [None])
+    answer_languages = [canonical_language(x, "--answer-language") for x in cfg.answer_languages or []] or [None]
     questions = read_eval_questions(cfg.eval_file)
     question_languages = cfg.question_languages or list(questions[0]["question"])
-    plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.limit, cfg.full_grid)
-    print(f"eval: {len(plan)} prompts per model ({min(cfg.limit or len(questions), len(questions))} questions x "
+    plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.max_samples, cfg.full_grid)
+    print(f"eval: {len(plan)} prompts per model ({min(cfg.max_samples or len(questions), len(questions))} questions x "
           f"{len(languages)} reasoning languages), questions in {', '.join(question_languages)}")
     return plan
 
 
-def run_eval(cfg: Config, prepared: list | None = None) -> dict:
-    prepared = prepared or prepare_eval(cfg)
+def run_eval(cfg: Config) -> dict:
+    check_output_dir(cfg)
     if cfg.score_file:
-        items = prepared
+        items = read_score_file(cfg.score_file)
         needs_tokens = any(not isinstance(i.get("reasoning_tokens"), int) for i in items)
         tokenizer = load_tokenizer(cfg.model) if needs_tokens else None
     else:
-        items, tokenizer = generate_eval_outputs(cfg, prepared)
+        items, tokenizer = generate_eval_outputs(cfg, eval_plan_of(cfg))
     for item in items:
         if not isinstance(item.get("reasoning_tokens"), int):
             item["reasoning_tokens"] = len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
@@ -1871,7 +1881,7 @@ def run_eval(cfg: Config, prepared: list | None = None) -> dict:
     rows = summarize_scores(items)
     table = summary_table(rows)
     out = Path(cfg.output_dir)
-    claim_output_dir(out, "eval", replace=False)  # each report file is replaced by an atomic write
+    claim_output_dir(out, "eval", replace_own=False)  # each report file is replaced by an atomic write
     write_atomically(out / "eval_results.json", json.dumps({"config": asdict(cfg), "summary": rows, "items": items},
                                                            indent=2, ensure_ascii=False) + "\n")
     write_atomically(out / "eval_summary.md", table + "\n")
@@ -1943,10 +1953,10 @@ def run_merge(cfg: Config) -> dict:
     eos = merged.generation_config.eos_token_id
     merged.generation_config.eos_token_id = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *stops]))
     with staged_directory(out) as staging:  # out is empty, or holds an earlier merge that --overwrite replaces
-        claim_output_dir(staging, "merge", replace=False)
+        claim_output_dir(staging, "merge", replace_own=False)
         merged.save_pretrained(staging, max_shard_size="5GB")
         tokenizer.save_pretrained(staging)
-        (staging / "merge_check.json").write_text(json.dumps({**check, "base": adapter_base(cfg),
+        (staging / "merge_check.json").write_text(json.dumps({**check, "base": cfg.model,
                                                               "adapter": cfg.adapter, "dtype": "bfloat16"},
                                                              indent=2) + "\n")
     print(f"wrote the merged model to {out}/ (safetensors, config, generation config, tokenizer)")
@@ -1954,10 +1964,15 @@ def run_merge(cfg: Config) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# The offline demo: a tiny random gpt-oss with a small tokenizer that has the harmony tokens and the real template
+# The offline demo: a tiny random gpt-oss with a small tokenizer that has the harmony tokens and the real template,
+# and the same model written as gpt-oss ships (experts in MXFP4) for --demo --use_4bit
 
 HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
                           "<|start|>", "<|end|>", "<|message|>", "<|call|>", "<|endofprompt|>"]
+
+
+def demo_model_dir(use_4bit: bool = False) -> Path:
+    return DEMO_CACHE / ("tiny-gpt-oss-mxfp4" if use_4bit else "tiny-gpt-oss")
 
 
 def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
@@ -2016,42 +2031,97 @@ def pretrain_demo_model(model, tokenizer, steps: int = 60):
     model.eval()
 
 
-def run_demo(cfg: Config):
-    cfg.model = str(build_demo_model())
-    if cfg.use_4bit:  # the demo model as gpt-oss ships: experts in MXFP4
-        cfg.model = str(write_mxfp4_checkpoint(Path(cfg.model), DEMO_CACHE / "tiny-gpt-oss-mxfp4"))
-    if cfg.mode in ("eval", "merge"):
-        prepared = prepare_eval(cfg) if cfg.mode == "eval" else check_output_dir(cfg)
-        if cfg.adapter is None and not cfg.score_file:  # the demo's adapter, trained first when there is none yet
-            if not (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").exists():
-                run_train(Config(**{**asdict(cfg), **DEMO_DEFAULTS, "mode": "train", "model": cfg.model,
-                                    "batch_size": Config.batch_size}))
-                print()
-            cfg.adapter = DEMO_OUTPUT_DIR
-        run_eval(cfg, prepared) if cfg.mode == "eval" else run_merge(cfg)
-        return
-    if cfg.mode == "train":
-        run_train(cfg)
-        if not is_main_process():
-            return
+def quantize_to_mxfp4(weight):
+    """(blocks, scales) of a [experts, in, out] weight in the checkpoint's layout: the nearest e2m1 value of each
+    entry after dividing its block of 32 by the smallest power of two that fits the block's largest into +-6.
+    Written by hand because transformers' quantizer needs triton kernels from the Hub; used to build test and demo
+    checkpoints only."""
+    import torch
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    rows = weight.transpose(1, 2).float()  # [experts, out, in]: the checkpoint stores rows of the transposed weight
+    groups = rows.reshape(*rows.shape[:-1], rows.shape[-1] // 32, 32)
+    largest = groups.abs().amax(-1, keepdim=True).clamp(min=2.0**-126)
+    exponent = torch.ceil(torch.log2(largest / 6.0)).clamp(-127, 127)
+    values = torch.tensor(FP4_VALUES)
+    codes = ((groups / torch.exp2(exponent)).unsqueeze(-1) - values).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exponent.squeeze(-1) + 127).to(torch.uint8)
+
+
+def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
+    """Copy a bf16/fp32 gpt-oss checkpoint with its experts quantized to MXFP4, as the hub checkpoint ships them."""
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    state = load_file(str(source / SAFE_WEIGHTS_NAME))
+    out = {}
+    for key, tensor in state.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in MXFP4_TENSORS:
+            out[f"{key}_blocks"], out[f"{key}_scales"] = quantize_to_mxfp4(tensor)
+        else:
+            out[key] = tensor.to(torch.bfloat16)
+    config = AutoConfig.from_pretrained(source)
+    config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with staged_directory(target) as staging:
+        save_file(out, str(staging / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(source).save_pretrained(staging)
+    return target
+
+
+def ensure_demo_model(cfg: Config):
+    """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit)."""
+    tiny = build_demo_model()
+    if cfg.model == str(demo_model_dir(use_4bit=True)):
+        write_mxfp4_checkpoint(tiny, demo_model_dir(use_4bit=True))
+
+
+def ensure_demo_adapter(cfg: Config):
+    """The demo's adapter for infer, eval and merge: trained first, into demo_output, when there is none yet."""
+    if cfg.adapter == DEMO_OUTPUT_DIR and not (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").is_file():
+        run_train(replace(cfg, mode="train", output_dir=DEMO_OUTPUT_DIR, adapter=None, compare_base=False))  # same settings
         print()
-        cfg.adapter = cfg.output_dir
-    elif cfg.adapter is None and (Path(cfg.output_dir) / "adapter_config.json").exists():
-        cfg.adapter = cfg.output_dir
-    print(f"> {cfg.prompt}  [reasoning language: {cfg.reasoning_language}]")
-    run_infer(cfg)
+
+
+def demo_answer(cfg: Config):
+    """After the demo's training: its adapter answers the demo's question."""
+    print(f"\n> {cfg.prompt}  [reasoning language: {cfg.reasoning_language}]")
+    run_infer(replace(cfg, mode="infer", adapter=cfg.output_dir))  # the run's own settings, asking its adapter
     print("\n(The demo model is tiny and random: its words are noise. The point is that every step ran.)")
 
 
 # -----------------------------------------------------------------------------
+# The modes, and main: parse, derive, validate, then print the settings or run
+
+
+@dataclass(frozen=True)
+class Mode:
+    run: object  # the function that runs it
+    during: str  # what the out-of-memory message calls it
+    defaults: dict = field(default_factory=dict)  # settings that differ in this mode (the demo's come on top)
+
+
+MODES = {
+    "train": Mode(run_train, "training"),
+    "infer": Mode(run_infer, "inference"),
+    # greedy (repeatable), with room for the reasoning before the answer
+    "eval": Mode(run_eval, "evaluation", dict(temperature=0.0, max_new_tokens=1024)),
+    "merge": Mode(run_merge, "merging"),
+}
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        cfg = resolve_config(args)
-        if args.print_config:
-            print(json.dumps({**asdict(cfg), "runtime": describe_runtime(cfg)}, indent=2))
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(render_config(cfg))
             return 0
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
@@ -2059,10 +2129,11 @@ def main(argv=None) -> int:
                 return 0  # inference, eval and merge run on rank 0 alone
         if cfg.demo:
             os.environ["HF_HUB_OFFLINE"] = "1"
-        run = run_demo if cfg.demo else {"train": run_train, "infer": run_infer, "eval": run_eval, "merge": run_merge}[cfg.mode]
-        during = {"train": "training", "infer": "inference", "eval": "evaluation", "merge": "merging"}[cfg.mode]
-        with out_of_memory_is_a_message(cfg, during):
-            run(cfg)
+            ensure_demo_model(cfg)
+        with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
+            MODES[cfg.mode].run(cfg)
+            if cfg.demo and cfg.mode == "train" and is_main_process():
+                demo_answer(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@
 #
 #   bench/benchmark.sh [MODEL] [OUT_DIR]      # MODEL: hub id or local dir with config.json + tokenizer
 #
-# Each run is its own process (clean GPU memory) and prints the script's JSON summary line; the table goes to
+# Each run is its own process (clean GPU memory) and writes speed.json into its output folder; the table goes to
 # OUT_DIR/results.md. STEPS (default 6) optimizer steps per run, the first 2 are warm-up and not timed;
 # RUN_TIMEOUT (seconds, default 600) bounds each run.
 set -uo pipefail
@@ -34,11 +34,12 @@ flags_for() {
 
 for name in $RUNS; do
   echo "== $name: $(flags_for "$name")"
+  rm -f "${RUN_DIR:-$OUT/runs}/$name/speed.json"  # a failed run must not report the last one's numbers
   timeout "${RUN_TIMEOUT:-600}" ${PYTHON:-python} gpt_oss_20b_sft.py --mode train --model "$MODEL" --random-init --synthetic-data 1000 --max-steps "$STEPS" \
     --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" $(flags_for "$name") > "$OUT/$name.log" 2>&1
   echo "exit code $?"
-  line=$(grep -E '^\{.*"tokens_per_second"' "$OUT/$name.log" | tail -1)
-  [ -n "$line" ] || line='{"error": "no summary line, see the log"}'
+  line=$(tr -d '\n' < "${RUN_DIR:-$OUT/runs}/$name/speed.json" 2>/dev/null)
+  [ -n "$line" ] || line='{"error": "no speed.json, see the log"}'
   echo "$line"
   printf '{"run": "%s", "flags": "%s", "summary": %s}\n' "$name" "$(flags_for "$name")" "$line" >> "$OUT/results.jsonl"
 done

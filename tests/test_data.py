@@ -5,8 +5,7 @@ import json
 import pytest
 
 import gpt_oss_20b_sft as sft
-from conftest import ROOT
-from test_config import run_cli
+from conftest import assert_usage_error, run_cli, write_jsonl
 
 FLAT = {"reasoning_language": "French", "developer": "You are terse.", "user": "2+2?", "analysis": "Deux plus deux.",
         "final": "4"}
@@ -14,11 +13,6 @@ HUB_STYLE = {"messages": [
     {"role": "system", "content": "reasoning language: German\n\nYou are terse.", "thinking": None},
     {"role": "user", "content": "3+3?", "thinking": None},
     {"role": "assistant", "content": "6", "thinking": "Drei plus drei."}]}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def test_flat_columns_become_the_datasets_messages():
@@ -103,20 +97,14 @@ def test_cli_schema_errors(tmp_path, rows, needle):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     out = run_cli("--dataset", data, "--model", str(tmp_path / "unused"), "--output_dir", str(tmp_path / "out"),
                   cwd=tmp_path)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+    assert_usage_error(out, needle)
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_missing_and_empty_dataset(tmp_path):
     out = run_cli("--dataset", "missing/data.jsonl", "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert out.returncode == 2
-    assert out.stderr == ("error: dataset file missing/data.jsonl does not exist; give an existing "
-                          ".jsonl/.json/.parquet file or a hub dataset id\n")
+    assert_usage_error(out, "dataset file missing/data.jsonl does not exist")
     (tmp_path / "empty.jsonl").write_text("")
     out = run_cli("--dataset", "empty.jsonl", "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert out.returncode == 2 and "is empty" in out.stderr and out.stderr.count("\n") == 1
+    assert_usage_error(out, "is empty")
     assert not (tmp_path / "out").exists()
-
-
-def test_readme_mentions_the_sample_is_a_stand_in():
-    assert "stand-in" in (ROOT / "README.md").read_text()

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import ROOT, SHARED
-from test_config import resolve, run_cli
+from conftest import ROOT, SHARED, resolve, run_cli
 
 GERMAN = "Der Nutzer fragt, wie viel sieben mal acht ist. Sieben mal acht ergibt sechsundfünfzig."
 ENGLISH = "The user asks for the capital of Australia. Many people think of Sydney, but the capital is Canberra."
@@ -118,9 +117,12 @@ def test_eval_plan_rotates_languages_and_keeps_the_questions_per_reasoning_langu
         sft.eval_plan(questions, ["German"], ["Korean"], [None])
 
 
-def test_eval_defaults():
-    cfg = resolve("--mode", "eval", "--adapter", "runs/a")
-    assert (cfg.temperature, cfg.max_new_tokens, cfg.batch_size, cfg.output_dir) == (0.0, 1024, 32, "runs/a/eval")
+def test_eval_defaults(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"base_model_name_or_path": "some/base"}')
+    cfg = resolve("--mode", "eval", "--adapter", str(tmp_path / "a"))
+    assert (cfg.temperature, cfg.max_new_tokens, cfg.eval_batch_size) == (0.0, 1024, 32)
+    assert (cfg.output_dir, cfg.model) == (str(tmp_path / "a" / "eval"), "some/base")  # next to it; its base
     cfg = resolve("--mode", "eval", "--demo")
     assert cfg.compare_base and cfg.output_dir == "demo_output/eval" and cfg.max_new_tokens == 48
     assert resolve("--mode", "eval", "--temperature", "0.7").temperature == 0.7  # sampling by flag
@@ -151,6 +153,7 @@ SCORE_LINES = [
 ]
 
 
+@pytest.mark.slow
 def test_score_file_gives_the_expected_numbers(tmp_path):
     scored = tmp_path / "outputs.jsonl"
     scored.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in SCORE_LINES))
@@ -205,7 +208,7 @@ def test_bad_score_files_are_one_line_exit_2(tmp_path, lines, argv, needle):
     (["--mode", "eval", "--compare-base"], "--compare-base needs --adapter"),
     (["--mode", "train", "--score-file", "x.jsonl"], "--score-file and --compare-base belong to --mode eval"),
     (["--mode", "eval", "--score-file", "missing.jsonl"], "--score-file missing.jsonl does not exist"),
-    (["--mode", "eval", "--limit", "0"], "--limit must be a positive integer"),
+    (["--mode", "eval", "--limit", "0"], "--max_samples (--limit) must be a positive integer, got 0"),
 ])
 def test_bad_eval_flags_are_one_line_exit_2(tmp_path, argv, needle):
     result = run_cli(*argv, cwd=tmp_path)
@@ -214,6 +217,7 @@ def test_bad_eval_flags_are_one_line_exit_2(tmp_path, argv, needle):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_eval_demo_end_to_end(tmp_path):
     result = run_cli("--mode", "eval", "--demo", "--limit", "4", "--report_to", "none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT
-from test_config import resolve
+from conftest import SCRIPT, resolve
 
 # SGD: the step moves the adapter by the gradient itself, so any gradient difference shows. Adam's first step is
 # about lr x sign(gradient): it would hide a gradient off by a factor and blow float noise in near-zero entries up.
@@ -74,6 +73,7 @@ def adapter_logits(demo_model, adapter):
     ("deepspeed", [], "deepspeed-zero3"),  # the launcher's --local_rank picks ZeRO-3
     ("accelerate", [], "ddp"),
 ], ids=["ddp", "fsdp2", "zero3", "deepspeed-launcher", "accelerate-launch"])
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, single, demo_model, launcher, extra, strategy):
     out = tmp_path / "run"
     result = launch(launcher, out, *extra)

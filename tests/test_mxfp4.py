@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SHARED
-from test_config import resolve, run_cli
+from conftest import SHARED, resolve, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +81,7 @@ def test_logits_loss_and_lora_gradients_equal_the_dequantized_path(mxfp4_model, 
         assert torch.equal(grads_a[name], grads_b[name]), name
 
 
+@pytest.mark.slow
 def test_training_through_the_4bit_path_lowers_the_loss(mxfp4_model, tmp_path):
     out = tmp_path / "adapter"
     trainer = sft.run_train(resolve("--demo", "--use_4bit", "--model", str(mxfp4_model), "--output_dir", str(out),

@@ -6,12 +6,7 @@ import shutil
 import pytest
 
 import gpt_oss_20b_sft as sft
-from test_config import run_cli
-
-
-def snapshot(folder):
-    """Every file under folder with its bytes: what 'nothing was touched' compares."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from conftest import assert_usage_error, run_cli, snapshot
 
 
 @pytest.fixture
@@ -24,13 +19,6 @@ def users_folder(tmp_path):
     return tmp_path
 
 
-def assert_refused(result, needle):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-
-
 @pytest.mark.parametrize("output_dir, needle", [
     (".", "--output_dir . is the folder you are in"),
     ("src", "--output_dir src holds files this tool did not write (code.py)"),
@@ -40,7 +28,7 @@ def test_overwrite_never_touches_a_users_folder(users_folder, output_dir, needle
     before = snapshot(users_folder)
     result = run_cli("--demo", "--dataset", "mydata.jsonl", "--max-steps", "1", "--output_dir", output_dir,
                      "--overwrite", cwd=users_folder)
-    assert_refused(result, needle)
+    assert_usage_error(result, needle)
     assert snapshot(users_folder) == before
 
 
@@ -49,14 +37,14 @@ def test_the_folder_holding_the_dataset_is_refused(users_folder):
     shutil.move(users_folder / "mydata.jsonl", users_folder / "data" / "mydata.jsonl")
     before = snapshot(users_folder)
     result = run_cli("--demo", "--dataset", "data/mydata.jsonl", "--output_dir", "data", "--overwrite", cwd=users_folder)
-    assert_refused(result, "--output_dir data holds the dataset")
+    assert_usage_error(result, "--output_dir data holds the dataset")
     assert snapshot(users_folder) == before
 
 
 def test_merge_into_the_current_folder_is_refused_before_loading(users_folder):
     before = snapshot(users_folder)
     result = run_cli("--mode", "merge", "--demo", "--output", ".", "--overwrite", cwd=users_folder)
-    assert_refused(result, "--output_dir . is the folder you are in")
+    assert_usage_error(result, "--output_dir . is the folder you are in")
     assert snapshot(users_folder) == before
 
 
@@ -64,10 +52,11 @@ def test_a_foreign_file_in_the_demo_output_survives(tmp_path):
     (tmp_path / "demo_output").mkdir()
     (tmp_path / "demo_output" / "mystuff.txt").write_text("not the tool's")
     result = run_cli("--demo", "--report_to", "none", cwd=tmp_path)
-    assert_refused(result, "--output_dir demo_output holds files this tool did not write (mystuff.txt)")
+    assert_usage_error(result, "--output_dir demo_output holds files this tool did not write (mystuff.txt)")
     assert [p.name for p in (tmp_path / "demo_output").iterdir()] == ["mystuff.txt"]
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_the_runs_own_outputs_and_keeps_the_eval_report(tmp_path):
     """An eval report inside the adapter folder is another output of the tool: a later demo run leaves it alone,
     replacing only the adapter, checkpoints and summaries it wrote before."""
@@ -86,6 +75,7 @@ def test_overwrite_replaces_only_the_runs_own_outputs_and_keeps_the_eval_report(
     assert json.loads((out / sft.OWNER_FILE).read_text())["mode"] == "train"
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_run_folder_with_a_users_file_and_deletes_nothing(tmp_path):
     out = tmp_path / "run"
     result = run_cli("--demo", "--report_to", "none", "--max-steps", "1", "--output_dir", str(out), cwd=tmp_path)
@@ -94,7 +84,7 @@ def test_overwrite_refuses_a_run_folder_with_a_users_file_and_deletes_nothing(tm
     before = snapshot(tmp_path)
     result = run_cli("--demo", "--report_to", "none", "--max-steps", "1", "--output_dir", str(out), "--overwrite",
                      cwd=tmp_path)
-    assert_refused(result, f"--output_dir {out} holds files this tool did not write (notes.md)")
+    assert_usage_error(result, f"--output_dir {out} holds files this tool did not write (notes.md)")
     assert snapshot(tmp_path) == before
     result = run_cli("--mode", "train", "--demo", "--output_dir", str(tmp_path / "other"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]  # a fresh folder beside it is fine
@@ -109,5 +99,5 @@ def test_a_non_demo_run_needs_overwrite_to_replace_its_earlier_outputs(tmp_path)
     (out / sft.OWNER_FILE).write_text(json.dumps({"mode": "train"}))
     (out / "adapter_config.json").write_text("{}")
     result = run_cli("--output_dir", str(out), "--dataset", "nope.jsonl", cwd=tmp_path)
-    assert_refused(result, f"--output_dir {out} holds an earlier train run's outputs; pass --overwrite to replace "
+    assert_usage_error(result, f"--output_dir {out} holds an earlier train run's outputs; pass --overwrite to replace "
                            "them or --resume to continue")

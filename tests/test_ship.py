@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, TRACKIO_DIR
-from test_config import resolve, run_cli
+from conftest import SCRIPT, TRACKIO_DIR, resolve, run_cli
 
 
 def merged_in_memory(demo_model, adapter):
@@ -67,6 +66,7 @@ def test_merge_check_fails_when_the_adapter_is_lost():
     assert not lost["passed"] and lost["relative_error"] > 0.3 and lost["adapter_kept"] == 0.0
 
 
+@pytest.mark.slow
 def test_merge_demo_command(tmp_path):
     result = run_cli("--mode", "merge", "--demo", "--report_to", "none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -92,6 +92,7 @@ def demo_train(out, *extra, **popen):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     reference = demo_train(tmp_path / "reference")
     victim = demo_train(tmp_path / "victim", start_new_session=True)
@@ -129,6 +130,7 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
     assert sft.latest_checkpoint(tmp_path / "checkpoint-6") is None
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_at_once_and_keeps_the_good_checkpoints(tmp_path):
     out = tmp_path / "run"
     result = run_cli("--mode", "train", "--demo", "--report_to", "none", "--learning_rate", "1e30",
@@ -157,7 +159,7 @@ def test_publish_moves_adapter_config_last(tmp_path, monkeypatch):
 
 
 HUB_SUMMARY = {
-    "config": {**sft.asdict(sft.Config()), "target_modules": ["q_proj", "v_proj"], "target_parameters": [],
+    "config": {**sft.asdict(resolve()), "target_modules": ["q_proj", "v_proj"], "target_parameters": [],
                "hub_model_id": "you/gpt-oss-20b-multilingual-reasoner"},
     "versions": {"python": "3.11.7", "torch": "2.11.0", "trl": "1.16.0"},
     "device": "NVIDIA H100 80GB HBM3", "model_parameters": 20_914_757_184,
@@ -183,6 +185,7 @@ def test_model_card_renders_offline():
         assert line in card, line
 
 
+@pytest.mark.slow
 def test_training_writes_the_model_card_and_never_the_hub_token(tmp_path):
     secret = "hf_NotARealTokenButSecret0123456789"
     env = {**os.environ, "HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret}
@@ -207,9 +210,9 @@ def test_out_of_memory_advice_names_the_flags_for_each_mode():
     assert train.startswith("CUDA ran out of memory during training (peak 79.1 GiB allocated of 79.2 GiB on NVIDIA H100")
     assert "--batch_size 4 --gradient_accumulation_steps 4 (same effective batch), --max_seq_length 1024" in train
     evaluation = sft.out_of_memory_advice(resolve("--mode", "eval"), "evaluation", 70.0, 79.2, "H100")
-    assert "--max_new_tokens 512, --batch_size 16, --use_4bit (the weights take 14 GB instead of 42 GB" in evaluation
+    assert "--max_new_tokens 512, --eval_batch_size 16, --use_4bit (the weights take 14 GB instead of 42 GB" in evaluation
     assert "--use_4bit" not in sft.out_of_memory_advice(resolve("--mode", "eval", "--use_4bit"), "evaluation", 1, 2, "x")
-    assert "whole model in bf16 (about 42 GB for gpt-oss-20b)" in sft.out_of_memory_advice(resolve("--mode", "merge", "--adapter", "a"), "merging",
+    assert "whole model in bf16 (about 42 GB for gpt-oss-20b)" in sft.out_of_memory_advice(resolve("--mode", "merge", "--demo"), "merging",
                                                             70.0, 79.2, "H100")
 
 
@@ -217,7 +220,7 @@ def test_out_of_memory_becomes_one_paragraph_exit_1(monkeypatch, capsys):
     def run_out_of_memory(cfg):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
 
-    monkeypatch.setattr(sft, "run_infer", run_out_of_memory)  # stands in for the GPU, not for the code under test
+    monkeypatch.setitem(sft.MODES, "infer", sft.Mode(run_out_of_memory, "inference"))  # stands in for the GPU
     monkeypatch.setattr(sft, "gpu_memory_state", lambda: (77.5, 79.2, "NVIDIA H100 80GB HBM3"))
     assert sft.main(["--mode", "infer", "--prompt", "hi"]) == 1
     err = capsys.readouterr().err.strip()

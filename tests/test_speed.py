@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from test_config import resolve, run_cli
+from conftest import resolve, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,7 @@ def test_packed_rows_see_only_themselves(tiny):
     assert_packed_rows_see_only_themselves(model, examples)
 
 
+@pytest.mark.slow
 def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model):
     """The mask the GPU default uses: the hook hands flex_attention a BlockMask. On CPU torch compiles flex for
     inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out; they
@@ -141,12 +142,14 @@ def test_synthetic_rows_follow_the_profile(real_tokenizer):
     assert 780 < capped["tokens_per_epoch"] / capped["rows_used"] < 920  # measured on the real data: 852
 
 
+@pytest.mark.slow
 def test_preflight_prints_the_json_summary_line(tmp_path):
     out = run_cli("--demo", "--random-init", "--max-steps", "2", "--synthetic-data", "16", "--report_to", "none",
                   "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("{") and "tokens_per_second" in l)
     summary = json.loads(line)
+    assert json.loads((tmp_path / "out" / "speed.json").read_text()) == summary  # what bench/benchmark.sh reads
     for key in ("tokens_per_second", "padded_tokens_per_second", "step_seconds", "projected_run_minutes", "gpu",
                 "peak_memory_gib"):
         assert key in summary
@@ -196,6 +199,7 @@ def test_samplers_split_a_step_differently_but_give_its_gradient(tiny, demo_mode
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_batch_rebalance_trains_on_the_same_rows_per_step_as_random(demo_model, tmp_path):
     """The default sampler keeps the seed's maths: for any --seed, each optimizer step gets the rows the random
     sampler gives it (so the same per-step losses, over 3 epochs), split into micro-batches with less padding."""
@@ -236,11 +240,11 @@ def test_speed_summary_before_any_step_is_valid_json(tiny):
 
 
 def test_baseline_flags_combine(tmp_path):
-    cfg = json.loads(run_cli("--print-config", "--attn-implementation", "eager", "--no-packing",
+    cfg = json.loads(run_cli("--print-config", "--json", "--attn-implementation", "eager", "--no-packing",
                              "--no-chunked-loss").stdout)
     assert (cfg["attn_implementation"], cfg["packing"], cfg["chunked_loss"]) == ("eager", False, False)
     assert cfg["runtime"]["packing"] is False
-    assert json.loads(run_cli("--print-config").stdout)["runtime"]["packing"] is False  # off by default
+    assert json.loads(run_cli("--print-config", "--json").stdout)["runtime"]["packing"] is False  # off by default
     assert resolve("--sampler", "random").sampler == "random"
     out = run_cli("--print-config", "--sampler", "sorted")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--sampler: invalid choice: 'sorted'" in out.stderr

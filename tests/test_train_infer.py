@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SHARED, TRACKIO_DIR
-from test_config import resolve, run_cli
+from conftest import SHARED, TRACKIO_DIR, resolve, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +80,7 @@ def test_training_lowers_the_loss_on_the_whole_dataset(trained, demo_model):
     assert after < before - 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_infer_json_with_the_adapter(trained):
     out, _, _ = trained
     result = run_cli("--mode", "infer", "--adapter", str(out), "--prompt", "What is 15% of 240?",
@@ -115,6 +115,7 @@ def test_expert_lora_through_target_parameters(tmp_path, demo_model):
     assert trainer.state.global_step == 1
 
 
+@pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path):
     result = run_cli("--demo", "--report_to", "none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
