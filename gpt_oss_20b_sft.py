@@ -17,10 +17,12 @@ demo, and last the table of modes that main() runs.
 import argparse
 import contextlib
 import copy
+import csv
 import difflib
 import fnmatch
 import functools
 import importlib.util
+import io
 import json
 import math
 import os
@@ -61,6 +63,10 @@ class RunFailed(Exception):
     """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -74,6 +80,20 @@ def write_atomically(path: Path, data: str | bytes):
     staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
     staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     os.replace(staging, path)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file the user gave, as UTF-8 (a byte-order mark is skipped); every failure is one line naming it."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8, "
+                         "e.g. iconv -f latin1 -t utf-8") from None
 
 
 @contextlib.contextmanager
@@ -151,6 +171,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
 
 
+def trained_steps(out: Path) -> int:
+    """Optimizer steps behind the newest complete checkpoint (0 without one)."""
+    last = latest_checkpoint(out)
+    return json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
+
+
 def check_output_dir(cfg):
     """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
     files. The tool replaces only what it wrote earlier (OWN_OUTPUTS, in a folder carrying its OWNER_FILE)."""
@@ -161,6 +187,9 @@ def check_output_dir(cfg):
                          f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
+    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
     own, foreign = sort_outputs(out, cfg.mode) if out.is_dir() else ([], [])
     if foreign:
         names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -224,25 +253,43 @@ def out_of_memory_is_a_message(cfg, during: str):
         raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
 
 
-def ensure_hub_reachable(repo_id: str):
-    """Fail in one line, in seconds, when a hub id is needed and the Hub cannot be reached.
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
-    Without HF_HUB_OFFLINE the libraries retry for ~30 s before failing; with it set they use the local cache only,
-    which is what we fall back to here so a cached model still works offline.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
-    except OSError:
+
+def hub_repos(cfg) -> list:
+    """The Hub repos this run reads or writes; local paths (and the demo's files) need no Hub."""
+    needed = [cfg.model] if cfg.model and not Path(cfg.model).expanduser().exists() else []
+    if cfg.mode == "train" and not cfg.synthetic_data and not Path(cfg.dataset).expanduser().exists():
+        needed.append(cfg.dataset)
+    return needed + ([cfg.hub_model_id] if cfg.push_to_hub else [])
+
+
+def decide_offline(cfg):
+    """Once, at start-up, before any Hugging Face library is imported (huggingface_hub reads HF_HUB_OFFLINE when
+    imported): when the Hub cannot be reached, go offline, so loading uses the local cache instead of retrying for
+    half a minute. --push_to_hub is checked here too, not after the training it would follow."""
+    if cfg.demo:
         os.environ["HF_HUB_OFFLINE"] = "1"
-        print(f"note: the Hugging Face Hub ({host}) is unreachable; using the local cache for {repo_id}",
-              file=sys.stderr)
+    needed = hub_repos(cfg)
+    if needed and not hub_offline():
+        host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+        try:
+            socket.create_connection((host.split(":")[0], int((host.split(":") + ["443"])[1])), timeout=3).close()
+        except (OSError, ValueError):
+            os.environ["HF_HUB_OFFLINE"] = "1"
+    if cfg.push_to_hub:
+        if hub_offline():
+            raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if needed else 'offline'} "
+                             "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
 
 def _hub_error(source: str, error: Exception) -> UsageError:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
                           "offline; connect to the Hub once or pass a local directory")
     return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
@@ -308,6 +355,8 @@ class Config:
     warmup_ratio: float = setting(0.1, "share of the steps spent warming up", check="fraction")
     num_train_epochs: float = setting(3.0, "passes over the data", check="above_zero")
     max_steps: int | None = setting(None, "stop after N optimizer steps", check="positive")
+    eval_split: float | None = setting(None, "hold out this fraction of the rows for an evaluation loss after each "
+                                             "epoch", check="fraction")
     optim: str = setting("adamw_torch_fused", "optimizer, one of transformers' names")
     weight_decay: float = setting(0.01, "weight decay", check="not_negative")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass to save memory")
@@ -321,7 +370,8 @@ class Config:
     logging_steps: int = setting(1, "log every N optimizer steps", check="positive")
     save_steps: int = setting(50, "checkpoint every N optimizer steps", check="positive")
     save_total_limit: int = setting(2, "checkpoints kept", check="positive")
-    report_to: Literal["trackio", "none"] = setting("trackio", "experiment tracking (trackio logs stay local)")
+    report_to: Literal["trackio", "wandb", "tensorboard", "none"] = setting(
+        "trackio", "experiment tracking (trackio logs stay local)")
     trackio_project: str = setting("gpt-oss-20b-sft", "trackio project")
     run_name: str | None = setting(None, "run name in the tracker (default: the output folder's name and the time)")
     push_to_hub: bool = setting(False, "upload the adapter to the Hub after training")
@@ -452,9 +502,7 @@ def read_recipe(path: str) -> dict:
     import yaml
 
     try:
-        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"--config {path}: {e.strerror.lower() if e.strerror else e}") from None
+        recipe = yaml.safe_load(read_text_file(path, "--config"))
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(recipe, dict):
@@ -540,6 +588,10 @@ def validate(cfg: Config) -> Config:
     if cfg.use_4bit and cfg.mode == "merge":
         raise UsageError("merge writes the base in bf16 with the adapter folded in; drop --use_4bit (serve the "
                          "adapter on the MXFP4 base with --use_4bit instead)")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
+    if cfg.json and cfg.raw:
+        raise UsageError("--json and --raw are two output formats: pick one")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
     if cfg.resume and cfg.overwrite:
@@ -563,6 +615,8 @@ def validate(cfg: Config) -> Config:
         raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
     if cfg.compare_base and not cfg.adapter:
         raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
+    if not (cfg.score_file or cfg.demo) and looks_local(cfg.model) and not Path(cfg.model).expanduser().is_dir():
+        raise UsageError(f"model directory {cfg.model} does not exist; give a local gpt-oss directory or a hub id")
     if cfg.adapter and not cfg.demo and not (Path(cfg.adapter) / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
                          "pass the --output_dir of a train run")
@@ -579,6 +633,15 @@ def render_config(cfg: Config) -> str:
 
     return (yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)
             + "# on this machine: " + json.dumps(runtime) + "\n")
+
+
+def gpu_note(cfg: Config, on_cuda: bool) -> str | None:
+    """One line, before anything else fails, for a machine with no GPU asked to run a hub model (full size: every
+    gpt-oss is 20B or more; local models are counted once their config is read)."""
+    if on_cuda or cfg.demo or cfg.score_file or looks_local(cfg.model):
+        return None
+    return (f"note: there is no CUDA GPU here and {cfg.model} is a full-size model: training needs a GPU with >= 80 GB"
+            " and inference one with >= 24 GB (--use_4bit); on CPU, --demo and tiny local models run")
 
 
 def distributed_strategy(cfg: Config) -> str:
@@ -602,7 +665,8 @@ def describe_runtime(cfg: Config) -> dict:
             "experts": "MXFP4, dequantized per layer" if cfg.use_4bit else "bf16",
             "packing": cfg.packing, "sampler": cfg.sampler,
             "world_size": world_size(), "strategy": distributed_strategy(cfg),
-            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size()}
+            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size(),
+            **({"note": gpu_note(cfg, on_cuda)[6:]} if gpu_note(cfg, on_cuda) else {})}
 # -----------------------------------------------------------------------------
 # Data
 
@@ -610,45 +674,63 @@ REQUIRED_FLAT_COLUMNS = ("reasoning_language", "user", "analysis", "final")
 REASONING_PREFIX = "reasoning language: "
 
 
-def jsonl_lines(path: Path, name: str):
+def jsonl_lines(path: Path, what: str):
     """(line number, parsed value) for each non-blank line; a line that is not JSON is a UsageError naming it."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
         if line.strip():
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"{name} line {number} is not valid JSON ({e.msg}); one object per line") from e
+                raise UsageError(f"{what} {path} line {number} is not valid JSON ({e.msg}); one object per line") from e
+
+
+DATA_FILES = (".jsonl", ".json", ".parquet", ".csv")  # what read_rows reads
+
+
+def looks_local(source: str) -> bool:
+    """A path rather than a hub id: a hub id is "name" or "owner/name", without a file suffix."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix.lower() in (
+        *DATA_FILES, ".txt", ".tsv", ".xlsx", ".arrow", ".yaml", ".safetensors")
 
 
 def read_rows(source: str, split: str = "train") -> list:
-    """Rows of a local .jsonl/.json/.parquet file or of a hub dataset, as plain dicts."""
-    path = Path(source)
-    looks_local = path.suffix in (".jsonl", ".json", ".parquet") or source.startswith((".", "/", "~"))
+    """Rows of a local .jsonl/.json/.parquet/.csv file or of a hub dataset, as plain dicts."""
+    path = Path(source).expanduser()
     if not path.exists():
-        if looks_local:
-            raise UsageError(f"dataset file {source} does not exist; give an existing .jsonl/.json/.parquet file "
+        if looks_local(source):
+            raise UsageError(f"dataset file {source} does not exist; give an existing {'/'.join(DATA_FILES)} file "
                              "or a hub dataset id")
-        ensure_hub_reachable(source)
         import datasets
         try:
             return datasets.load_dataset(source, split=split).to_list()
         except Exception as e:  # the hub raises many types; the user needs the message only
-            raise UsageError(f"could not load dataset {source!r} split {split!r}: {str(e).splitlines()[0]}") from e
-    if path.is_dir():
-        raise UsageError(f"dataset {source} is a directory; give a .jsonl, .json or .parquet file")
+            raise _hub_error(source, e) if hub_offline() else UsageError(
+                f"could not load dataset {source!r} split {split!r}: {str(e).splitlines()[0]}") from e
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix not in DATA_FILES:
+        kind = "a directory" if path.is_dir() else f"a {suffix or 'suffix-less'} file"
+        raise UsageError(f"dataset {source} is {kind}; datasets are read from {', '.join(DATA_FILES)} files")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"dataset file {source} is not readable (permission denied)")
     if path.stat().st_size == 0:
         raise UsageError(f"dataset file {source} is empty; it needs rows in the Multilingual-Thinking schema")
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         import datasets
-        rows = datasets.Dataset.from_parquet(str(path)).to_list()
-    elif path.suffix == ".json":
+
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = datasets.Dataset.from_parquet(str(path)).to_list()
+        except Exception as e:  # pyarrow raises many types
+            raise UsageError(f"dataset file {source} could not be read as parquet: {str(e).splitlines()[0]}") from e
+    elif suffix == ".csv":  # the csv module keeps every value a string ("4" stays "4"); datasets would make it 4
+        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "dataset file"), newline="")))
+    elif suffix == ".json":
+        try:
+            rows = json.loads(read_text_file(path, "dataset file"))
         except json.JSONDecodeError as e:
             raise UsageError(f"{source} is not valid JSON ({e}); expected a list of rows") from e
         rows = rows.get("data", rows) if isinstance(rows, dict) else rows
     else:
-        rows = [row for _, row in jsonl_lines(path, source)]
+        rows = [row for _, row in jsonl_lines(path, "dataset file")]
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UsageError(f"{source} must hold a list of objects (rows), one per example")
     if not rows:
@@ -712,7 +794,7 @@ def prepare_chats(rows: list, languages: list | None = None, max_samples: int | 
     """Validate every row, keep the requested reasoning languages, take the first max_samples."""
     chats = []
     for index, row in enumerate(rows):
-        chat = row_to_messages(row, where=f"row {index}")
+        chat = row_to_messages(row, where=f"row {index + 1}")  # counted from 1, as lines are
         chats.append((reasoning_language_of(row, chat), chat))
     if languages:
         wanted = {lang.lower() for lang in languages}
@@ -801,8 +883,6 @@ def load_model_config(source: str):
     """The model's config; refuses anything that is not gpt-oss before a single weight is read."""
     from transformers import AutoConfig
 
-    if not Path(source).is_dir():
-        ensure_hub_reachable(source)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -813,12 +893,39 @@ def load_model_config(source: str):
     return config
 
 
-def count_parameters(config) -> int:
+def meta_model(config):
+    """The model's modules with no weights behind them: parameter counts and layer names without loading."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        return AutoModelForCausalLM.from_config(unquantized_config(config))
+
+
+def check_training_names(cfg: Config, model):
+    """What PEFT and transformers would reject after loading, refused before: LoRA targets that are not in the model,
+    optimizer and schedule names transformers does not know."""
+    from torch import nn
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for flag, value, known in (("--optim", cfg.optim, [o.value for o in OptimizerNames]),
+                               ("--lr_scheduler_type", cfg.lr_scheduler_type, [t.value for t in SchedulerType])):
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=3)
+            raise UsageError(f"{flag} {value!r} is not one of transformers' names"
+                             + (f"; did you mean {', '.join(close)}?" if close else ""))
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and name != "lm_head"})
+    unknown = [t for t in cfg.target_modules if t != "all-linear" and t not in linear]
+    if unknown:
+        raise UsageError(f"--target_modules {','.join(unknown)}: no such Linear layer in {cfg.model}; it has "
+                         f"{','.join(linear)} (or all-linear)")
+    parameters = [name for name, _ in model.named_parameters()]
+    for target in cfg.target_parameters:
+        if not any(name.endswith("." + target) for name in parameters):
+            raise UsageError(f"--target_parameters {target}: no such parameter in {cfg.model}; e.g. "
+                             "mlp.experts.gate_up_proj,mlp.experts.down_proj")
 
 
 def load_tokenizer(source: str):
@@ -1068,6 +1175,8 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         padding_free=cfg.packing,
         train_sampling_strategy=sampler or cfg.sampler,  # transformers' own; the loss is normalised over the step
         max_steps=cfg.max_steps or -1,
+        eval_strategy="epoch" if cfg.eval_split else "no",
+        per_device_eval_batch_size=cfg.batch_size,
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -1092,7 +1201,7 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
     return SFTConfig(**{**arguments, **parallel_arguments(cfg)})
 
 
-def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=()):
+def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
     from transformers import Trainer
     from transformers.trainer_pt_utils import BatchRebalanceSampler
     from trl import SFTTrainer
@@ -1112,7 +1221,7 @@ def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=(
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     trainer_class = SeededSFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
-    return trainer_class(model=model, args=args, train_dataset=train_dataset,
+    return trainer_class(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
 
 
@@ -1345,7 +1454,8 @@ def training_chats(cfg: Config) -> list:
 
 
 def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
-    """(tokenized dataset, statistics): token ids and labels, rows cut at --max_seq_length."""
+    """(rows to train on, rows held out by --eval_split or None, statistics): token ids and labels, rows cut at
+    --max_seq_length."""
     from datasets import Dataset
 
     examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens)
@@ -1353,7 +1463,16 @@ def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
         raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
     print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
           f"{stats['tokens_per_epoch']:,} tokens per epoch ({stats['labelled_tokens_per_epoch']:,} with loss)")
-    return Dataset.from_list(examples), stats
+    dataset = Dataset.from_list(examples)
+    if not cfg.eval_split:
+        return dataset, None, stats
+    held_out = round(len(dataset) * cfg.eval_split)
+    if not 1 <= held_out < len(dataset):
+        raise UsageError(f"--eval_split {cfg.eval_split} of {len(dataset)} rows holds out {held_out}; it must leave at "
+                         "least one row on each side")
+    split = dataset.train_test_split(test_size=held_out, seed=cfg.seed)
+    print(f"held out {held_out} rows for the evaluation loss")
+    return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
 
 
 def training_model(cfg: Config, config, on_cuda: bool):
@@ -1387,9 +1506,14 @@ def train(cfg: Config, trainer, meter, steps_per_run: int):
     except torch.OutOfMemoryError as e:
         print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
         raise RunFailed(out_of_memory_advice(cfg, "training", *gpu_memory_state())) from e
-    except RunFailed:
+    except (RunFailed, KeyboardInterrupt) as e:
         trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
-        raise
+        if isinstance(e, RunFailed):
+            raise
+        last = latest_checkpoint(Path(cfg.output_dir))
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
+            f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
+            else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
 
 
 def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
@@ -1426,6 +1550,7 @@ def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, s
         "data": stats,
         "train_loss_first": history[0][1] if history else None,
         "train_loss_last": history[-1][1] if history else None,
+        "eval_loss": [round(e["eval_loss"], 4) for e in trainer.state.log_history if "eval_loss" in e],
         "optimizer_steps": trainer.state.global_step,
         "tokens_seen": next((int(e["num_tokens"]) for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0),
         "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
@@ -1448,12 +1573,19 @@ def run_train(cfg: Config):
     chats = training_chats(cfg)
     config = load_model_config(cfg.model)
     resolve_attention(cfg.attn_implementation, on_cuda)
-    n_params = count_parameters(config)
+    shape = meta_model(config)
+    n_params = sum(p.numel() for p in shape.parameters())
     if not on_cuda and n_params > 1e9:
         raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
                          "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
+    check_training_names(cfg, shape)
     tokenizer = load_tokenizer(cfg.model)
-    dataset, stats = training_dataset(cfg, tokenizer, chats)
+    dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
+    steps_per_run = optimizer_steps_per_run(cfg, len(dataset), world_size())
+    if cfg.resume and trained_steps(Path(cfg.output_dir)) >= (cfg.max_steps or steps_per_run):
+        print(f"{cfg.output_dir} holds a finished run ({trained_steps(Path(cfg.output_dir))} steps): nothing to resume;"
+              " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
+        return None
     sampler = sampler_for(cfg, len(dataset), world_size())
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
@@ -1462,12 +1594,12 @@ def run_train(cfg: Config):
     args = build_sft_config(cfg, on_cuda, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     model = training_model(cfg, config, on_cuda)
     meter = make_speed_meter(model)
-    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks=[meter, make_nonfinite_guard(cfg.output_dir)])
+    trainer = make_trainer(cfg, model, tokenizer, dataset, args, [meter, make_nonfinite_guard(cfg.output_dir)], held_out)
     trainer.model.print_trainable_parameters()
     print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    result = train(cfg, trainer, meter, optimizer_steps_per_run(cfg, len(dataset), world_size()))
+    result = train(cfg, trainer, meter, steps_per_run)
     summary = save_run(cfg, trainer, result, meter, chats, stats, n_params, sampler)
     if not is_main_process():
         return trainer
@@ -1492,21 +1624,33 @@ def build_chat(prompt: str, reasoning_language: str, answer_language: str | None
     return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
-# A few lines by hand because the official parser (openai-harmony) needs o200k token ids, and the demo's tiny
-# tokenizer has others; tests check this split against openai-harmony on the real tokenizer.
-_MESSAGE = re.compile(r"(?:<\|start\|>assistant)?<\|channel\|>(\w+)[^<]*<\|message\|>(.*?)(<\|end\|>|<\|return\|>|<\|call\|>|$)",
-                      re.DOTALL)
-
-
-def split_channels(completion: str) -> dict:
-    """Split generated harmony text (what follows the prompt's <|start|>assistant) into its channels."""
-    analysis, final, complete = [], None, False
-    for channel, text, end in _MESSAGE.findall(completion):
-        if channel == "analysis":
-            analysis.append(text)
-        elif channel == "final":
-            final, complete = text, end in ("<|return|>", "<|end|>")
-    return {"analysis": "\n".join(analysis), "final": final, "complete": complete}
+# By hand because the official parser (openai-harmony) needs o200k token ids and the demo's tiny tokenizer has
+# others; tests check it against openai-harmony on the real tokenizer.
+def split_channels(ids: list, tokenizer) -> dict:
+    """The channels of generated harmony tokens (what follows the prompt's <|start|>assistant), read token by token:
+    the text never holds a control token, and complete means every final message was closed by <|return|> or
+    <|end|> (a model that repeats a header inside its answer leaves the first one open)."""
+    start, channel, message = tokenizer.convert_tokens_to_ids(["<|start|>", "<|channel|>", "<|message|>"])
+    ends = set(tokenizer.convert_tokens_to_ids(["<|end|>", "<|return|>", "<|call|>"]))
+    messages, header, body = [], [], None  # body is None while a header is read
+    for token in [*ids, None]:  # None: where the output stops
+        if body is not None and (token is None or token in ends or token in (start, channel)):
+            name = header[len(header) - header[::-1].index(channel):] if channel in header else []
+            words = tokenizer.decode(name, skip_special_tokens=True).split()
+            messages.append((words[0] if words else "", tokenizer.decode(body, skip_special_tokens=True), token in ends))
+            header, body = [], None
+            if token not in (start, channel):
+                continue
+        if body is not None:
+            body.append(token)
+        elif token == message:
+            body = []
+        elif token is not None:
+            header.append(token)
+    finals = [(text, closed) for name, text, closed in messages if name == "final"]
+    return {"analysis": "\n".join(text for name, text, _ in messages if name == "analysis"),
+            "final": "\n".join(text for text, _ in finals) if finals else None,
+            "complete": bool(finals) and all(closed for _, closed in finals)}
 
 
 def adapter_base(adapter: str) -> str | None:
@@ -1579,7 +1723,7 @@ def run_infer(cfg: Config) -> dict:
     chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
     ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed)[0]
     completion = tokenizer.decode(ids, skip_special_tokens=False)
-    result = {"reasoning_language": cfg.reasoning_language, **split_channels(completion), "tokens": len(ids)}
+    result = {"reasoning_language": cfg.reasoning_language, **split_channels(ids, tokenizer), "tokens": len(ids)}
     if cfg.json:
         print(json.dumps(result, ensure_ascii=False))
     elif cfg.raw:
@@ -1712,7 +1856,7 @@ def read_jsonl(path: str, what: str) -> list:
     if not file.is_file():
         raise UsageError(f"{what} {path} does not exist")
     rows = []
-    for number, row in jsonl_lines(file, path):
+    for number, row in jsonl_lines(file, what):
         if not isinstance(row, dict):
             raise UsageError(f"{path} line {number} is not a JSON object")
         rows.append((number, row))
@@ -1848,7 +1992,7 @@ def generate_eval_outputs(cfg: Config, plan: list):
             outputs = generate(model, tokenizer, chats, cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature,
                                cfg.seed, progress=f"{label} model", batch_size=cfg.eval_batch_size)
         for p, ids in zip(plan, outputs):
-            items.append({"model": label, **p, **split_channels(tokenizer.decode(ids, skip_special_tokens=False)),
+            items.append({"model": label, **p, **split_channels(ids, tokenizer),
                           "tokens": len(ids)})
     return items, tokenizer
 
@@ -2127,8 +2271,12 @@ def main(argv=None) -> int:
             sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
             if cfg.mode != "train":
                 return 0  # inference, eval and merge run on rank 0 alone
+        decide_offline(cfg)
+        import torch  # imports no Hugging Face library
+
+        if is_main_process() and gpu_note(cfg, torch.cuda.is_available()):
+            print(gpu_note(cfg, torch.cuda.is_available()))
         if cfg.demo:
-            os.environ["HF_HUB_OFFLINE"] = "1"
             ensure_demo_model(cfg)
         with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
             MODES[cfg.mode].run(cfg)
@@ -2140,6 +2288,10 @@ def main(argv=None) -> int:
     except RunFailed as e:
         print(f"\n{e}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
+              file=sys.stderr)
+        return 130
     return 0
 
 

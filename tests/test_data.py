@@ -40,15 +40,15 @@ def test_filter_by_language_reads_column_or_system_message():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"user": "x", "final": "y"}, "row 0: missing column(s) reasoning_language, analysis"),
-    ({**FLAT, "final": 3}, "row 0: column 'final' must be a string, got int"),
-    ({**FLAT, "analysis": ""}, "row 0: the assistant turn has no 'thinking'"),
+    ({"user": "x", "final": "y"}, "row 1: missing column(s) reasoning_language, analysis"),
+    ({**FLAT, "final": 3}, "row 1: column 'final' must be a string, got int"),
+    ({**FLAT, "analysis": ""}, "row 1: the assistant turn has no 'thinking'"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-     "row 0: the assistant turn has no 'thinking'"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "row 0: the last message must be the assistant's answer"),
-    ({"messages": "hello"}, "row 0: 'messages' must be a non-empty list"),
-    ({"messages": [{"role": "user", "content": 5}]}, "row 0: messages[0] needs a string 'role' and a string 'content'"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "row 0: messages[0] has unknown role 'robot'"),
+     "row 1: the assistant turn has no 'thinking'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "row 1: the last message must be the assistant's answer"),
+    ({"messages": "hello"}, "row 1: 'messages' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": 5}]}, "row 1: messages[0] needs a string 'role' and a string 'content'"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "row 1: messages[0] has unknown role 'robot'"),
 ])
 def test_schema_errors_name_the_row_and_field(row, message):
     with pytest.raises(sft.UsageError) as e:
@@ -64,6 +64,11 @@ def test_local_files(tmp_path):
 
     datasets.Dataset.from_list([FLAT, FLAT]).to_parquet(str(tmp_path / "c.parquet"))
     assert sft.read_rows(str(tmp_path / "c.parquet")) == [FLAT, FLAT]
+    datasets.Dataset.from_list([FLAT, FLAT]).to_csv(str(tmp_path / "d.csv"), index=False)
+    assert sft.read_rows(str(tmp_path / "d.csv")) == [FLAT, FLAT]
+    bom = tmp_path / "bom.jsonl"  # what many Windows editors write: UTF-8 with a byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(FLAT, ensure_ascii=False).encode() + b"\n")
+    assert sft.read_rows(str(bom)) == [FLAT]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -80,6 +85,20 @@ def test_bad_files(tmp_path, content, message):
         sft.read_rows(str(path))
 
 
+def test_unreadable_files_are_one_line_naming_file_and_line(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps(FLAT).encode() + b"\n" + '{"user": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(sft.UsageError) as e:
+        sft.read_rows(str(latin))
+    assert str(e.value) == (f"dataset file {latin} line 2 is not UTF-8 (byte 0xe9); save it as UTF-8, "
+                            "e.g. iconv -f latin1 -t utf-8")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(sft.UsageError, match=r"is a \.txt file; datasets are read from \.jsonl, \.json, \.parquet, \.csv"):
+        sft.read_rows(str(tmp_path / "notes.txt"))
+    with pytest.raises(sft.UsageError, match="dataset file gone.csv does not exist"):
+        sft.read_rows("gone.csv")  # a missing local file, not a failed Hub download
+
+
 def test_bundled_sample_is_valid_and_balanced():
     rows = sft.read_rows(str(sft.DEMO_DATASET))
     chats = sft.prepare_chats(rows)
@@ -90,21 +109,21 @@ def test_bundled_sample_is_valid_and_balanced():
 
 
 @pytest.mark.parametrize("rows, needle", [
-    ([{"user": "x"}], "row 0: missing column(s) reasoning_language, analysis, final"),
-    ([FLAT, {**FLAT, "analysis": None}], "row 1: the assistant turn has no 'thinking'"),
+    ([{"user": "x"}], "row 1: missing column(s) reasoning_language, analysis, final"),
+    ([FLAT, {**FLAT, "analysis": None}], "row 2: the assistant turn has no 'thinking'"),
 ])
 def test_cli_schema_errors(tmp_path, rows, needle):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    out = run_cli("--dataset", data, "--model", str(tmp_path / "unused"), "--output_dir", str(tmp_path / "out"),
+    out = run_cli("--dataset", data, "--model", str(tmp_path), "--output_dir", str(tmp_path / "out"),
                   cwd=tmp_path)
     assert_usage_error(out, needle)
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_missing_and_empty_dataset(tmp_path):
-    out = run_cli("--dataset", "missing/data.jsonl", "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    out = run_cli("--dataset", "missing/data.jsonl", "--model", str(tmp_path), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert_usage_error(out, "dataset file missing/data.jsonl does not exist")
     (tmp_path / "empty.jsonl").write_text("")
-    out = run_cli("--dataset", "empty.jsonl", "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    out = run_cli("--dataset", "empty.jsonl", "--model", str(tmp_path), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert_usage_error(out, "is empty")
     assert not (tmp_path / "out").exists()

@@ -211,7 +211,7 @@ def test_bad_score_files_are_one_line_exit_2(tmp_path, lines, argv, needle):
     (["--mode", "eval", "--limit", "0"], "--max_samples (--limit) must be a positive integer, got 0"),
 ])
 def test_bad_eval_flags_are_one_line_exit_2(tmp_path, argv, needle):
-    result = run_cli(*argv, cwd=tmp_path)
+    result = run_cli(*argv, "--model", str(tmp_path), cwd=tmp_path)  # a local model: no GPU note on stdout
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []

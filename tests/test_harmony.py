@@ -118,7 +118,7 @@ def test_channel_split_matches_harmony_parser(real_tokenizer, harmony, analysis,
     if final is not None:
         text += f"<|start|>assistant<|channel|>final<|message|>{final}{end}"
     ids = real_tokenizer.encode(text, add_special_tokens=False)
-    ours = sft.split_channels(real_tokenizer.decode(ids, skip_special_tokens=False))
+    ours = sft.split_channels(ids, real_tokenizer)
     if final is None:  # harmony refuses an unfinished message; we return what was generated
         assert ours == {"analysis": analysis, "final": None, "complete": False}
         return
@@ -126,3 +126,13 @@ def test_channel_split_matches_harmony_parser(real_tokenizer, harmony, analysis,
     by_channel = {m.channel: "".join(c.text for c in m.content) for m in theirs}
     assert ours == {"analysis": by_channel["analysis"], "final": by_channel["final"], "complete": True}
     assert by_channel == {"analysis": analysis, "final": final}
+
+
+def test_a_repeated_header_is_no_text_and_leaves_the_answer_incomplete(real_tokenizer):
+    text = ("<|channel|>analysis<|message|>Denken.<|end|><|start|>assistant<|channel|>final<|message|>Canberra"
+            "<|start|>assistant<|channel|>final<|message|>Canberra.<|return|>")
+    ids = real_tokenizer.encode(text, add_special_tokens=False)
+    assert sft.split_channels(ids, real_tokenizer) == {"analysis": "Denken.", "final": "Canberra\nCanberra.",
+                                                       "complete": False}
+    closed = real_tokenizer.encode("<|channel|>final<|message|>Ja.<|return|>", add_special_tokens=False)
+    assert sft.split_channels(closed, real_tokenizer) == {"analysis": "", "final": "Ja.", "complete": True}

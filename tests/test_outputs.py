@@ -98,6 +98,6 @@ def test_a_non_demo_run_needs_overwrite_to_replace_its_earlier_outputs(tmp_path)
     out.mkdir()
     (out / sft.OWNER_FILE).write_text(json.dumps({"mode": "train"}))
     (out / "adapter_config.json").write_text("{}")
-    result = run_cli("--output_dir", str(out), "--dataset", "nope.jsonl", cwd=tmp_path)
+    result = run_cli("--output_dir", str(out), "--dataset", "nope.jsonl", "--model", str(tmp_path), cwd=tmp_path)
     assert_usage_error(result, f"--output_dir {out} holds an earlier train run's outputs; pass --overwrite to replace "
                            "them or --resume to continue")

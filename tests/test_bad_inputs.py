@@ -1,0 +1,146 @@
+"""Careless and bad uses across the four modes: each ends in one line on stderr and exit code 2, before anything
+is loaded, with no traceback, nothing on stdout and no file written or deleted in the folder it ran from."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SCRIPT, assert_usage_error, run_cli, snapshot, sft, write_jsonl
+
+ROW = {"reasoning_language": "French", "developer": "You are terse.", "user": "2+2?", "analysis": "Deux plus deux.",
+       "final": "4"}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, demo_model):
+    """A user's folder: their notes, a dataset in the right shape and a few in the wrong one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.txt").write_text("three years of work\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("print('mine')\n")
+    write_jsonl(tmp_path / "mydata.jsonl", [ROW, ROW])
+    (tmp_path / "latin.jsonl").write_bytes(json.dumps(ROW).encode() + b"\n" + '{"user": "caf\u00e9"}'.encode("latin-1"))
+    (tmp_path / "table.csv").write_text("user,final\n2+2?,4\n")
+    (tmp_path / "unknown_key.yaml").write_text("learning_rat: 1.0e-4\n")
+    (tmp_path / "not_an_adapter").mkdir()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(demo_model)}))
+    return tmp_path
+
+
+TRAIN = ["--dataset", "mydata.jsonl", "--output_dir", "out", "--report_to", "none"]  # + --model <demo model>
+
+CASES = [
+    # train: flags
+    (["--lr", "1e-4"], "unrecognized arguments: --lr 1e-4"),
+    (["--learning", "1e-4"], "unrecognized arguments: --learning 1e-4"),  # no abbreviations
+    (["--mode", "bogus"], "argument --mode: invalid choice: 'bogus'"),
+    (["--batch_size", "0"], "--batch_size (--per_device_train_batch_size) must be a positive integer, got 0"),
+    (["--max_samples", "0"], "--max_samples (--limit) must be a positive integer, got 0"),
+    (["--max_seq_length", "abc"], "argument --max_seq_length/--max-seq-length/--max_length/--max-length: invalid int"),
+    (["--temperature", "-1"], "--temperature cannot be negative, got -1.0"),
+    (["--eval_split", "1.5"], "--eval_split must be in [0, 1), got 1.5"),
+    (["--attn_implementation", "flash_attention_2"], "invalid choice: 'flash_attention_2'"),
+    (["--report_to", "wandb"], "--report_to wandb needs its package: pip install wandb"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    (["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type cosine_with_min_lr and --min_lr_rate go together"),
+    (["--use_4bit", "--target_parameters", "mlp.experts.down_proj"], "--use_4bit keeps the expert weights in MXFP4"),
+    (["--deepspeed", "bogus.json"], "--deepspeed bogus.json: not 'zero3' and not a readable DeepSpeed JSON file"),
+    (["--score_file", "x.jsonl"], "--score-file and --compare-base belong to --mode eval"),
+    (["--config", "missing.yaml"], "--config missing.yaml: no such file or directory"),
+    (["--config", "unknown_key.yaml"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
+    # train: what the libraries would only reject after loading the model
+    (["MODEL", *TRAIN, "--optim", "adamw_bogus"], "--optim 'adamw_bogus' is not one of transformers' names"),
+    (["MODEL", *TRAIN, "--lr_scheduler_type", "cosine_bogus"], "--lr_scheduler_type 'cosine_bogus' is not one of"),
+    (["MODEL", *TRAIN, "--target_modules", "c_attn"], "--target_modules c_attn: no such Linear layer in"),
+    (["MODEL", *TRAIN, "--target_parameters", "mlp.bogus"], "--target_parameters mlp.bogus: no such parameter in"),
+    # train: files
+    (["MODEL", *TRAIN[2:], "--dataset", "latin.jsonl"], "latin.jsonl line 2 is not UTF-8 (byte 0xe9)"),
+    (["MODEL", *TRAIN[2:], "--dataset", "table.csv"], "row 1: missing column(s) reasoning_language, analysis"),
+    (["MODEL", *TRAIN[2:], "--dataset", "thesis.txt"], "is a .txt file; datasets are read from .jsonl, .json"),
+    (["MODEL", *TRAIN[2:], "--dataset", "gone.jsonl"], "dataset file gone.jsonl does not exist"),
+    (["MODEL", *TRAIN[:2], "--output_dir", "."], "--output_dir . is the folder you are in"),
+    (["MODEL", *TRAIN[:2], "--output_dir", "thesis.txt"], "--output_dir thesis.txt is a file"),
+    (["MODEL", *TRAIN[:2], "--output_dir", "src", "--overwrite"], "--output_dir src holds files this tool did not write"),
+    (["--model", "./nowhere", *TRAIN], "model directory ./nowhere does not exist"),
+    # infer
+    (["--mode", "infer", "--json", "--raw", "--prompt", "hi"], "--json and --raw are two output formats"),
+    (["--mode", "infer", "--reasoning_language", " ", "--prompt", "hi"], "--reasoning-language is empty"),
+    (["--mode", "infer", "--adapter", "not_an_adapter", "--prompt", "hi"], "is not a LoRA adapter directory"),
+    (["--mode", "infer", "MODEL", "--prompt", "  "], "no prompt: pass --prompt"),
+    (["--mode", "infer", "--model", "../nowhere", "--prompt", "hi"], "model directory ../nowhere does not exist"),
+    # eval
+    (["--mode", "eval", "--score_file", "missing.jsonl"], "--score-file missing.jsonl does not exist"),
+    (["--mode", "eval", "--score_file", "latin.jsonl"], "latin.jsonl line 2 is not UTF-8"),
+    (["--mode", "eval", "--eval_batch_size", "0", "--adapter", "adapter"], "--eval_batch_size must be a positive integer"),
+    (["--mode", "eval", "--compare-base"], "--compare-base needs --adapter"),
+    # merge
+    (["--mode", "merge"], "--mode merge needs --adapter"),
+    (["--mode", "merge", "--adapter", "adapter", "--use_4bit"], "merge writes the base in bf16"),
+    (["--mode", "merge", "--adapter", "adapter", "--output_dir", "."], "--output_dir . is the folder you are in"),
+    (["--mode", "merge", "--adapter", "adapter", "--output_dir", "src"], "--output_dir src holds files this tool did not"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(workdir, demo_model, capsys, argv, needle):
+    argv = [a for arg in argv for a in (["--model", str(demo_model)] if arg == "MODEL" else [arg])]
+    before = snapshot(workdir)
+    try:
+        code = sft.main(argv)
+    except SystemExit as e:  # argparse's errors exit from inside the parser
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert out == "" and len(err.strip().splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert snapshot(workdir) == before
+
+
+def test_there_are_at_least_30_distinct_bad_inputs():
+    assert len({" ".join(argv) for argv, _ in CASES}) >= 30
+
+
+def test_offline_without_hf_hub_offline_fails_in_one_line_without_retries(tmp_path):
+    """The README's own infer command, the Hub unreachable and HF_HUB_OFFLINE unset: no download retries."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="https://127.0.0.1:9", HF_HOME=str(tmp_path / "empty_cache"))  # nothing listens there
+    result = run_cli("--mode", "infer", stdin="2+2?", cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 2 and "Retrying" not in result.stderr, result.stderr
+    assert result.stderr == ("error: 'openai/gpt-oss-20b' is not a local directory and not in the Hugging Face cache, "
+                             "and the Hub is offline; connect to the Hub once or pass a local directory\n")
+    assert result.stdout.startswith("note: there is no CUDA GPU here and openai/gpt-oss-20b is a full-size model")
+
+
+def test_push_to_hub_is_refused_before_training_when_the_hub_is_unreachable(tmp_path, demo_model):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="https://127.0.0.1:9")
+    result = run_cli("--model", str(demo_model), "--dataset", str(sft.DEMO_DATASET), "--push_to_hub", "--hub_model_id",
+                     "you/x", "--output_dir", str(tmp_path / "out"), cwd=tmp_path, env=env)
+    assert_usage_error(result, "--push_to_hub: the Hugging Face Hub is unreachable")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_training_is_one_line_exit_130_naming_the_checkpoint(tmp_path, demo_model):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--model", str(demo_model), "--dataset",
+                                str(sft.DEMO_DATASET), "--max_seq_length", "256", "--report_to", "none",
+                                "--max_steps", "10000", "--save_steps", "2", "--output_dir", str(out)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and f"the last checkpoint is {out}/checkpoint-" in last, last
+    assert last.endswith("run the same command with --resume to continue from it")
+    assert not (out / "adapter_config.json").exists()  # no half-written adapter
