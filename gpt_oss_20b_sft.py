@@ -640,7 +640,7 @@ def gpu_note(cfg: Config, on_cuda: bool) -> str | None:
     gpt-oss is 20B or more; local models are counted once their config is read)."""
     if on_cuda or cfg.demo or cfg.score_file or looks_local(cfg.model):
         return None
-    return (f"note: there is no CUDA GPU here and {cfg.model} is a full-size model: training needs a GPU with >= 80 GB"
+    return (f"there is no CUDA GPU here and {cfg.model} is a full-size model: training needs a GPU with >= 80 GB"
             " and inference one with >= 24 GB (--use_4bit); on CPU, --demo and tiny local models run")
 
 
@@ -666,7 +666,7 @@ def describe_runtime(cfg: Config) -> dict:
             "packing": cfg.packing, "sampler": cfg.sampler,
             "world_size": world_size(), "strategy": distributed_strategy(cfg),
             "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size(),
-            **({"note": gpu_note(cfg, on_cuda)[6:]} if gpu_note(cfg, on_cuda) else {})}
+            **({"note": note} if (note := gpu_note(cfg, on_cuda)) else {})}
 # -----------------------------------------------------------------------------
 # Data
 
@@ -1582,8 +1582,9 @@ def run_train(cfg: Config):
     tokenizer = load_tokenizer(cfg.model)
     dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
     steps_per_run = optimizer_steps_per_run(cfg, len(dataset), world_size())
-    if cfg.resume and trained_steps(Path(cfg.output_dir)) >= (cfg.max_steps or steps_per_run):
-        print(f"{cfg.output_dir} holds a finished run ({trained_steps(Path(cfg.output_dir))} steps): nothing to resume;"
+    done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
+    if cfg.resume and done >= (cfg.max_steps or steps_per_run):
+        print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
               " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
         return None
     sampler = sampler_for(cfg, len(dataset), world_size())
@@ -2274,8 +2275,9 @@ def main(argv=None) -> int:
         decide_offline(cfg)
         import torch  # imports no Hugging Face library
 
-        if is_main_process() and gpu_note(cfg, torch.cuda.is_available()):
-            print(gpu_note(cfg, torch.cuda.is_available()))
+        note = gpu_note(cfg, torch.cuda.is_available())
+        if note and is_main_process():
+            print(f"note: {note}")
         if cfg.demo:
             ensure_demo_model(cfg)
         with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
