@@ -4,6 +4,7 @@
     python gpt_oss_20b_sft.py                                  # train: LoRA + TRL SFT, the seed recipe
     python gpt_oss_20b_sft.py --config recipes/cookbook.yaml   # the OpenAI Cookbook's recipe instead
     python gpt_oss_20b_sft.py --mode infer --reasoning-language German --prompt "What is 7 x 8?"
+    python gpt_oss_20b_sft.py --mode chat --adapter DIR        # talk to it: the model loads once, answers stream
     python gpt_oss_20b_sft.py --mode eval --adapter DIR --compare-base   # reasoning-language match, accuracy
     python gpt_oss_20b_sft.py --mode merge --adapter DIR       # one standalone checkpoint for serving
     python gpt_oss_20b_sft.py --demo                           # the whole pipeline offline, on CPU, tiny model
@@ -29,8 +30,10 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import types
 import unicodedata
@@ -310,8 +313,9 @@ def setting(default=None, help="", *aliases, check=None, factory=None):
 @dataclass(frozen=True)
 class Config:
     # what to run
-    mode: Literal["train", "infer", "eval", "merge"] = setting(
-        "train", "train an adapter, infer (answer one prompt), eval (reasoning-language match) or merge it into its base")
+    mode: Literal["train", "infer", "chat", "eval", "merge"] = setting(
+        "train", "train an adapter, infer (answer one prompt), chat (talk to it), eval (reasoning-language match) or "
+                 "merge it into its base")
     demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny random gpt-oss and the bundled sample")
     print_config: bool = setting(False, "print the resolved settings as YAML (--json: JSON) and exit; they work as a --config")
     seed: int = setting(42, "random seed")
@@ -386,12 +390,14 @@ class Config:
     synthetic_data: int | None = setting(None, "N generated rows with Multilingual-Thinking's lengths",
                                          check="positive")
     # inference
-    prompt: str | None = setting(None, "the user message (default: stdin)")
+    prompt: str | None = setting(None, "the user message (infer; default: stdin)")
     reasoning_language: str = setting("English", "language of the analysis channel")
     answer_languages: list[str] | None = setting(None, "language of the final answer (eval: several, rotated)",
                                                  "answer_language")
     temperature: float = setting(0.6, "sampling temperature; 0 = greedy", check="not_negative")
     max_new_tokens: int = setting(512, "tokens to generate at most", check="positive")
+    stream: bool | None = setting(None, "print the answer while it is generated (default: when stdout is a terminal; "
+                                        "chat: on)")
     raw: bool = setting(False, "print the whole harmony transcript")
     json: bool = setting(False, "print JSON (infer: {reasoning_language, analysis, final, complete, tokens})")
     # evaluation
@@ -455,7 +461,7 @@ class Parser(OneLineErrors, TrlParser):
 
     def __init__(self):
         super().__init__(Config, prog="gpt_oss_20b_sft.py", allow_abbrev=False, formatter_class=HelpFormatter,
-                         usage="%(prog)s [--mode {train,infer,eval,merge}] [--demo] [--config FILE.yaml] "
+                         usage="%(prog)s [--mode {train,infer,chat,eval,merge}] [--demo] [--config FILE.yaml] "
                                "[--print-config] [options]",
                          description="LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for, and "
                                      "what comes after. Every flag takes snake_case and kebab-case spellings.")
@@ -539,6 +545,7 @@ def derive(cfg: Config) -> Config:
         reasoning_languages=_flat(cfg.reasoning_languages), question_languages=_flat(cfg.question_languages),
         answer_languages=_flat(cfg.answer_languages),
         compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and cfg.mode == "eval" and not cfg.score_file,
+        stream=cfg.stream if cfg.stream is not None else sys.stdout.isatty() and not (cfg.json or cfg.raw),
         deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
 
 
@@ -592,6 +599,11 @@ def validate(cfg: Config) -> Config:
         raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
     if cfg.json and cfg.raw:
         raise UsageError("--json and --raw are two output formats: pick one")
+    if cfg.mode == "chat" and (cfg.json or cfg.raw):
+        raise UsageError("--mode chat prints text; --json and --raw are --mode infer's formats")
+    if cfg.stream and (cfg.json or cfg.raw):
+        raise UsageError(f"--stream prints text as it is generated, --{'json' if cfg.json else 'raw'} the whole "
+                         "output at the end: pick one")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
     if cfg.resume and cfg.overwrite:
@@ -1627,31 +1639,192 @@ def build_chat(prompt: str, reasoning_language: str, answer_language: str | None
 
 # By hand because the official parser (openai-harmony) needs o200k token ids and the demo's tiny tokenizer has
 # others; tests check it against openai-harmony on the real tokenizer.
-def split_channels(ids: list, tokenizer) -> dict:
-    """The channels of generated harmony tokens (what follows the prompt's <|start|>assistant), read token by token:
-    the text never holds a control token, and complete means every final message was closed by <|return|> or
-    <|end|> (a model that repeats a header inside its answer leaves the first one open)."""
-    start, channel, message = tokenizer.convert_tokens_to_ids(["<|start|>", "<|channel|>", "<|message|>"])
-    ends = set(tokenizer.convert_tokens_to_ids(["<|end|>", "<|return|>", "<|call|>"]))
-    messages, header, body = [], [], None  # body is None while a header is read
-    for token in [*ids, None]:  # None: where the output stops
-        if body is not None and (token is None or token in ends or token in (start, channel)):
-            name = header[len(header) - header[::-1].index(channel):] if channel in header else []
-            words = tokenizer.decode(name, skip_special_tokens=True).split()
-            messages.append((words[0] if words else "", tokenizer.decode(body, skip_special_tokens=True), token in ends))
-            header, body = [], None
-            if token not in (start, channel):
-                continue
-        if body is not None:
-            body.append(token)
-        elif token == message:
-            body = []
+class ChannelReader:
+    """The channels of generated harmony tokens (what follows the prompt's <|start|>assistant), read one token at a
+    time, so a stream shows each channel as it is written and split_channels applies the same rules afterwards. The
+    text never holds a control token; a message ends at <|end|>, <|return|> or <|call|>, or unclosed where a new
+    header starts or the output stops (a model that repeats a header inside its answer leaves the first one open)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.start, self.channel, self.message = tokenizer.convert_tokens_to_ids(["<|start|>", "<|channel|>", "<|message|>"])
+        self.ends = set(tokenizer.convert_tokens_to_ids(["<|end|>", "<|return|>", "<|call|>"]))
+        self.messages, self.header, self.body, self.name = [], [], None, None  # body is None while a header is read
+
+    def text(self) -> str:
+        """The open message's text so far."""
+        return self.tokenizer.decode(self.body, skip_special_tokens=True)
+
+    def feed(self, token: int | None):
+        """One generated token; None where the output stops."""
+        if self.body is not None and (token is None or token in self.ends or token in (self.start, self.channel)):
+            self.messages.append((self.name, self.text(), token in self.ends))
+            self.header, self.body = [], None
+            if token not in (self.start, self.channel):
+                return
+        if self.body is not None:
+            self.body.append(token)
+        elif token == self.message:
+            name = self.header[len(self.header) - self.header[::-1].index(self.channel):] if self.channel in self.header else []
+            words = self.tokenizer.decode(name, skip_special_tokens=True).split()
+            self.name, self.body = words[0] if words else "", []
         elif token is not None:
-            header.append(token)
-    finals = [(text, closed) for name, text, closed in messages if name == "final"]
-    return {"analysis": "\n".join(text for name, text, _ in messages if name == "analysis"),
-            "final": "\n".join(text for text, _ in finals) if finals else None,
-            "complete": bool(finals) and all(closed for _, closed in finals)}
+            self.header.append(token)
+
+    def channels(self) -> dict:
+        """analysis (all analysis messages, joined by newlines), final (likewise; None without one) and complete
+        (every final message was closed by <|return|> or <|end|>)."""
+        finals = [(text, closed) for name, text, closed in self.messages if name == "final"]
+        return {"analysis": "\n".join(text for name, text, _ in self.messages if name == "analysis"),
+                "final": "\n".join(text for text, _ in finals) if finals else None,
+                "complete": bool(finals) and all(closed for _, closed in finals)}
+
+
+def split_channels(ids: list, tokenizer) -> dict:
+    """The channels of a whole generated output (ChannelReader's rules)."""
+    reader = ChannelReader(tokenizer)
+    for token in [*ids, None]:
+        reader.feed(token)
+    return reader.channels()
+
+
+def format_answer(result: dict, completion: str, reasoning_language: str) -> str:
+    """What infer prints (without --json or --raw) once generation has finished; AnswerPrinter prints the same text
+    while it is generated."""
+    if not result["analysis"] and result["final"] is None:
+        return f"(no harmony channels in the output; raw text follows)\n{completion}\n"
+    final = result["final"] if result["final"] is not None else NO_FINAL
+    return (f"--- reasoning ({reasoning_language}) ---\n{result['analysis'].strip()}\n\n"
+            f"--- final answer ---\n{final.strip()}\n")
+
+
+NO_FINAL = "(no final answer: raise --max_new_tokens)"
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"  # ANSI: faint text, then back to normal
+
+
+def styled(stream) -> bool:
+    """Whether the reasoning may be dimmed: a terminal that understands ANSI codes, and no NO_COLOR."""
+    return stream.isatty() and os.environ.get("TERM") != "dumb" and "NO_COLOR" not in os.environ
+
+
+class Trimmed:
+    """Passes text on as text.strip() would end up, while it arrives: leading whitespace is dropped, trailing
+    whitespace held back until more text follows it."""
+
+    def __init__(self, write):
+        self.write, self.started, self.held = write, False, ""
+
+    def add(self, text: str):
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        body = text.rstrip()
+        if body:
+            self.write(self.held + body)
+            self.held = ""
+        self.held += text[len(body):]
+
+
+class AnswerPrinter:
+    """A streamer for generate(): prints the answer while it is generated, the text format_answer gives the whole
+    output, the reasoning dimmed on a terminal. Token ids come in (put, end: transformers' BaseStreamer interface,
+    not subclassed so that importing this file imports no Hugging Face library), are read by ChannelReader, and each
+    message's text is decoded anew from its ids, so a character split over several tokens is printed once whole.
+    Also records the prompt and the output ids. The one difference from format_answer: a model that reasons again
+    after its final answer (gpt-oss does not) gets a second reasoning label here, where format_answer joins it to
+    the first."""
+
+    def __init__(self, tokenizer, reasoning_language: str, out=None, dim: bool = False, stop=None):
+        self.tokenizer, self.language, self.out, self.dim, self.stop = tokenizer, reasoning_language, out, dim, stop
+        self.reader = ChannelReader(tokenizer)
+        self.prompt, self.ids = None, []
+        self.section = None  # "analysis" or "final" once its label is printed
+        self.count = {"analysis": 0, "final": 0}  # messages of each channel opened so far
+        self.shown = 0  # characters of the open message already passed on
+        self.dimmed = False
+
+    def write(self, text: str):
+        if self.out is not None and text:
+            self.out.write(text)
+            self.out.flush()
+
+    def put(self, value):
+        """The prompt's ids first, then each new token (batch size 1)."""
+        if self.prompt is None:
+            self.prompt = value.reshape(-1).tolist()
+            return
+        for token in value.reshape(-1).tolist():
+            self.ids.append(token)
+            self.feed(token)
+
+    def feed(self, token: int | None):
+        closed = len(self.reader.messages)
+        was_open = self.reader.body is not None
+        self.reader.feed(token)
+        if len(self.reader.messages) > closed:  # a message ended: the rest of its text
+            name, text, _ = self.reader.messages[-1]
+            self.text(name, text[self.shown:])
+            self.shown = 0
+        if self.reader.body is not None and not was_open:
+            self.open(self.reader.name)
+        elif self.reader.body:
+            text = self.reader.text()
+            if not text.endswith("\ufffd"):  # wait for the rest of a character split over tokens
+                self.text(self.reader.name, text[self.shown:])
+                self.shown = len(text)
+
+    def open(self, name: str):
+        """A message starts: messages of one channel are joined by a newline, as split_channels joins them."""
+        if name not in self.count:
+            return
+        self.count[name] += 1
+        if name == "final" and self.section != "final":
+            self.label("final")
+        if self.count[name] > 1:
+            self.text(name, "\n")
+
+    def text(self, name: str, text: str):
+        if name not in self.count or not text:
+            return
+        if self.section != name:
+            self.label(name)
+        self.trimmed.add(text)
+
+    def label(self, name: str):
+        if name == "final":
+            if self.section is None:
+                self.label("analysis")
+            self.end_reasoning()
+            self.write("--- final answer ---\n")
+        else:
+            self.write(f"--- reasoning ({self.language}) ---\n" if self.section is None
+                       else f"\n\n--- reasoning ({self.language}) ---\n")
+            self.write(DIM if self.dim else "")
+            self.dimmed = self.dim
+        self.section, self.trimmed = name, Trimmed(self.write)
+
+    def end_reasoning(self):
+        self.close()
+        self.write("\n\n")
+
+    def close(self):
+        """Back to plain text (also where generation was cut short)."""
+        if self.dimmed:
+            self.write(PLAIN)
+            self.dimmed = False
+
+    def end(self):
+        self.feed(None)
+        if self.stop is not None and self.stop.is_set():  # Ctrl-C in a chat, which says so
+            self.close()
+            self.write("\n")
+        elif self.section is None:
+            self.write(format_answer({"analysis": "", "final": None}, self.tokenizer.decode(self.ids), self.language))
+        elif self.section == "analysis":
+            self.end_reasoning()
+            self.write(f"--- final answer ---\n{NO_FINAL}\n")
+        else:
+            self.write("\n")
 
 
 def adapter_base(adapter: str) -> str | None:
@@ -1681,16 +1854,21 @@ def load_for_inference(cfg: Config, dtype=None):
 
 
 def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_tokens: int, temperature: float,
-             seed: int = 42, progress: str | None = None, batch_size: int = 8) -> list:
+             seed: int = 42, progress: str | None = None, batch_size: int = 8, streamer=None, stop=None) -> list:
     """Token ids generated after each chat's prompt, in order; batches are left-padded. Each stops on <|return|> or
-    <|call|> (<|end|> only closes a channel). Greedy when temperature is 0."""
+    <|call|> (<|end|> only closes a channel). Greedy when temperature is 0. A streamer (one chat) gets the tokens as
+    they come; setting the threading.Event stop ends generation after the next token."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import set_seed
+    from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+
+    class Stopped(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     set_seed(seed)
     tokenizer.padding_side = "left"  # new tokens follow every prompt directly
-    stop = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
+    end = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     outputs = []
     for start in tqdm(range(0, len(chats), batch_size), desc=progress, disable=progress is None, unit="batch"):
         inputs = tokenizer.apply_chat_template(chats[start:start + batch_size], add_generation_prompt=True,
@@ -1699,9 +1877,10 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=end, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                                 stopping_criteria=StoppingCriteriaList([Stopped()] if stop else []))
         for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-            ends = [i for i, token in enumerate(row) if token in stop]
+            ends = [i for i, token in enumerate(row) if token in end]
             outputs.append(row[:ends[0] + 1] if ends else row)
     return outputs
 
@@ -1722,7 +1901,13 @@ def run_infer(cfg: Config) -> dict:
     prompt = read_prompt(cfg)
     model, tokenizer = load_for_inference(cfg)
     chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
-    ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed)[0]
+    printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
+    try:
+        ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed,
+                       streamer=printer)[0]
+    finally:
+        if printer:
+            printer.close()  # a Ctrl-C leaves the terminal's text plain
     completion = tokenizer.decode(ids, skip_special_tokens=False)
     result = {"reasoning_language": cfg.reasoning_language, **split_channels(ids, tokenizer), "tokens": len(ids)}
     if cfg.json:
@@ -1730,13 +1915,166 @@ def run_infer(cfg: Config) -> dict:
     elif cfg.raw:
         print(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False,
                                             reasoning_effort=cfg.reasoning_effort) + completion)
-    elif not result["analysis"] and result["final"] is None:
-        print(f"(no harmony channels in the output; raw text follows)\n{completion}")
-    else:
-        print(f"--- reasoning ({cfg.reasoning_language}) ---\n{result['analysis'].strip()}\n")
-        final = result["final"] if result["final"] is not None else "(no final answer: raise --max_new_tokens)"
-        print(f"--- final answer ---\n{final.strip()}")
+    elif not cfg.stream:
+        print(format_answer(result, completion, cfg.reasoning_language), end="")
     return result
+
+
+# -----------------------------------------------------------------------------
+# Chat: the model loads once, each answer streams, the history is kept in harmony's way
+
+WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: the files /save may replace
+CHAT_HELP = """/lang X        reason in language X
+/answer Y      answer in language Y (/answer alone: no instruction)
+/effort LEVEL  reasoning effort: low, medium or high
+/clear         start a new conversation (/save still writes every turn)
+/save FILE     write the turns as .jsonl rows in the dataset's schema: --mode train reads them, --score-file too
+/help          this list
+/exit          leave (so does Ctrl-D); Ctrl-C stops an answer"""
+
+
+@dataclass(frozen=True)
+class ChatSession:
+    """What a chat carries from turn to turn: the settings its commands change, the conversation since the last
+    /clear and every kept turn as a dataset row."""
+    reasoning_language: str
+    answer_language: str | None
+    reasoning_effort: str
+    history: tuple = ()  # user and assistant messages; an assistant's analysis stays, the template drops it
+    rows: tuple = ()
+
+    def messages(self, question: str) -> list:
+        """The next turn's chat: the system line of the current languages, the conversation, the question."""
+        system = build_chat(question, self.reasoning_language, self.answer_language)
+        return [system[0], *self.history, system[1]]
+
+    def answered(self, question: str, analysis: str, final: str) -> "ChatSession":
+        """The session with this turn kept."""
+        chat = self.messages(question) + [{"role": "assistant", "content": final, "thinking": analysis}]
+        row = {"reasoning_language": self.reasoning_language,
+               "developer": chat[0]["content"].partition("\n\n")[2], "user": question, "analysis": analysis,
+               "final": final, "messages": chat, "written_by": WRITTEN_BY}
+        return replace(self, history=tuple(chat[1:]), rows=self.rows + (row,))
+
+
+def save_chat(path: str, rows: tuple) -> str:
+    """Write the rows as JSONL, whole or not at all; only a file /save wrote before is replaced."""
+    file = Path(path).expanduser()
+    if not rows:
+        raise UsageError("/save: no answered question yet")
+    if file.suffix.lower() != ".jsonl":
+        raise UsageError(f"/save {path}: name a .jsonl file (what --mode train reads)")
+    if file.is_dir() or not file.parent.is_dir():
+        raise UsageError(f"/save {path}: " + ("is a folder" if file.is_dir() else f"no folder {file.parent}"))
+    if file.exists():
+        try:
+            first = json.loads(file.read_text(encoding="utf-8").partition("\n")[0])
+        except (OSError, ValueError):
+            first = None
+        if not isinstance(first, dict) or first.get("written_by") != WRITTEN_BY:
+            raise UsageError(f"/save {path}: the file exists and this chat did not write it; name another file")
+    try:
+        write_atomically(file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    except OSError as e:
+        raise UsageError(f"/save {path}: {(e.strerror or str(e)).lower()}") from None
+    return f"saved {len(rows)} turn{'s' * (len(rows) != 1)} to {path}"
+
+
+def handle_command(line: str, session: ChatSession) -> tuple:
+    """(session, what to print) after one /command; a bad one leaves the session as it was. None: leave."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/exit", "/quit"):
+            return None, ""
+        if name == "/help":
+            return session, CHAT_HELP
+        if name == "/clear":
+            return replace(session, history=()), "new conversation (the earlier turns stay in /save)"
+        if name in ("/lang", "/answer", "/effort", "/save") and not arg and name != "/answer":
+            raise UsageError(f"{name} needs a value: " + {"/lang": "/lang French", "/effort": "/effort high",
+                                                          "/save": "/save chat.jsonl"}[name])
+        if name == "/lang":
+            session = replace(session, reasoning_language=canonical_language(arg, "/lang"))
+            return session, f"reasoning language: {session.reasoning_language}"
+        if name == "/answer":
+            session = replace(session, answer_language=canonical_language(arg, "/answer") if arg else None)
+            return session, f"answer language: {session.answer_language or 'not set'}"
+        if name == "/effort":
+            if arg not in ("low", "medium", "high"):
+                raise UsageError(f"/effort {arg}: choose low, medium or high")
+            return replace(session, reasoning_effort=arg), f"reasoning effort: {arg}"
+        if name == "/save":
+            return session, save_chat(arg, session.rows)
+        raise UsageError(f"unknown command {name}; /help lists them")
+    except UsageError as e:
+        return session, f"error: {e}"
+
+
+@contextlib.contextmanager
+def ctrl_c_sets(event: threading.Event):
+    """While it lasts, Ctrl-C sets event instead of raising KeyboardInterrupt: generation stops after its next
+    token and the chat goes on."""
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def chat_turn(cfg: Config, model, tokenizer, session: ChatSession, question: str) -> tuple:
+    """One question answered (streamed unless --no-stream): (the session, with the turn kept when it has a final
+    answer and was not stopped; the printer, which holds the prompt's and the answer's ids)."""
+    stop = threading.Event()
+    printer = AnswerPrinter(tokenizer, session.reasoning_language, sys.stdout if cfg.stream else None,
+                            styled(sys.stdout), stop)
+    with ctrl_c_sets(stop):
+        try:
+            generate(model, tokenizer, [session.messages(question)], session.reasoning_effort, cfg.max_new_tokens,
+                     cfg.temperature, cfg.seed, streamer=printer, stop=stop)
+        finally:
+            printer.close()
+    result = split_channels(printer.ids, tokenizer)
+    if not cfg.stream and not stop.is_set():
+        print(format_answer(result, tokenizer.decode(printer.ids), session.reasoning_language), end="")
+    if stop.is_set():
+        print("[stopped: this answer is not kept]")
+    elif result["final"] is None:
+        print("[not kept in the conversation: no final answer]")
+    else:
+        session = session.answered(question, result["analysis"], result["final"])
+    print()
+    return session, printer
+
+
+def run_chat(cfg: Config, ask=input) -> ChatSession:
+    """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
+    session = ChatSession(canonical_language(cfg.reasoning_language, "--reasoning-language"),
+                          canonical_language(cfg.answer_languages[0], "--answer-language") if cfg.answer_languages
+                          else None, cfg.reasoning_effort)
+    model, tokenizer = load_for_inference(cfg)
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    print(f"chat with {cfg.adapter or cfg.model}, reasoning in {session.reasoning_language}. /help lists the "
+          "commands; Ctrl-C stops an answer, Ctrl-D leaves.")
+    while True:
+        try:
+            line = ask("you> ").strip()
+        except EOFError:
+            print()
+            return session
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit leaves)")
+            continue
+        if line.startswith("/"):
+            following, message = handle_command(line, session)
+            if following is None:
+                return session
+            session = following
+            print(message)
+        elif line:
+            session, _ = chat_turn(cfg, model, tokenizer, session, line)
 
 
 # -----------------------------------------------------------------------------
@@ -2256,6 +2594,7 @@ class Mode:
 MODES = {
     "train": Mode(run_train, "training"),
     "infer": Mode(run_infer, "inference"),
+    "chat": Mode(run_chat, "chat", dict(stream=True)),
     # greedy (repeatable), with room for the reasoning before the answer
     "eval": Mode(run_eval, "evaluation", dict(temperature=0.0, max_new_tokens=1024)),
     "merge": Mode(run_merge, "merging"),
