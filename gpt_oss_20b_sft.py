@@ -1960,8 +1960,9 @@ class ChatSession:
 def save_chat(path: str, rows: tuple) -> str:
     """Write the rows as JSONL, whole or not at all; only a file /save wrote before is replaced."""
     file = Path(path).expanduser()
-    if not rows:
-        raise UsageError("/save: no answered question yet")
+    kept = [row for row in rows if row["analysis"].strip()]  # train refuses a row without reasoning to learn from
+    if not kept:
+        raise UsageError("/save: no answer with reasoning yet")
     if file.suffix.lower() != ".jsonl":
         raise UsageError(f"/save {path}: name a .jsonl file (what --mode train reads)")
     if file.is_dir() or not file.parent.is_dir():
@@ -1974,10 +1975,11 @@ def save_chat(path: str, rows: tuple) -> str:
         if not isinstance(first, dict) or first.get("written_by") != WRITTEN_BY:
             raise UsageError(f"/save {path}: the file exists and this chat did not write it; name another file")
     try:
-        write_atomically(file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_atomically(file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
     except OSError as e:
         raise UsageError(f"/save {path}: {(e.strerror or str(e)).lower()}") from None
-    return f"saved {len(rows)} turn{'s' * (len(rows) != 1)} to {path}"
+    left_out = f" ({len(rows) - len(kept)} without reasoning left out)" if len(kept) < len(rows) else ""
+    return f"saved {len(kept)} turn{'s' * (len(kept) != 1)} to {path}{left_out}"
 
 
 def handle_command(line: str, session: ChatSession) -> tuple:
