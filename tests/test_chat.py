@@ -284,17 +284,21 @@ class Pty:
     def type(self, keys):
         os.write(self.fd, keys.encode())
 
-    def wait(self):
-        for _ in range(600):
+    def wait(self, deadline=120):
+        """The exit code, once the child has ended (what it still prints is read, so it never blocks on writing)."""
+        limit, open_ = time.monotonic() + deadline, True
+        while time.monotonic() < limit:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 return os.waitstatus_to_exitcode(status)
-            try:
-                while select.select([self.fd], [], [], 1)[0] and os.read(self.fd, 4096):
-                    pass
-            except OSError:
-                pass
-        raise AssertionError("the chat did not end")
+            if open_ and select.select([self.fd], [], [], 1)[0]:
+                try:
+                    open_ = bool(os.read(self.fd, 4096))
+                except OSError:  # the child closed the terminal
+                    open_ = False
+            elif not open_:
+                time.sleep(0.1)
+        raise AssertionError(f"the chat did not end:\n{self.text}")
 
 
 @pytest.mark.slow
