@@ -1969,7 +1969,8 @@ def save_chat(path: str, rows: tuple) -> str:
         raise UsageError(f"/save {path}: " + ("is a folder" if file.is_dir() else f"no folder {file.parent}"))
     if file.exists():
         try:
-            first = json.loads(file.read_text(encoding="utf-8").partition("\n")[0])
+            with file.open(encoding="utf-8") as f:
+                first = json.loads(f.readline())
         except (OSError, ValueError):
             first = None
         if not isinstance(first, dict) or first.get("written_by") != WRITTEN_BY:
