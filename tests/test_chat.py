@@ -9,7 +9,6 @@ import pty
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import ROOT, SCRIPT, assert_usage_error, resolve, run_cli
+from conftest import SCRIPT, assert_usage_error, resolve, run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # Two questions the tiny demo model answers with a final message at temperature 0 (a turn without one is not kept).
@@ -149,6 +148,18 @@ def test_history_is_kept_in_harmonys_way(two_turns, loaded):
     assert printed.count("--- reasoning (French) ---") == 1 and printed.count("--- reasoning (Italian) ---") == 1
     assert two["messages"] == [history[0], *session.history]
     assert session.history[1] == {"role": "assistant", "content": one["final"], "thinking": one["analysis"]}
+
+
+def test_chat_without_streaming_prints_the_same_answer_at_the_end(loaded, capsys):
+    cfg, model, tokenizer = loaded
+    printed = []
+    for stream in (True, False):
+        session, printer = sft.chat_turn(dataclasses.replace(cfg, stream=stream), model, tokenizer,
+                                         sft.ChatSession("French", None, "medium"), FIRST)
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] == sft.format_answer(sft.split_channels(printer.ids, tokenizer),
+                                                         tokenizer.decode(printer.ids), "French") + "\n"
+    assert session.rows[0]["final"].strip() in printed[1]
 
 
 def test_the_real_template_drops_earlier_analysis(real_tokenizer, pinned_date):
