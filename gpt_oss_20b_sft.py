@@ -75,6 +75,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def end_process_group():
+    """Leave the launcher's process group before exit: a live gloo/NCCL group can abort at interpreter exit
+    ("terminate called without an active exception", seen with torch 2.14.1 under accelerate launch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def write_atomically(path: Path, data: str | bytes):
     """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
     staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -2294,6 +2302,8 @@ def main(argv=None) -> int:
         print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
               file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
     return 0
 
 
