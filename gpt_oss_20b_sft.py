@@ -398,6 +398,7 @@ class Config:
     reasoning_language: str = setting("English", "language of the analysis channel")
     answer_languages: list[str] | None = setting(None, "language of the final answer (eval: several, rotated)",
                                                  "answer_language")
+    allow_any_language: bool = setting(False, "send a language name the detector does not know as typed (train, infer)")
     temperature: float = setting(0.6, "sampling temperature; 0 = greedy", check="not_negative")
     max_new_tokens: int = setting(512, "tokens to generate at most", check="positive")
     raw: bool = setting(False, "print the whole harmony transcript")
@@ -532,6 +533,37 @@ def _flat(values):
             if v.strip()]
 
 
+@functools.lru_cache(maxsize=None)
+def _lingua_names() -> dict:
+    """The detector's languages by ISO 639-1 and 639-3 code: the names every mode writes and scores."""
+    from lingua import Language
+
+    return {code: language.name.title() for language in Language.all()
+            for code in (language.iso_code_639_1.name.lower(), language.iso_code_639_3.name.lower())}
+
+
+@functools.lru_cache(maxsize=None)
+def language_name(name: str, flag: str, any_language: bool = False) -> str:
+    """One rule for every mode: "german", " GERMAN ", "de", "deu", "Deutsch" -> "German", the name the training rows
+    use (a different name is a different token: " german" is not " German"). langcodes reads codes and native names."""
+    import langcodes
+
+    text = " ".join(name.split())
+    if not text:
+        raise UsageError(f"{flag} is empty: name a language, e.g. {flag} German")
+    try:
+        tag = langcodes.get(text) if langcodes.tag_is_valid(text) else langcodes.find(text)
+        known = _lingua_names().get(tag.language) or _lingua_names().get(tag.to_alpha3())
+    except (LookupError, ValueError):
+        known = None
+    if known or any_language:
+        return known or text
+    close = difflib.get_close_matches(text.title(), sorted(set(_lingua_names().values())), n=3, cutoff=0.6)
+    raise UsageError(f"{flag}: unknown language {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+                     + f" ({len(set(_lingua_names().values()))} languages are known by English name, ISO code or "
+                       "native name; --allow-any-language sends another name as typed)")
+
+
 def derive(cfg: Config) -> Config:
     """Fill the settings that follow from others, where the user left them unset (None). A value given is kept, so
     --print-config's output, fed back with --config, resolves to the same settings."""
@@ -541,11 +573,18 @@ def derive(cfg: Config) -> Config:
     output_dir = cfg.output_dir or {"train": DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR,
                                     "eval": str(Path(adapter) / "eval") if adapter else "eval_output",
                                     "merge": f"{Path(adapter)}-merged" if adapter else None}.get(cfg.mode)
+    any_language = cfg.allow_any_language and cfg.mode != "eval"  # eval scores with the detector: it must know them
+
+    def languages(names, flag):
+        return None if names is None else [language_name(n, flag, any_language) for n in _flat(names)]
+
     return replace(
         cfg, adapter=adapter, model=model, output_dir=output_dir,
         target_modules=_flat(cfg.target_modules), target_parameters=_flat(cfg.target_parameters),
-        reasoning_languages=_flat(cfg.reasoning_languages), question_languages=_flat(cfg.question_languages),
-        answer_languages=_flat(cfg.answer_languages),
+        reasoning_language=language_name(cfg.reasoning_language, "--reasoning-language", any_language),
+        reasoning_languages=languages(cfg.reasoning_languages, "--reasoning-languages"),
+        question_languages=languages(cfg.question_languages, "--question-languages"),
+        answer_languages=languages(cfg.answer_languages, "--answer-language"),
         compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and cfg.mode == "eval" and not cfg.score_file,
         deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
 
@@ -581,8 +620,6 @@ def validate(cfg: Config) -> Config:
         if rule and value is not None and not RULES[rule][0](value):
             also = "".join(f" ({a})" for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
             raise UsageError(f"{flag}{also} {RULES[rule][1]}, got {value}")
-    if not cfg.reasoning_language.strip():
-        raise UsageError("--reasoning-language is empty: name a language, e.g. --reasoning-language German")
     if cfg.answer_languages is not None and not cfg.answer_languages:
         raise UsageError("--answer-language is empty: name a language or leave the flag out")
     if not cfg.target_modules and not cfg.target_parameters:
@@ -805,9 +842,9 @@ def prepare_chats(rows: list, languages: list | None = None, max_samples: int | 
         chat = row_to_messages(row, where=f"row {index + 1}")  # counted from 1, as lines are
         chats.append((reasoning_language_of(row, chat), chat))
     if languages:
-        wanted = {lang.lower() for lang in languages}
+        wanted = {language_name(lang, "--reasoning-languages", True) for lang in languages}
         present = sorted({lang for lang, _ in chats if lang})
-        chats = [(lang, chat) for lang, chat in chats if lang and lang.lower() in wanted]
+        chats = [(lang, chat) for lang, chat in chats if lang and language_name(lang, "row", True) in wanted]
         if not chats:
             raise UsageError(f"no rows with reasoning language {', '.join(languages)}; the data has "
                              f"{', '.join(present) or 'no reasoning_language information'}")
@@ -1762,17 +1799,6 @@ def _language_detector():
     return LanguageDetectorBuilder.from_all_languages().build()
 
 
-def canonical_language(name: str, flag: str) -> str:
-    """The detector's name for a language ("german" -> "German"); a name it does not know is a UsageError."""
-    from lingua import Language
-
-    try:
-        return Language.from_str(name.strip()).name.title()
-    except ValueError:
-        raise UsageError(f"{flag}: unknown language {name!r}; the language detector (lingua) knows "
-                         f"{len(Language.all())} languages by their English names, e.g. Portuguese, Korean, Dutch") from None
-
-
 def _has_letters(text: str) -> bool:
     return any(ch.isalpha() for ch in text)
 
@@ -1830,7 +1856,7 @@ def answer_is_correct(final: str | None, expected: dict) -> bool:
 
 def score_output(reasoning_language: str, analysis: str, final: str | None, answer_language: str | None = None,
                  expected: dict | None = None) -> dict:
-    """The scores of one output. Languages are canonical names (canonical_language)."""
+    """The scores of one output. Languages are canonical names (language_name)."""
     detected = detect_language(analysis)
     scores = {"reasoning_language_detected": detected,
               "reasoning_language_match": detected == reasoning_language,
@@ -1887,8 +1913,8 @@ def read_score_file(path: str) -> list:
             if row.get(field) is not None and not isinstance(row[field], str):
                 raise UsageError(f"{where}: {field!r} must be a string")
         items.append({**row, "model": row.get("model") or "outputs",
-                      "reasoning_language": canonical_language(row["reasoning_language"], where),
-                      "answer_language": canonical_language(row["answer_language"], where)
+                      "reasoning_language": language_name(row["reasoning_language"], where),
+                      "answer_language": language_name(row["answer_language"], where)
                       if row.get("answer_language") else None,
                       "expected": _expected_answer(row.get("expected"), where)})
     return items
@@ -2008,8 +2034,8 @@ def generate_eval_outputs(cfg: Config, plan: list):
 
 def eval_plan_of(cfg: Config) -> list:
     """The prompts to generate: the questions, languages and rotation the flags ask for."""
-    languages = [canonical_language(x, "--reasoning-languages") for x in cfg.reasoning_languages or EVAL_REASONING_LANGUAGES]
-    answer_languages = [canonical_language(x, "--answer-language") for x in cfg.answer_languages or []] or [None]
+    languages = cfg.reasoning_languages or list(EVAL_REASONING_LANGUAGES)
+    answer_languages = cfg.answer_languages or [None]
     questions = read_eval_questions(cfg.eval_file)
     question_languages = cfg.question_languages or list(questions[0]["question"])
     plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.max_samples, cfg.full_grid)

@@ -87,12 +87,6 @@ def test_detector_accuracy_on_the_labelled_check_set():
     assert all(hits[lang] / totals[lang] >= 0.90 for lang in totals), hits
 
 
-def test_language_names_are_the_detectors():
-    assert sft.canonical_language(" portuguese", "--x") == "Portuguese"
-    with pytest.raises(sft.UsageError, match="--x: unknown language 'Elvish'"):
-        sft.canonical_language("Elvish", "--x")
-
-
 def test_bundled_questions():
     questions = sft.read_eval_questions(str(sft.EVAL_QUESTIONS))
     assert len(questions) >= 60 and len({q["id"] for q in questions}) == len(questions)
