@@ -851,7 +851,48 @@ def prepare_chats(rows: list, languages: list | None = None, max_samples: int | 
     return [chat for _, chat in chats[:max_samples]]
 
 
-def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False) -> dict:
+ESCAPED_CONTROL = "\U000f0000\U000f0001"  # stands for "<|" inside message text while the template renders (same length)
+
+
+@functools.lru_cache(maxsize=None)
+def _added_tokens(tokenizer) -> re.Pattern:
+    return re.compile("(" + "|".join(map(re.escape, sorted(tokenizer.added_tokens_encoder, key=len, reverse=True))) + ")")
+
+
+def encode_chat(tokenizer, chat: list, chat_template: str | None = None, assistant_mask: bool = False,
+                where: str = "row", **template_kwargs) -> dict:
+    """input_ids (and the assistant mask) of one chat, with any "<|end|>", "<|return|>", ... inside its text encoded as
+    plain text, as openai-harmony does, so a question about a token or an answer quoting one cannot end a turn.
+    By hand because transformers' sanitize_control_tokens encodes such a string apart from the text around it
+    (" <|end|>" as " ", "<|"... where harmony has " <|", ...) and cannot return the assistant mask (5.23)."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    escaped = [{k: v.replace("<|", ESCAPED_CONTROL) if isinstance(v, str) else v for k, v in m.items() if v is not None}
+               for m in chat]
+    try:
+        rendered, spans = render_jinja_template(
+            [escaped], chat_template=chat_template or tokenizer.chat_template,
+            return_assistant_tokens_mask=assistant_mask, **{**tokenizer.special_tokens_map, **template_kwargs})
+    except TemplateError as e:
+        raise UsageError(f"{where}: the chat template refuses it: {e}") from None
+    text, spans = rendered[0], spans[0] if spans else []
+    ids, starts, position = [], [], 0
+    for piece in _added_tokens(tokenizer).split(text):  # the template's own control tokens, and the text between
+        if piece in tokenizer.added_tokens_encoder:
+            ids.append(tokenizer.added_tokens_encoder[piece])
+            starts.append(position)
+        elif piece:
+            out = tokenizer(piece.replace(ESCAPED_CONTROL, "<|"), add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            ids += out["input_ids"]
+            starts += [position + a for a, _ in out["offset_mapping"]]
+        position += len(piece)
+    mask = [int(any(a <= start < b for a, b in spans)) for start in starts] if assistant_mask else None
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, where: str = "row") -> dict:
     """input_ids and labels of one conversation; labels are -100 outside the assistant's turn.
 
     TRL's training version of the gpt-oss template marks the assistant turn, from its <|start|>assistant through
@@ -860,9 +901,8 @@ def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False) -> d
     """
     from trl.chat_template_utils import get_training_chat_template
 
-    out = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                        chat_template=get_training_chat_template(tokenizer))
-    ids = list(out["input_ids"])
+    out = encode_chat(tokenizer, chat, get_training_chat_template(tokenizer), assistant_mask=True, where=where)
+    ids = out["input_ids"]
     labels = ids[:] if train_on_all_tokens else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
     return {"input_ids": ids, "labels": labels}
 
@@ -870,8 +910,8 @@ def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False) -> d
 def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False):
     """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
     examples, truncated, dropped = [], 0, 0
-    for chat in chats:
-        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens)
+    for index, chat in enumerate(chats):
+        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, where=f"training example {index + 1}")
         if len(ex["input_ids"]) > max_length:
             truncated += 1
             ex = {k: v[:max_length] for k, v in ex.items()}
@@ -1738,9 +1778,9 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
     stop = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     outputs = []
     for start in tqdm(range(0, len(chats), batch_size), desc=progress, disable=progress is None, unit="batch"):
-        inputs = tokenizer.apply_chat_template(chats[start:start + batch_size], add_generation_prompt=True,
-                                               reasoning_effort=reasoning_effort, padding=True, return_tensors="pt",
-                                               return_dict=True).to(model.device)
+        prompts = [encode_chat(tokenizer, chat, add_generation_prompt=True, reasoning_effort=reasoning_effort,
+                               where="prompt")["input_ids"] for chat in chats[start:start + batch_size]]
+        inputs = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
