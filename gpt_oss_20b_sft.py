@@ -2088,13 +2088,18 @@ def run_eval(cfg: Config) -> dict:
     check_output_dir(cfg)
     if cfg.score_file:
         items = read_score_file(cfg.score_file)
-        needs_tokens = any(not isinstance(i.get("reasoning_tokens"), int) for i in items)
-        tokenizer = load_tokenizer(cfg.model) if needs_tokens else None
+        tokenizer = None
+        if any(not isinstance(i.get("reasoning_tokens"), int) for i in items):
+            with contextlib.suppress(UsageError):  # scoring needs no model; the tokenizer only counts tokens
+                tokenizer = load_tokenizer(cfg.model)
+            if tokenizer is None:
+                print(f"note: reasoning tokens not counted: the tokenizer of {cfg.model} is not on this machine "
+                      "(give --model a local gpt-oss directory, or reasoning_tokens per line)")
     else:
         items, tokenizer = generate_eval_outputs(cfg, eval_plan_of(cfg))
     for item in items:
         if not isinstance(item.get("reasoning_tokens"), int):
-            item["reasoning_tokens"] = len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
+            item["reasoning_tokens"] = tokenizer and len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
         item.update(score_output(item["reasoning_language"], item["analysis"], item.get("final"),
                                  item.get("answer_language"), item.get("expected")))
     rows = summarize_scores(items)
