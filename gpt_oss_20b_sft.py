@@ -34,6 +34,7 @@ import sys
 import time
 import types
 import unicodedata
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, get_type_hints
@@ -81,6 +82,17 @@ def end_process_group():
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quiet_library_warnings(on_cuda: bool):
+    """Deprecation notices raised inside the libraries, by calls this script does not make: the user cannot act."""
+    for message in (r"`is_gradient_checkpointing` is deprecated",  # read by TRL 1.16 and PEFT 0.21 (transformers 5.23)
+                    r"`gradient_checkpointing_(enable|disable)` is deprecated",  # called by PEFT 0.21
+                    r"_compile flag on create_block_mask",  # transformers 5.23's flex masks (torch >= 2.11)
+                    r"`torch.jit.script_method` is deprecated"):  # torch 2.13, at a library's import
+        warnings.filterwarnings("ignore", message=message)
+    if not on_cuda:  # deepspeed (imported by accelerate) otherwise warns that it found no GPU, at every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def write_atomically(path: Path, data: str | bytes):
@@ -1238,7 +1250,7 @@ def parallel_arguments(cfg: Config) -> dict:
     """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
     strategy = distributed_strategy(cfg)
     if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
-        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "gradient_checkpointing": False}
+        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "activation_checkpointing": False}
     if strategy.startswith("deepspeed"):
         return {"deepspeed": zero3_config() if cfg.deepspeed == "zero3" else cfg.deepspeed}
     return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
@@ -1264,7 +1276,7 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         per_device_eval_batch_size=cfg.batch_size,
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
         bf16=on_cuda,
         use_cpu=not on_cuda,
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # TRL's default reads 0.9 from the gpt-oss config
@@ -2354,6 +2366,7 @@ def main(argv=None) -> int:
         decide_offline(cfg)
         import torch  # imports no Hugging Face library
 
+        quiet_library_warnings(torch.cuda.is_available())
         note = gpu_note(cfg, torch.cuda.is_available())
         if note and is_main_process():
             print(f"note: {note}")

@@ -108,7 +108,7 @@ def test_trainer_arguments_for_each_strategy(monkeypatch):
     ddp = sft.parallel_arguments(resolve())
     assert ddp == {"ddp_find_unused_parameters": False}
     fsdp = sft.parallel_arguments(resolve("--fsdp"))
-    assert fsdp["gradient_checkpointing"] is False and fsdp["fsdp_config"]["activation_checkpointing"] is True
+    assert fsdp["activation_checkpointing"] is False and fsdp["fsdp_config"]["activation_checkpointing"] is True
     assert fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["GptOssDecoderLayer"]
     zero3 = sft.parallel_arguments(resolve("--deepspeed", "zero3"))["deepspeed"]

@@ -1,6 +1,7 @@
 """Train and infer end to end on the demo's tiny gpt-oss, on CPU, through the same code as the real run."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -121,6 +122,8 @@ def test_demo_command_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--- reasoning (German) ---" in result.stdout or "no harmony channels" in result.stdout
     assert (tmp_path / "demo_output" / "adapter_model.safetensors").exists()
+    # no library deprecation notices or deepspeed's "no GPU found" warning: nothing the user could act on
+    assert not re.search(r"Warning|deprecated|WARNING", result.stdout + result.stderr), result.stderr[-2000:]
     again = run_cli("--demo", "--report_to", "none", "--num_train_epochs", "1", cwd=tmp_path)  # replaces its own output
     assert again.returncode == 0, again.stderr[-2000:]
 
