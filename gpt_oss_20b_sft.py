@@ -351,7 +351,7 @@ class Config:
     max_seq_length: int = setting(2048, "tokens per row; longer rows are cut", "max_length", check="positive")
     train_on_all_tokens: bool = setting(False, "loss on every token, as the Cookbook did (default: the assistant's "
                                                "analysis, final and <|return|> only)")
-    reasoning_effort: Literal["low", "medium", "high"] = setting("medium", "the 'Reasoning:' level of the system prompt")
+    reasoning_effort: Literal["low", "medium", "high"] = setting("medium", "the system prompt's 'Reasoning:' level: train renders it, infer asks with it")
     # LoRA
     lora_r: int = setting(16, "LoRA rank", check="positive")
     lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", check="positive")
@@ -811,7 +811,9 @@ def row_to_messages(row: dict, where: str = "row") -> list:
                 raise UsageError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
             if m["role"] not in ("system", "developer", "user", "assistant"):
                 raise UsageError(f"{where}: messages[{i}] has unknown role {m['role']!r}")
-            message = {"role": m["role"], "content": m["content"]}
+            # "reasoning language: X\n\n" with no developer text renders as the flat columns do, without the blank end
+            content = m["content"].rstrip() if m["role"] in ("system", "developer") else m["content"]
+            message = {"role": m["role"], "content": content}
             if m["role"] == "assistant" and m.get("thinking") is not None:
                 message["thinking"] = m["thinking"]
             chat.append(message)
@@ -904,7 +906,8 @@ def encode_chat(tokenizer, chat: list, chat_template: str | None = None, assista
     return {"input_ids": ids, "assistant_masks": mask}
 
 
-def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, where: str = "row") -> dict:
+def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, where: str = "row",
+                  reasoning_effort: str = "medium") -> dict:
     """input_ids and labels of one conversation; labels are -100 outside the assistant's turn.
 
     TRL's training version of the gpt-oss template marks the assistant turn, from its <|start|>assistant through
@@ -913,17 +916,19 @@ def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, wher
     """
     from trl.chat_template_utils import get_training_chat_template
 
-    out = encode_chat(tokenizer, chat, get_training_chat_template(tokenizer), assistant_mask=True, where=where)
+    out = encode_chat(tokenizer, chat, get_training_chat_template(tokenizer), assistant_mask=True, where=where,
+                      reasoning_effort=reasoning_effort)
     ids = out["input_ids"]
     labels = ids[:] if train_on_all_tokens else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False):
+def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False,
+                   reasoning_effort: str = "medium"):
     """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
     examples, truncated, dropped = [], 0, 0
     for index, chat in enumerate(chats):
-        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, where=f"training example {index + 1}")
+        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, f"training example {index + 1}", reasoning_effort)
         if len(ex["input_ids"]) > max_length:
             truncated += 1
             ex = {k: v[:max_length] for k, v in ex.items()}
@@ -1504,6 +1509,7 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=512)[0]))
 | optimizer | {cfg["optim"]}, lr {cfg["learning_rate"]:g} {cfg["lr_scheduler_type"]}, warmup {cfg["warmup_ratio"]}, weight decay {cfg["weight_decay"]} |
 | epochs / max length | {cfg["num_train_epochs"]:g} / {cfg["max_seq_length"]} tokens |
 | loss | {"every token" if cfg["train_on_all_tokens"] else "assistant tokens only (analysis, final, <|return|>)"}; router aux loss coef {cfg["router_aux_loss_coef"]} |
+| system prompt | `Reasoning: {cfg["reasoning_effort"]}` (ask with `--reasoning_effort {cfg["reasoning_effort"]}`, `reasoning_effort="{cfg["reasoning_effort"]}"` in `apply_chat_template`) |
 
 ## Measured in training
 
@@ -1555,7 +1561,8 @@ def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
     --max_seq_length."""
     from datasets import Dataset
 
-    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens)
+    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens,
+                                     cfg.reasoning_effort)
     if not examples:
         raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
     print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
@@ -1759,12 +1766,24 @@ def adapter_base(adapter: str) -> str | None:
         return None
 
 
+def trained_effort(adapter: str | None) -> str | None:
+    """The reasoning effort an adapter of this tool trained with (its run_summary.json); None for other adapters."""
+    try:
+        return json.loads((Path(adapter) / "run_summary.json").read_text())["config"].get("reasoning_effort", "medium")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_for_inference(cfg: Config, dtype=None):
     """The model (--model, with --adapter on top) and its tokenizer, in eval mode."""
     import torch
 
     if cfg.demo:
         ensure_demo_adapter(cfg)
+    trained = trained_effort(cfg.adapter)
+    if cfg.mode != "merge" and trained and trained != cfg.reasoning_effort:
+        print(f"warning: the adapter trained with 'Reasoning: {trained}'; --reasoning_effort {cfg.reasoning_effort} "
+              "sends a system prompt it never saw", file=sys.stderr)
     config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer_config.json").exists()
                                else cfg.model)

@@ -167,3 +167,27 @@ def test_the_question_about_a_token_is_the_harmony_tokens(real_tokenizer, harmon
         Message.from_role_and_content(Role.USER, "What does <|end|> mean")]))
     assert user[3:] == [4827, 2226, 464, 91, 419, 91, 29, 4774, 200007]  # " <|end|>" as text: " <|", "end", "|>"...
     assert ours[-len(user) - 2:-2] == user and 200007 not in ours[-len(user) - 2:-3]
+
+
+def test_training_renders_the_reasoning_effort_asked_for(real_tokenizer, pinned_date):
+    medium = sft.tokenize_chat(real_tokenizer, sft.row_to_messages(ROW))["input_ids"]
+    high = sft.tokenize_chat(real_tokenizer, sft.row_to_messages(ROW), reasoning_effort="high")["input_ids"]
+    assert "Reasoning: medium" in real_tokenizer.decode(medium) and "Reasoning: high" in real_tokenizer.decode(high)
+    assert len(high) == len(medium) and sum(a != b for a, b in zip(high, medium)) == 1  # one word of the preamble
+
+
+def test_empty_developer_text_renders_as_in_the_flat_columns(real_tokenizer, pinned_date):
+    flat = {**ROW, "developer": ""}
+    hub = {"messages": [{"role": "system", "content": "reasoning language: German\n\n"},
+                        {"role": "user", "content": ROW["user"]},
+                        {"role": "assistant", "content": ROW["final"], "thinking": ROW["analysis"]}]}
+    ours = sft.tokenize_chat(real_tokenizer, sft.row_to_messages(hub))
+    assert ours == sft.tokenize_chat(real_tokenizer, sft.row_to_messages(flat))
+    assert "reasoning language: German\n\n<|end|>" in real_tokenizer.decode(ours["input_ids"])
+
+
+def test_train_mode_renders_its_reasoning_effort(real_tokenizer, pinned_date):
+    from conftest import resolve
+
+    dataset, _, _ = sft.training_dataset(resolve("--reasoning_effort", "low"), real_tokenizer, [sft.row_to_messages(ROW)])
+    assert "Reasoning: low" in real_tokenizer.decode(dataset[0]["input_ids"])

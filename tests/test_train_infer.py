@@ -102,6 +102,17 @@ def test_infer_reads_the_prompt_from_stdin_and_raw_shows_the_transcript(trained)
     assert result.returncode == 0, result.stderr
     assert ("<|start|>developer<|message|># Instructions\n\nreasoning language: French\n\n<|end|>"
             "<|start|>user<|message|>Quelle heure est-il ?<|end|><|start|>assistant") in result.stdout
+    assert "warning" not in result.stderr  # asked with the effort it trained with
+
+
+def test_infer_warns_when_asked_with_an_effort_the_adapter_never_saw(trained):
+    out, trainer, _ = trained
+    assert "Reasoning: medium" in trainer.processing_class.decode(trainer.train_dataset[0]["input_ids"])
+    result = run_cli("--mode", "infer", "--adapter", str(out), "--max_new_tokens", "4", "--raw",
+                     "--reasoning_effort", "high", "--prompt", "2+2?")
+    assert result.returncode == 0 and "Reasoning: high" in result.stdout
+    assert [line for line in result.stderr.splitlines() if "warning" in line] == [
+        "warning: the adapter trained with 'Reasoning: medium'; --reasoning_effort high sends a system prompt it never saw"]
 
 
 def test_expert_lora_through_target_parameters(tmp_path, demo_model):
