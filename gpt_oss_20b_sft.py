@@ -37,6 +37,7 @@ import threading
 import time
 import types
 import unicodedata
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, get_type_hints
@@ -76,6 +77,25 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def end_process_group():
+    """Leave the launcher's process group before exit: a live gloo/NCCL group can abort at interpreter exit
+    ("terminate called without an active exception", seen with torch 2.14.1 under accelerate launch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def quiet_library_warnings(on_cuda: bool):
+    """Deprecation notices raised inside the libraries, by calls this script does not make: the user cannot act."""
+    for message in (r"`is_gradient_checkpointing` is deprecated",  # read by TRL 1.16 and PEFT 0.21 (transformers 5.23)
+                    r"`gradient_checkpointing_(enable|disable)` is deprecated",  # called by PEFT 0.21
+                    r"_compile flag on create_block_mask",  # transformers 5.23's flex masks (torch >= 2.11)
+                    r"`torch.jit.script_method` is deprecated"):  # torch 2.13, at a library's import
+        warnings.filterwarnings("ignore", message=message)
+    if not on_cuda:  # deepspeed (imported by accelerate) otherwise warns that it found no GPU, at every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def write_atomically(path: Path, data: str | bytes):
@@ -335,7 +355,7 @@ class Config:
     max_seq_length: int = setting(2048, "tokens per row; longer rows are cut", "max_length", check="positive")
     train_on_all_tokens: bool = setting(False, "loss on every token, as the Cookbook did (default: the assistant's "
                                                "analysis, final and <|return|> only)")
-    reasoning_effort: Literal["low", "medium", "high"] = setting("medium", "the 'Reasoning:' level of the system prompt")
+    reasoning_effort: Literal["low", "medium", "high"] = setting("medium", "the system prompt's 'Reasoning:' level: train renders it, infer asks with it")
     # LoRA
     lora_r: int = setting(16, "LoRA rank", check="positive")
     lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", check="positive")
@@ -394,6 +414,7 @@ class Config:
     reasoning_language: str = setting("English", "language of the analysis channel")
     answer_languages: list[str] | None = setting(None, "language of the final answer (eval: several, rotated)",
                                                  "answer_language")
+    allow_any_language: bool = setting(False, "send a language name the detector does not know as typed (train, infer)")
     temperature: float = setting(0.6, "sampling temperature; 0 = greedy", check="not_negative")
     max_new_tokens: int = setting(512, "tokens to generate at most", check="positive")
     stream: bool | None = setting(None, "print the answer while it is generated (default: when stdout is a terminal; "
@@ -530,6 +551,37 @@ def _flat(values):
             if v.strip()]
 
 
+@functools.lru_cache(maxsize=None)
+def _lingua_names() -> dict:
+    """The detector's languages by ISO 639-1 and 639-3 code: the names every mode writes and scores."""
+    from lingua import Language
+
+    return {code: language.name.title() for language in Language.all()
+            for code in (language.iso_code_639_1.name.lower(), language.iso_code_639_3.name.lower())}
+
+
+@functools.lru_cache(maxsize=None)
+def language_name(name: str, flag: str, any_language: bool = False) -> str:
+    """One rule for every mode: "german", " GERMAN ", "de", "deu", "Deutsch" -> "German", the name the training rows
+    use (a different name is a different token: " german" is not " German"). langcodes reads codes and native names."""
+    import langcodes
+
+    text = " ".join(name.split())
+    if not text:
+        raise UsageError(f"{flag} is empty: name a language, e.g. {flag} German")
+    try:
+        tag = langcodes.get(text) if langcodes.tag_is_valid(text) else langcodes.find(text)
+        known = _lingua_names().get(tag.language) or _lingua_names().get(tag.to_alpha3())
+    except (LookupError, ValueError):
+        known = None
+    if known or any_language:
+        return known or text
+    close = difflib.get_close_matches(text.title(), sorted(set(_lingua_names().values())), n=3, cutoff=0.6)
+    raise UsageError(f"{flag}: unknown language {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+                     + f" ({len(set(_lingua_names().values()))} languages are known by English name, ISO code or "
+                       "native name; --allow-any-language sends another name as typed)")
+
+
 def derive(cfg: Config) -> Config:
     """Fill the settings that follow from others, where the user left them unset (None). A value given is kept, so
     --print-config's output, fed back with --config, resolves to the same settings."""
@@ -539,11 +591,18 @@ def derive(cfg: Config) -> Config:
     output_dir = cfg.output_dir or {"train": DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR,
                                     "eval": str(Path(adapter) / "eval") if adapter else "eval_output",
                                     "merge": f"{Path(adapter)}-merged" if adapter else None}.get(cfg.mode)
+    any_language = cfg.allow_any_language and cfg.mode != "eval"  # eval scores with the detector: it must know them
+
+    def languages(names, flag):
+        return None if names is None else [language_name(n, flag, any_language) for n in _flat(names)]
+
     return replace(
         cfg, adapter=adapter, model=model, output_dir=output_dir,
         target_modules=_flat(cfg.target_modules), target_parameters=_flat(cfg.target_parameters),
-        reasoning_languages=_flat(cfg.reasoning_languages), question_languages=_flat(cfg.question_languages),
-        answer_languages=_flat(cfg.answer_languages),
+        reasoning_language=language_name(cfg.reasoning_language, "--reasoning-language", any_language),
+        reasoning_languages=languages(cfg.reasoning_languages, "--reasoning-languages"),
+        question_languages=languages(cfg.question_languages, "--question-languages"),
+        answer_languages=languages(cfg.answer_languages, "--answer-language"),
         compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and cfg.mode == "eval" and not cfg.score_file,
         stream=cfg.stream if cfg.stream is not None else sys.stdout.isatty() and not (cfg.json or cfg.raw),
         deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
@@ -580,8 +639,6 @@ def validate(cfg: Config) -> Config:
         if rule and value is not None and not RULES[rule][0](value):
             also = "".join(f" ({a})" for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
             raise UsageError(f"{flag}{also} {RULES[rule][1]}, got {value}")
-    if not cfg.reasoning_language.strip():
-        raise UsageError("--reasoning-language is empty: name a language, e.g. --reasoning-language German")
     if cfg.answer_languages is not None and not cfg.answer_languages:
         raise UsageError("--answer-language is empty: name a language or leave the flag out")
     if not cfg.target_modules and not cfg.target_parameters:
@@ -766,7 +823,9 @@ def row_to_messages(row: dict, where: str = "row") -> list:
                 raise UsageError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
             if m["role"] not in ("system", "developer", "user", "assistant"):
                 raise UsageError(f"{where}: messages[{i}] has unknown role {m['role']!r}")
-            message = {"role": m["role"], "content": m["content"]}
+            # "reasoning language: X\n\n" with no developer text renders as the flat columns do, without the blank end
+            content = m["content"].rstrip() if m["role"] in ("system", "developer") else m["content"]
+            message = {"role": m["role"], "content": content}
             if m["role"] == "assistant" and m.get("thinking") is not None:
                 message["thinking"] = m["thinking"]
             chat.append(message)
@@ -809,16 +868,58 @@ def prepare_chats(rows: list, languages: list | None = None, max_samples: int | 
         chat = row_to_messages(row, where=f"row {index + 1}")  # counted from 1, as lines are
         chats.append((reasoning_language_of(row, chat), chat))
     if languages:
-        wanted = {lang.lower() for lang in languages}
+        wanted = {language_name(lang, "--reasoning-languages", True) for lang in languages}
         present = sorted({lang for lang, _ in chats if lang})
-        chats = [(lang, chat) for lang, chat in chats if lang and lang.lower() in wanted]
+        chats = [(lang, chat) for lang, chat in chats if lang and language_name(lang, "row", True) in wanted]
         if not chats:
             raise UsageError(f"no rows with reasoning language {', '.join(languages)}; the data has "
                              f"{', '.join(present) or 'no reasoning_language information'}")
     return [chat for _, chat in chats[:max_samples]]
 
 
-def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False) -> dict:
+ESCAPED_CONTROL = "\U000f0000\U000f0001"  # stands for "<|" inside message text while the template renders (same length)
+
+
+@functools.lru_cache(maxsize=None)
+def _added_tokens(tokenizer) -> re.Pattern:
+    return re.compile("(" + "|".join(map(re.escape, sorted(tokenizer.added_tokens_encoder, key=len, reverse=True))) + ")")
+
+
+def encode_chat(tokenizer, chat: list, chat_template: str | None = None, assistant_mask: bool = False,
+                where: str = "row", **template_kwargs) -> dict:
+    """input_ids (and the assistant mask) of one chat, with any "<|end|>", "<|return|>", ... inside its text encoded as
+    plain text, as openai-harmony does, so a question about a token or an answer quoting one cannot end a turn.
+    By hand because transformers' sanitize_control_tokens encodes such a string apart from the text around it
+    (" <|end|>" as " ", "<|"... where harmony has " <|", ...) and cannot return the assistant mask (5.23)."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    escaped = [{k: v.replace("<|", ESCAPED_CONTROL) if isinstance(v, str) else v for k, v in m.items() if v is not None}
+               for m in chat]
+    try:
+        rendered, spans = render_jinja_template(
+            [escaped], chat_template=chat_template or tokenizer.chat_template,
+            return_assistant_tokens_mask=assistant_mask, **{**tokenizer.special_tokens_map, **template_kwargs})
+    except TemplateError as e:
+        raise UsageError(f"{where}: the chat template refuses it: {e}") from None
+    text, spans = rendered[0], spans[0] if spans else []
+    ids, starts, position = [], [], 0
+    for piece in _added_tokens(tokenizer).split(text):  # the template's own control tokens, and the text between
+        if piece in tokenizer.added_tokens_encoder:
+            ids.append(tokenizer.added_tokens_encoder[piece])
+            starts.append(position)
+        elif piece:
+            out = tokenizer(piece.replace(ESCAPED_CONTROL, "<|"), add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            ids += out["input_ids"]
+            starts += [position + a for a, _ in out["offset_mapping"]]
+        position += len(piece)
+    mask = [int(any(a <= start < b for a, b in spans)) for start in starts] if assistant_mask else None
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, where: str = "row",
+                  reasoning_effort: str = "medium") -> dict:
     """input_ids and labels of one conversation; labels are -100 outside the assistant's turn.
 
     TRL's training version of the gpt-oss template marks the assistant turn, from its <|start|>assistant through
@@ -827,18 +928,19 @@ def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False) -> d
     """
     from trl.chat_template_utils import get_training_chat_template
 
-    out = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                        chat_template=get_training_chat_template(tokenizer))
-    ids = list(out["input_ids"])
+    out = encode_chat(tokenizer, chat, get_training_chat_template(tokenizer), assistant_mask=True, where=where,
+                      reasoning_effort=reasoning_effort)
+    ids = out["input_ids"]
     labels = ids[:] if train_on_all_tokens else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False):
+def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False,
+                   reasoning_effort: str = "medium"):
     """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
     examples, truncated, dropped = [], 0, 0
-    for chat in chats:
-        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens)
+    for index, chat in enumerate(chats):
+        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, f"training example {index + 1}", reasoning_effort)
         if len(ex["input_ids"]) > max_length:
             truncated += 1
             ex = {k: v[:max_length] for k, v in ex.items()}
@@ -1165,7 +1267,7 @@ def parallel_arguments(cfg: Config) -> dict:
     """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
     strategy = distributed_strategy(cfg)
     if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
-        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "gradient_checkpointing": False}
+        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "activation_checkpointing": False}
     if strategy.startswith("deepspeed"):
         return {"deepspeed": zero3_config() if cfg.deepspeed == "zero3" else cfg.deepspeed}
     return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
@@ -1191,7 +1293,7 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         per_device_eval_batch_size=cfg.batch_size,
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
         bf16=on_cuda,
         use_cpu=not on_cuda,
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # TRL's default reads 0.9 from the gpt-oss config
@@ -1419,6 +1521,7 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=512)[0]))
 | optimizer | {cfg["optim"]}, lr {cfg["learning_rate"]:g} {cfg["lr_scheduler_type"]}, warmup {cfg["warmup_ratio"]}, weight decay {cfg["weight_decay"]} |
 | epochs / max length | {cfg["num_train_epochs"]:g} / {cfg["max_seq_length"]} tokens |
 | loss | {"every token" if cfg["train_on_all_tokens"] else "assistant tokens only (analysis, final, <|return|>)"}; router aux loss coef {cfg["router_aux_loss_coef"]} |
+| system prompt | `Reasoning: {cfg["reasoning_effort"]}` (ask with `--reasoning_effort {cfg["reasoning_effort"]}`, `reasoning_effort="{cfg["reasoning_effort"]}"` in `apply_chat_template`) |
 
 ## Measured in training
 
@@ -1470,7 +1573,8 @@ def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
     --max_seq_length."""
     from datasets import Dataset
 
-    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens)
+    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens,
+                                     cfg.reasoning_effort)
     if not examples:
         raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
     print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
@@ -1835,12 +1939,24 @@ def adapter_base(adapter: str) -> str | None:
         return None
 
 
+def trained_effort(adapter: str | None) -> str | None:
+    """The reasoning effort an adapter of this tool trained with (its run_summary.json); None for other adapters."""
+    try:
+        return json.loads((Path(adapter) / "run_summary.json").read_text())["config"].get("reasoning_effort", "medium")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_for_inference(cfg: Config, dtype=None):
     """The model (--model, with --adapter on top) and its tokenizer, in eval mode."""
     import torch
 
     if cfg.demo:
         ensure_demo_adapter(cfg)
+    trained = trained_effort(cfg.adapter)
+    if cfg.mode != "merge" and trained and trained != cfg.reasoning_effort:
+        print(f"warning: the adapter trained with 'Reasoning: {trained}'; --reasoning_effort {cfg.reasoning_effort} "
+              "sends a system prompt it never saw", file=sys.stderr)
     config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer_config.json").exists()
                                else cfg.model)
@@ -1871,9 +1987,9 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
     end = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
     outputs = []
     for start in tqdm(range(0, len(chats), batch_size), desc=progress, disable=progress is None, unit="batch"):
-        inputs = tokenizer.apply_chat_template(chats[start:start + batch_size], add_generation_prompt=True,
-                                               reasoning_effort=reasoning_effort, padding=True, return_tensors="pt",
-                                               return_dict=True).to(model.device)
+        prompts = [encode_chat(tokenizer, chat, add_generation_prompt=True, reasoning_effort=reasoning_effort,
+                               where="prompt")["input_ids"] for chat in chats[start:start + batch_size]]
+        inputs = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
@@ -1942,6 +2058,7 @@ class ChatSession:
     reasoning_effort: str
     history: tuple = ()  # user and assistant messages; an assistant's analysis stays, the template drops it
     rows: tuple = ()
+    any_language: bool = False  # --allow-any-language: /lang and /answer take names the detector does not know
 
     def messages(self, question: str) -> list:
         """The next turn's chat: the system line of the current languages, the conversation, the question."""
@@ -1998,10 +2115,11 @@ def handle_command(line: str, session: ChatSession) -> tuple:
             raise UsageError(f"{name} needs a value: " + {"/lang": "/lang French", "/effort": "/effort high",
                                                           "/save": "/save chat.jsonl"}[name])
         if name == "/lang":
-            session = replace(session, reasoning_language=canonical_language(arg, "/lang"))
+            session = replace(session, reasoning_language=language_name(arg, "/lang", session.any_language))
             return session, f"reasoning language: {session.reasoning_language}"
         if name == "/answer":
-            session = replace(session, answer_language=canonical_language(arg, "/answer") if arg else None)
+            session = replace(session, answer_language=language_name(arg, "/answer", session.any_language) if arg
+                              else None)
             return session, f"answer language: {session.answer_language or 'not set'}"
         if name == "/effort":
             if arg not in ("low", "medium", "high"):
@@ -2052,9 +2170,8 @@ def chat_turn(cfg: Config, model, tokenizer, session: ChatSession, question: str
 
 def run_chat(cfg: Config, ask=input) -> ChatSession:
     """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
-    session = ChatSession(canonical_language(cfg.reasoning_language, "--reasoning-language"),
-                          canonical_language(cfg.answer_languages[0], "--answer-language") if cfg.answer_languages
-                          else None, cfg.reasoning_effort)
+    session = ChatSession(cfg.reasoning_language, (cfg.answer_languages or [None])[0], cfg.reasoning_effort,
+                          any_language=cfg.allow_any_language)  # derive() has made the names canonical
     model, tokenizer = load_for_inference(cfg)
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
@@ -2093,17 +2210,6 @@ def _language_detector():
     from lingua import LanguageDetectorBuilder
 
     return LanguageDetectorBuilder.from_all_languages().build()
-
-
-def canonical_language(name: str, flag: str) -> str:
-    """The detector's name for a language ("german" -> "German"); a name it does not know is a UsageError."""
-    from lingua import Language
-
-    try:
-        return Language.from_str(name.strip()).name.title()
-    except ValueError:
-        raise UsageError(f"{flag}: unknown language {name!r}; the language detector (lingua) knows "
-                         f"{len(Language.all())} languages by their English names, e.g. Portuguese, Korean, Dutch") from None
 
 
 def _has_letters(text: str) -> bool:
@@ -2163,7 +2269,7 @@ def answer_is_correct(final: str | None, expected: dict) -> bool:
 
 def score_output(reasoning_language: str, analysis: str, final: str | None, answer_language: str | None = None,
                  expected: dict | None = None) -> dict:
-    """The scores of one output. Languages are canonical names (canonical_language)."""
+    """The scores of one output. Languages are canonical names (language_name)."""
     detected = detect_language(analysis)
     scores = {"reasoning_language_detected": detected,
               "reasoning_language_match": detected == reasoning_language,
@@ -2220,8 +2326,8 @@ def read_score_file(path: str) -> list:
             if row.get(field) is not None and not isinstance(row[field], str):
                 raise UsageError(f"{where}: {field!r} must be a string")
         items.append({**row, "model": row.get("model") or "outputs",
-                      "reasoning_language": canonical_language(row["reasoning_language"], where),
-                      "answer_language": canonical_language(row["answer_language"], where)
+                      "reasoning_language": language_name(row["reasoning_language"], where),
+                      "answer_language": language_name(row["answer_language"], where)
                       if row.get("answer_language") else None,
                       "expected": _expected_answer(row.get("expected"), where)})
     return items
@@ -2341,8 +2447,8 @@ def generate_eval_outputs(cfg: Config, plan: list):
 
 def eval_plan_of(cfg: Config) -> list:
     """The prompts to generate: the questions, languages and rotation the flags ask for."""
-    languages = [canonical_language(x, "--reasoning-languages") for x in cfg.reasoning_languages or EVAL_REASONING_LANGUAGES]
-    answer_languages = [canonical_language(x, "--answer-language") for x in cfg.answer_languages or []] or [None]
+    languages = cfg.reasoning_languages or list(EVAL_REASONING_LANGUAGES)
+    answer_languages = cfg.answer_languages or [None]
     questions = read_eval_questions(cfg.eval_file)
     question_languages = cfg.question_languages or list(questions[0]["question"])
     plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.max_samples, cfg.full_grid)
@@ -2355,13 +2461,18 @@ def run_eval(cfg: Config) -> dict:
     check_output_dir(cfg)
     if cfg.score_file:
         items = read_score_file(cfg.score_file)
-        needs_tokens = any(not isinstance(i.get("reasoning_tokens"), int) for i in items)
-        tokenizer = load_tokenizer(cfg.model) if needs_tokens else None
+        tokenizer = None
+        if any(not isinstance(i.get("reasoning_tokens"), int) for i in items):
+            with contextlib.suppress(UsageError):  # scoring needs no model; the tokenizer only counts tokens
+                tokenizer = load_tokenizer(cfg.model)
+            if tokenizer is None:
+                print(f"note: reasoning tokens not counted: the tokenizer of {cfg.model} is not on this machine "
+                      "(give --model a local gpt-oss directory, or reasoning_tokens per line)")
     else:
         items, tokenizer = generate_eval_outputs(cfg, eval_plan_of(cfg))
     for item in items:
         if not isinstance(item.get("reasoning_tokens"), int):
-            item["reasoning_tokens"] = len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
+            item["reasoning_tokens"] = tokenizer and len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
         item.update(score_output(item["reasoning_language"], item["analysis"], item.get("final"),
                                  item.get("answer_language"), item.get("expected")))
     rows = summarize_scores(items)
@@ -2617,6 +2728,7 @@ def main(argv=None) -> int:
         decide_offline(cfg)
         import torch  # imports no Hugging Face library
 
+        quiet_library_warnings(torch.cuda.is_available())
         note = gpu_note(cfg, torch.cuda.is_available())
         if note and is_main_process():
             print(f"note: {note}")
@@ -2636,6 +2748,8 @@ def main(argv=None) -> int:
         print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
               file=sys.stderr)
         return 130
+    finally:
+        end_process_group()
     return 0
 
 

@@ -192,6 +192,9 @@ def test_commands():
                          ("/save", "error: /save needs a value"), ("/bogus", "error: unknown command /bogus")]:
         after, said = sft.handle_command(line, session)
         assert after == session and said.startswith(needle) and "\n" not in said
+    assert sft.handle_command("/lang Deutsch", session)[1] == "reasoning language: German"  # the rule of every mode
+    anything = dataclasses.replace(session, any_language=True)  # --allow-any-language
+    assert sft.handle_command("/lang Klingon", anything)[1] == "reasoning language: Klingon"
     assert sft.handle_command("/help", session) == (session, sft.CHAT_HELP)
     assert sft.handle_command("/exit", session)[0] is None
 

@@ -136,3 +136,58 @@ def test_a_repeated_header_is_no_text_and_leaves_the_answer_incomplete(real_toke
                                                        "complete": False}
     closed = real_tokenizer.encode("<|channel|>final<|message|>Ja.<|return|>", add_special_tokens=False)
     assert sft.split_channels(closed, real_tokenizer) == {"analysis": "", "final": "Ja.", "complete": True}
+
+
+CONTROL_ROW = {"reasoning_language": "German", "developer": "Never print <|return|> yourself",
+               "user": "What does <|end|> mean, and <|channel|>?",
+               "analysis": "Das Token <|end|> schließt eine Nachricht; <|channel|>final<|message|> ist ein Kopf.",
+               "final": "It closes a message, as <|return|> closes the answer."}
+
+
+def test_control_token_strings_in_text_are_text_as_in_harmony(real_tokenizer, harmony, pinned_date):
+    example = sft.tokenize_chat(real_tokenizer, sft.row_to_messages(CONTROL_ROW))
+    ours, theirs = example["input_ids"], harmony_training_tokens(harmony, CONTROL_ROW, pinned_date)
+    theirs_part, ours_part, _ = only_difference(theirs, ours)
+    assert (theirs_part, ours_part) == ([], [279])  # the known "\n\n" after the developer text, nothing else
+    # the template's own control tokens only: system, developer, user and analysis end in <|end|>, the final answer
+    # in <|return|>
+    assert ours.count(200007) == 4 and ours.count(200002) == 1 and ours[-1] == 200002
+    labelled = [t for t in example["labels"] if t != -100]
+    assert real_tokenizer.decode(labelled).endswith("<|message|>It closes a message, as <|return|> closes the answer."
+                                                    "<|return|>")
+    assert labelled.count(200002) == 1  # the quoted <|return|> is text: the answer is not taught to stop there
+
+
+def test_the_question_about_a_token_is_the_harmony_tokens(real_tokenizer, harmony, pinned_date):
+    from openai_harmony import Conversation, Message, Role
+
+    chat = sft.build_chat("What does <|end|> mean", "German")
+    ours = sft.encode_chat(real_tokenizer, chat, add_generation_prompt=True, reasoning_effort="medium")["input_ids"]
+    user = harmony.render_conversation(Conversation.from_messages([
+        Message.from_role_and_content(Role.USER, "What does <|end|> mean")]))
+    assert user[3:] == [4827, 2226, 464, 91, 419, 91, 29, 4774, 200007]  # " <|end|>" as text: " <|", "end", "|>"...
+    assert ours[-len(user) - 2:-2] == user and 200007 not in ours[-len(user) - 2:-3]
+
+
+def test_training_renders_the_reasoning_effort_asked_for(real_tokenizer, pinned_date):
+    medium = sft.tokenize_chat(real_tokenizer, sft.row_to_messages(ROW))["input_ids"]
+    high = sft.tokenize_chat(real_tokenizer, sft.row_to_messages(ROW), reasoning_effort="high")["input_ids"]
+    assert "Reasoning: medium" in real_tokenizer.decode(medium) and "Reasoning: high" in real_tokenizer.decode(high)
+    assert len(high) == len(medium) and sum(a != b for a, b in zip(high, medium)) == 1  # one word of the preamble
+
+
+def test_empty_developer_text_renders_as_in_the_flat_columns(real_tokenizer, pinned_date):
+    flat = {**ROW, "developer": ""}
+    hub = {"messages": [{"role": "system", "content": "reasoning language: German\n\n"},
+                        {"role": "user", "content": ROW["user"]},
+                        {"role": "assistant", "content": ROW["final"], "thinking": ROW["analysis"]}]}
+    ours = sft.tokenize_chat(real_tokenizer, sft.row_to_messages(hub))
+    assert ours == sft.tokenize_chat(real_tokenizer, sft.row_to_messages(flat))
+    assert "reasoning language: German\n\n<|end|>" in real_tokenizer.decode(ours["input_ids"])
+
+
+def test_train_mode_renders_its_reasoning_effort(real_tokenizer, pinned_date):
+    from conftest import resolve
+
+    dataset, _, _ = sft.training_dataset(resolve("--reasoning_effort", "low"), real_tokenizer, [sft.row_to_messages(ROW)])
+    assert "Reasoning: low" in real_tokenizer.decode(dataset[0]["input_ids"])

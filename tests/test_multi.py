@@ -43,7 +43,7 @@ def launch(launcher, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run([*commands[launcher], "--output_dir", str(out), *extra], capture_output=True, text=True,
                             env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-3000:]
     return result
 
 
@@ -108,7 +108,7 @@ def test_trainer_arguments_for_each_strategy(monkeypatch):
     ddp = sft.parallel_arguments(resolve())
     assert ddp == {"ddp_find_unused_parameters": False}
     fsdp = sft.parallel_arguments(resolve("--fsdp"))
-    assert fsdp["gradient_checkpointing"] is False and fsdp["fsdp_config"]["activation_checkpointing"] is True
+    assert fsdp["activation_checkpointing"] is False and fsdp["fsdp_config"]["activation_checkpointing"] is True
     assert fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["GptOssDecoderLayer"]
     zero3 = sft.parallel_arguments(resolve("--deepspeed", "zero3"))["deepspeed"]
@@ -137,3 +137,14 @@ def test_bad_parallel_flags(argv, needle):
     with pytest.raises(sft.UsageError, match=None) as e:
         resolve(*argv)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+@pytest.mark.slow
+def test_launchers_exit_cleanly_every_time(tmp_path, launcher):
+    # An abort at exit (SIGABRT on one rank after training had finished) showed up once in three accelerate
+    # launches while the process group was left alive. With the test above, every launcher runs three times.
+    for attempt in range(2):
+        result = launch(launcher, tmp_path / f"run{attempt}")
+        assert "terminate called" not in result.stderr
+        assert (tmp_path / f"run{attempt}" / "adapter_model.safetensors").is_file()

@@ -1,6 +1,7 @@
 """Train and infer end to end on the demo's tiny gpt-oss, on CPU, through the same code as the real run."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,17 @@ def test_infer_reads_the_prompt_from_stdin_and_raw_shows_the_transcript(trained)
     assert result.returncode == 0, result.stderr
     assert ("<|start|>developer<|message|># Instructions\n\nreasoning language: French\n\n<|end|>"
             "<|start|>user<|message|>Quelle heure est-il ?<|end|><|start|>assistant") in result.stdout
+    assert "warning" not in result.stderr  # asked with the effort it trained with
+
+
+def test_infer_warns_when_asked_with_an_effort_the_adapter_never_saw(trained):
+    out, trainer, _ = trained
+    assert "Reasoning: medium" in trainer.processing_class.decode(trainer.train_dataset[0]["input_ids"])
+    result = run_cli("--mode", "infer", "--adapter", str(out), "--max_new_tokens", "4", "--raw",
+                     "--reasoning_effort", "high", "--prompt", "2+2?")
+    assert result.returncode == 0 and "Reasoning: high" in result.stdout
+    assert [line for line in result.stderr.splitlines() if "warning" in line] == [
+        "warning: the adapter trained with 'Reasoning: medium'; --reasoning_effort high sends a system prompt it never saw"]
 
 
 def test_expert_lora_through_target_parameters(tmp_path, demo_model):
@@ -121,6 +133,8 @@ def test_demo_command_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--- reasoning (German) ---" in result.stdout or "no harmony channels" in result.stdout
     assert (tmp_path / "demo_output" / "adapter_model.safetensors").exists()
+    # no library deprecation notices or deepspeed's "no GPU found" warning: nothing the user could act on
+    assert not re.search(r"Warning|deprecated|WARNING", result.stdout + result.stderr), result.stderr[-2000:]
     again = run_cli("--demo", "--report_to", "none", "--num_train_epochs", "1", cwd=tmp_path)  # replaces its own output
     assert again.returncode == 0, again.stderr[-2000:]
 

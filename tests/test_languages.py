@@ -1,0 +1,74 @@
+"""One rule for language names in every mode: English names in any case and spacing, ISO codes and native names all
+become the name the training rows use; anything else is one line naming close matches."""
+
+import pytest
+
+from conftest import ROOT, resolve, sft, write_jsonl
+
+
+@pytest.mark.parametrize("typed, name", [
+    ("German", "German"), ("german", "German"), (" GERMAN ", "German"), ("de", "German"), ("deu", "German"),
+    ("Deutsch", "German"), ("zh", "Chinese"), ("中文", "Chinese"), ("日本語", "Japanese"), ("ja", "Japanese"),
+    ("français", "French"), ("Español", "Spanish"), ("italiano", "Italian"), ("pt", "Portuguese"),
+    ("pt-BR", "Portuguese"), ("русский", "Russian"), ("한국어", "Korean"), ("Swahili", "Swahili"),
+])
+def test_names_codes_and_native_names(typed, name):
+    assert sft.language_name(typed, "--x") == name
+
+
+def test_unknown_names_are_one_line_with_close_matches():
+    with pytest.raises(sft.UsageError, match=r"--x: unknown language 'Germn'; did you mean German or Georgian\?"):
+        sft.language_name("Germn", "--x")
+    with pytest.raises(sft.UsageError, match=r"--x: unknown language 'Klingon' \(75 languages .* "
+                                             r"--allow-any-language sends another name as typed\)"):
+        sft.language_name("Klingon", "--x")
+    with pytest.raises(sft.UsageError, match="--x is empty"):
+        sft.language_name("  ", "--x")
+    assert sft.language_name(" Klingon  ", "--x", any_language=True) == "Klingon"  # spaces normalised, name as typed
+
+
+def test_infer_train_and_eval_share_the_rule():
+    infer = resolve("--mode", "infer", "--reasoning-language", "deutsch", "--answer-language", "es", "--prompt", "hi")
+    assert (infer.reasoning_language, infer.answer_languages) == ("German", ["Spanish"])
+    train = resolve("--reasoning-languages", "fr,DE")
+    assert train.reasoning_languages == ["French", "German"]
+    eval_ = resolve("--mode", "eval", "--reasoning-languages", "zh,ja,pt", "--question-languages", "english",
+                    "--answer-languages", "français")
+    assert (eval_.reasoning_languages, eval_.question_languages, eval_.answer_languages) == (
+        ["Chinese", "Japanese", "Portuguese"], ["English"], ["French"])
+    assert resolve("--mode", "infer", "--reasoning-language", "Klingon", "--allow-any-language").reasoning_language \
+        == "Klingon"
+    with pytest.raises(sft.UsageError, match="--reasoning-language: unknown language 'Klingon'"):
+        resolve("--mode", "infer", "--reasoning-language", "Klingon")
+    # eval scores the reasoning with the detector, which cannot score a language it does not know
+    with pytest.raises(sft.UsageError, match="--reasoning-languages: unknown language 'Klingon'"):
+        resolve("--mode", "eval", "--reasoning-languages", "Klingon", "--allow-any-language")
+
+
+def test_train_filter_reads_row_names_with_the_same_rule(tmp_path):
+    rows = [{"reasoning_language": lang, "user": "q", "analysis": "a", "final": "f"}
+            for lang in ("German", "german", "French", "Klingon")]
+    assert len(sft.prepare_chats(rows, ["de"])) == 2
+    assert len(sft.prepare_chats(rows, ["Klingon"])) == 1
+    with pytest.raises(sft.UsageError, match="no rows with reasoning language Japanese; the data has French, German"):
+        sft.prepare_chats(rows, ["Japanese"])
+
+
+def test_score_file_language_names(tmp_path):
+    path = write_jsonl(tmp_path / "outs.jsonl", [{"reasoning_language": "de", "analysis": "Ich denke nach.",
+                                                  "final": "4", "answer_language": "english"}])
+    item = sft.read_score_file(path)[0]
+    assert (item["reasoning_language"], item["answer_language"]) == ("German", "English")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"reasoning_language": "Elvish", "analysis": "..."}])
+    with pytest.raises(sft.UsageError, match="line 1: unknown language 'Elvish'"):
+        sft.read_score_file(bad)
+
+
+@pytest.mark.real_tokenizer
+def test_infer_sends_the_trained_token(real_tokenizer, pinned_date):
+    # " german" (81862) is not the " German" (15913) every training row carries
+    cfg = resolve("--mode", "infer", "--reasoning-language", "german", "--prompt", "hi")
+    text = real_tokenizer.apply_chat_template(sft.build_chat("hi", cfg.reasoning_language), tokenize=False,
+                                              add_generation_prompt=True)
+    ids = real_tokenizer(text, add_special_tokens=False).input_ids
+    assert 15913 in ids and 81862 not in ids
