@@ -2043,7 +2043,7 @@ WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: the 
 CHAT_HELP = """/lang X        reason in language X
 /answer Y      answer in language Y (/answer alone: no instruction)
 /effort LEVEL  reasoning effort: low, medium or high
-/clear         start a new conversation (/save still writes every turn)
+/clear         start a new conversation (/save still writes the earlier turns)
 /save FILE     write the turns as .jsonl rows in the dataset's schema: --mode train reads them, --score-file too
 /help          this list
 /exit          leave (so does Ctrl-D); Ctrl-C stops an answer"""
@@ -2111,7 +2111,7 @@ def handle_command(line: str, session: ChatSession) -> tuple:
             return session, CHAT_HELP
         if name == "/clear":
             return replace(session, history=()), "new conversation (the earlier turns stay in /save)"
-        if name in ("/lang", "/answer", "/effort", "/save") and not arg and name != "/answer":
+        if name in ("/lang", "/effort", "/save") and not arg:
             raise UsageError(f"{name} needs a value: " + {"/lang": "/lang French", "/effort": "/effort high",
                                                           "/save": "/save chat.jsonl"}[name])
         if name == "/lang":
