@@ -156,7 +156,7 @@ def test_bad_values_are_refused(argv, message):
 
 @pytest.mark.parametrize("recipe, needle", [
     ("learning_rate: [1, 2]\n", "--learning_rate: [1, 2] is not a valid value"),
-    ("mode: fly\n", "--mode: 'fly' is not a valid value; choose from train, infer, eval, merge"),
+    ("mode: fly\n", "--mode: 'fly' is not a valid value; choose from train, infer, chat, eval, merge"),
     ("lora_rank: 8\n", "unknown setting 'lora_rank' (did you mean lora_r?)"),
     ("- just a list\n", "must be a YAML mapping of settings"),
     ("a: [\n", "is not valid YAML"),
