@@ -11,7 +11,7 @@
     python gpt_oss_20b_sft.py --print-config                   # the resolved settings (YAML), loads nothing
     torchrun --nproc_per_node=2 gpt_oss_20b_sft.py             # several GPUs (also deepspeed, accelerate launch)
 
-Reads top to bottom in pipeline order: errors and files, settings, data, model, train, infer, eval, merge, the
+Reads top to bottom in pipeline order: errors and files, settings, data, model, train, infer, chat, eval, merge, the
 demo, and last the table of modes that main() runs.
 """
 
