@@ -96,12 +96,26 @@ def read_text_file(path: Path, what: str) -> str:
                          "e.g. iconv -f latin1 -t utf-8") from None
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_directory(target: Path):
     """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
     target is either the old one or the complete new one, never half of it. Other outputs of this tool inside the
     old target (e.g. <merged>/eval) move into the new one."""
     staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if stale != staging and pid.isdigit() and owner_of(stale) and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)  # what a killed run of this tool left (kill -9 runs no cleanup)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -1008,7 +1022,7 @@ def checkpoint_dir(source: str) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            directory = Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
+            directory = Path(snapshot_download(source, allow_patterns=["model*.safetensors", "*.json"]))
         except Exception as e:  # the hub raises many types; the user needs the message only
             raise _hub_error(source, e) from e
     return directory
