@@ -338,6 +338,8 @@ class Config:
     merge_format: Literal["mxfp4", "bf16"] = setting(
         "mxfp4", "merge: mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 "
                  "dequantizes them (~42 GB; chosen by itself for an adapter on expert tensors)")
+    merge_logits_check: bool = setting(True, "merge: also compare base+adapter and merged logits where the model fits "
+                                             "in memory (the tensor check always runs)")
     attn_implementation: Literal["auto", "eager", "flex_attention"] = setting(
         "auto", "auto: flex_attention on CUDA, eager on CPU (sdpa and flash-attention cannot apply gpt-oss's sinks)")
     dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "hub dataset id or a local .jsonl/.json/.parquet file")
@@ -2346,13 +2348,12 @@ def merge_logits_check(cfg: Config, staging: Path) -> dict:
     return merge_agreement(tuned, base, after)
 
 
-def write_merge_configs(base_dir: Path, staging: Path, tokenizer, to_bf16: bool):
+def write_merge_configs(config, base_dir: Path, staging: Path, tokenizer, to_bf16: bool):
     """config.json as the base's (its quantization_config kept) or, for bf16, without it; generation_config.json
     stopping on <|return|> and <|call|>; the tokenizer."""
     import torch
     from transformers import GenerationConfig
 
-    config = load_model_config(str(base_dir))
     if to_bf16:
         config = unquantized_config(config)
         config.dtype = torch.bfloat16
@@ -2381,8 +2382,9 @@ def run_merge(cfg: Config) -> dict:
         ensure_demo_adapter(cfg)
     out = Path(cfg.output_dir)
     adapter_config, pairs = read_lora_adapter(cfg.adapter)
+    config = load_model_config(cfg.model)
     base_dir = checkpoint_dir(cfg.model)
-    layout = checkpoint_layout(checkpoint_files(cfg.model))
+    layout = checkpoint_layout(checkpoint_files(str(base_dir)))
     updates = plan_updates(layout, adapter_config, pairs, cfg.adapter, cfg.model)
     tokenizer = load_tokenizer(cfg.adapter if (Path(cfg.adapter) / "tokenizer_config.json").exists() else cfg.model)
     quantized = sorted({n.split(".mlp.")[-1] for n in updates if n not in layout})
@@ -2390,15 +2392,16 @@ def run_merge(cfg: Config) -> dict:
     if quantized and cfg.merge_format != "bf16":
         print(f"note: this adapter changes MXFP4 expert weights ({', '.join(quantized)}), which would need "
               "re-quantizing: writing bf16 instead (--merge-format bf16, about 3x the size)")
-    kept = "bf16" if to_bf16 else "MXFP4 experts copied byte for byte" if any(
-        n.endswith("_blocks") for n in layout) else "the base's dtypes"
+    written = "bf16" if to_bf16 else "mxfp4" if any(n.endswith("_blocks") for n in layout) else "base dtypes"
+    kept = {"mxfp4": "MXFP4 experts copied byte for byte", "base dtypes": "the base's dtypes"}.get(written, written)
     print(f"merging {cfg.adapter} into {cfg.model} ({kept}): {len(updates)} weights rewritten, streamed tensor by "
           f"tensor")
-    skipped = logits_check_skipped(layout, torch.cuda.is_available())
+    skipped = (logits_check_skipped(layout, torch.cuda.is_available()) if cfg.merge_logits_check
+               else "turned off with --no-merge-logits-check")
     with staged_directory(out) as staging:  # out is empty, or holds an earlier merge that --overwrite replaces
         claim_output_dir(staging, "merge", replace_own=False)
         weight_map = stream_merge(layout, updates, staging, to_bf16)
-        write_merge_configs(base_dir, staging, tokenizer, to_bf16)
+        write_merge_configs(config, base_dir, staging, tokenizer, to_bf16)
         tensors = check_merged_tensors(staging, weight_map, layout, updates, to_bf16)
         if not tensors["passed"]:
             raise RunFailed(f"The merged tensors do not equal W + s·BA (worst error {tensors['worst_error_over_bound']:.2f}x "
@@ -2421,15 +2424,15 @@ def run_merge(cfg: Config) -> dict:
                                 "below bf16 rounding.")
             print(f"verified: merged logits equal base+adapter within bf16 tolerance on {len(MERGE_CHECK_PROMPTS)} "
                   f"prompts: {numbers}")
-        record = {"passed": True, "format": "bf16" if to_bf16 else cfg.merge_format, "base": cfg.model,
+        record = {"passed": True, "format": written, "base": cfg.model,
                   "adapter": cfg.adapter, "weights_rewritten": sorted(updates),
                   "checks_run": ["tensors"] + ([] if skipped else ["logits"]),
                   "tensor_check": tensors, "logits_check": logits}
         (staging / "merge_check.json").write_text(json.dumps(record, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"wrote the merged model to {out}/ ({size / 2**30:.2f} GiB of safetensors" if size > 2**30 else
-          f"wrote the merged model to {out}/ ({size / 2**20:.1f} MiB of safetensors", end="")
-    print(", config, generation config, tokenizer, merge_check.json)")
+    size = f"{size / 2**30:.2f} GiB" if size > 2**30 else f"{size / 2**20:.1f} MiB"
+    print(f"wrote the merged model to {out}/ ({size} of safetensors, config, generation config, tokenizer, "
+          "merge_check.json)")
     return record
 
 

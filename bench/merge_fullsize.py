@@ -8,8 +8,10 @@ tokenizer from --config, tensor names and shapes from transformers' GptOss modul
 blocks/scales (the layout the hub checkpoint has and the script's --use_4bit loader reads), random values, bf16
 everything else, in shards of at most 5 GB cut in state-dict order (transformers' save_pretrained way; the hub
 release's exact file split is not reproduced: the merge does not depend on it). Then an adapter of the seed shape
-(r 16, alpha 16, q_proj and v_proj on all 24 layers) and the merge, each run its own process, peak RSS from the
-kernel (ru_maxrss of the child: resident anonymous and file-mapped pages). Outputs are deleted after measuring.
+(r 16, alpha 16, q_proj and v_proj on all 24 layers) and the merge, each run its own process with
+--no-merge-logits-check (the numbers are the merge's own: the logits check needs the model in bf16, 47 GiB), peak
+RSS from the kernel (ru_maxrss of the child: resident anonymous and file-mapped pages). Outputs are deleted after
+measuring.
 The bf16 merge runs on a checkpoint cut to --bf16-layers layers (0: all 24; about 42 GB more on disk) and its time
 and size are scaled to 24 layers by the bytes written, labelled as such.
 """
@@ -129,7 +131,7 @@ def measure(base: Path, adapter: Path, out: Path, *flags) -> dict:
     """One merge in its own process: wall seconds, peak RSS (GiB) and output size."""
     shutil.rmtree(out, ignore_errors=True)
     argv = [sys.executable, str(HERE / "gpt_oss_20b_sft.py"), "--mode", "merge", "--model", str(base), "--adapter",
-            str(adapter), "--output_dir", str(out), *flags]
+            str(adapter), "--output_dir", str(out), "--no-merge-logits-check", *flags]  # the merge alone
     log = out.with_name(out.name + ".log")
     start = time.perf_counter()
     with open(log, "w") as sink:
@@ -154,11 +156,11 @@ def main():
 
     full_layers = json.loads((args.config / "config.json").read_text())["num_hidden_layers"]
     rows = []
-    started = time.perf_counter()
+    started, reused = time.perf_counter(), (args.dir / "base" / "config.json").exists()
     base = build_base(args.config, args.dir / "base")
     base_size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     print(f"fake gpt-oss-20b: {base_size / 2**30:.2f} GiB in {len(list(base.glob('*.safetensors')))} shards "
-          f"({time.perf_counter() - started:.0f} s to build)", flush=True)
+          + ("(built earlier)" if reused else f"({time.perf_counter() - started:.0f} s to build)"), flush=True)
     adapter = build_adapter(base, args.dir / "adapter")
     run = measure(base, adapter, args.dir / "merged-mxfp4")
     rows.append(("mxfp4", full_layers, run, base_size, 1.0))
@@ -172,10 +174,10 @@ def main():
     per_layer = 2 * sum(math.prod(s) * (2 if n.endswith("_blocks") else 0 if n.endswith("_scales") else 1)
                         for n, (s, _) in layout(sft.load_model_config(str(base))).items() if ".layers.0." in n)
     scale = (run["size"] + (full_layers - layers) * per_layer) / run["size"]
-    rows.append(("bf16", layers, run, base_size, scale))
+    rows.append(("bf16", layers, run, sum(p.stat().st_size for p in subset.glob("*.safetensors")), scale))
     shutil.rmtree(args.dir / "merged-bf16")
 
-    print("\n| format | layers merged | wall time | peak RSS | output | output / base |")
+    print("\n| format | layers merged | wall time | peak RSS | output | output / its base |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, n, run, size, scale in rows:
         measured = (f"| {name} | {n} of {full_layers} | {run['seconds']:.0f} s | {run['rss'] / 2**30:.2f} GiB | "
@@ -184,7 +186,7 @@ def main():
         if scale != 1.0:
             print(f"| {name}, scaled to {full_layers} layers (estimate, not measured) | {full_layers} of {full_layers} | "
                   f"~{run['seconds'] * scale:.0f} s | same (streamed) | ~{run['size'] * scale / 2**30:.1f} GiB | "
-                  f"~{run['size'] * scale / size:.2f} |")
+                  f"~{run['size'] * scale / base_size:.2f} |")
 
 
 if __name__ == "__main__":
