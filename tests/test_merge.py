@@ -244,3 +244,23 @@ def test_a_merge_killed_half_way_leaves_no_output_and_the_next_run_cleans_up(mxf
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the killed run's staging is gone
     assert json.loads((out / "merge_check.json").read_text())["passed"]
+
+
+@pytest.mark.slow
+def test_merge_from_a_hub_id_reads_the_hugging_face_cache(mxfp4_base, adapters, tmp_path):
+    import os
+    import shutil
+
+    commit = "0" * 40  # the cache layout huggingface_hub reads offline: refs/main names a snapshot folder
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt-oss-mxfp4"
+    shutil.copytree(mxfp4_base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = run_cli("--mode", "merge", "--adapter", str(adapters["attention"]), "--model",
+                     "someone/tiny-gpt-oss-mxfp4", "--output", str(tmp_path / "merged"), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verified: merged logits equal base+adapter" in result.stdout
+    record = json.loads((tmp_path / "merged" / "merge_check.json").read_text())
+    assert record["base"] == "someone/tiny-gpt-oss-mxfp4" and record["format"] == "mxfp4"
+    assert (tmp_path / "merged" / "config.json").read_bytes() == (mxfp4_base / "config.json").read_bytes()
