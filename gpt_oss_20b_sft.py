@@ -2104,20 +2104,23 @@ def read_lora_adapter(adapter: str) -> tuple:
         raise UsageError(f"--adapter {adapter}: adapter_config.json is not readable JSON ({type(e).__name__})") from None
     extras = [k for k in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices") if config.get(k)]
     if config.get("peft_type") != "LORA" or extras:
-        raise UsageError(f"--adapter {adapter} is a {config.get('peft_type')} adapter{' with ' + ', '.join(extras) if extras else ''}; "
-                         "merge folds plain LoRA (as train mode writes it): serve this one unmerged")
+        with_extras = f" with {', '.join(extras)}" if extras else ""
+        raise UsageError(f"--adapter {adapter} is a {config.get('peft_type')} adapter{with_extras}; merge folds plain "
+                         "LoRA (as train mode writes it): serve this one unmerged")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise UsageError(f"--adapter {adapter} has no adapter_model.safetensors (a train run that did not finish?)")
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
-        raise UsageError(f"--adapter {adapter}: adapter_model.safetensors is corrupt ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"--adapter {adapter}: adapter_model.safetensors is corrupt "
+                         f"({str(e).splitlines()[0]})") from None
     pairs = {}
     for key, tensor in state.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
         if not match or tensor.ndim != 2:
-            raise UsageError(f"--adapter {adapter} holds {key}, which is no LoRA A/B matrix; merge folds plain LoRA only")
+            raise UsageError(f"--adapter {adapter} holds {key}, which is no LoRA A/B matrix; merge folds plain LoRA "
+                             "only")
         pairs.setdefault(match[1], {})[match[2]] = tensor
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
@@ -2192,7 +2195,8 @@ def lora_delta(a, b, scale: float, shape: tuple, dtype=None):
         return (b @ a) * scale
     experts = shape[0]
     rank = a.shape[0] // experts
-    return torch.einsum("ore,eri->eio", b.reshape(b.shape[0], rank, experts), a.reshape(experts, rank, a.shape[-1])) * scale
+    b, a = b.reshape(b.shape[0], rank, experts), a.reshape(experts, rank, a.shape[-1])
+    return torch.einsum("ore,eri->eio", b, a) * scale
 
 
 def merged_tensor(get, name: str, stored: bool, updates: dict, to_bf16: bool):
@@ -2404,8 +2408,9 @@ def run_merge(cfg: Config) -> dict:
         write_merge_configs(config, base_dir, staging, tokenizer, to_bf16)
         tensors = check_merged_tensors(staging, weight_map, layout, updates, to_bf16)
         if not tensors["passed"]:
-            raise RunFailed(f"The merged tensors do not equal W + s·BA (worst error {tensors['worst_error_over_bound']:.2f}x "
-                            f"the rounding bound, missing {tensors['missing']}), so nothing was written.")
+            raise RunFailed(f"The merged tensors do not equal W + s·BA (worst error "
+                            f"{tensors['worst_error_over_bound']:.2f}x the rounding bound, missing {tensors['missing']}), "
+                            "so nothing was written.")
         print(f"checked: the {tensors['tensors']} merged weights equal W + s·BA rounded once (worst error "
               f"{tensors['worst_error_over_bound']:.2f}x the rounding bound) and every other tensor is there")
         logits = {"skipped": skipped} if skipped else merge_logits_check(cfg, staging)

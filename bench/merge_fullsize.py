@@ -184,7 +184,8 @@ def main():
                     f"{run['size'] / 2**30:.2f} GiB | {run['size'] / size:.4f} |")
         print(measured)
         if scale != 1.0:
-            print(f"| {name}, scaled to {full_layers} layers (estimate, not measured) | {full_layers} of {full_layers} | "
+            print(f"| {name}, scaled to {full_layers} layers (estimate, not measured) | {full_layers} of {full_layers} "
+                  "| "
                   f"~{run['seconds'] * scale:.0f} s | same (streamed) | ~{run['size'] * scale / 2**30:.1f} GiB | "
                   f"~{run['size'] * scale / base_size:.2f} |")
 
