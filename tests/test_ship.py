@@ -1,6 +1,7 @@
 """Ship and survive: merge, resume after kill -9, NaN stop, atomic outputs, model card, no token leaks, OOM message."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -72,6 +73,7 @@ def test_merge_demo_command(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "verified: merged logits equal base+adapter within bf16 tolerance on 3 prompts" in result.stdout
     assert (tmp_path / "demo_output-merged" / "model.safetensors").exists()
+    assert not re.search(r"Warning|deprecated|WARNING", result.stdout + result.stderr), result.stderr[-2000:]
     adapter_config = json.loads((tmp_path / "demo_output" / "adapter_config.json").read_text())
     assert (sft.Path(adapter_config["base_model_name_or_path"]) / "config.json").exists()
 
