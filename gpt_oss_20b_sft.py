@@ -119,12 +119,26 @@ def read_text_file(path: Path, what: str) -> str:
                          "e.g. iconv -f latin1 -t utf-8") from None
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_directory(target: Path):
     """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
     target is either the old one or the complete new one, never half of it. Other outputs of this tool inside the
     old target (e.g. <merged>/eval) move into the new one."""
     staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if stale != staging and pid.isdigit() and owner_of(stale) and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)  # what a killed run of this tool left (kill -9 runs no cleanup)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -256,9 +270,10 @@ def out_of_memory_advice(cfg, during: str, peak_gib: float, total_gib: float, de
                 + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
                 + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
     if during == "merging":
-        return head + ("Merging holds the whole model in bf16 (about 42 GB for gpt-oss-20b): run it on a card with "
-                       "more free memory, or on the CPU with CUDA_VISIBLE_DEVICES= in front of the command (it then "
-                       "needs about 45 GB of RAM).")
+        return head + ("The merge itself streams the checkpoint; its logits check holds the whole model in bf16 "
+                       "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
+                       "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
+                       "logits check is skipped and the tensor check runs alone).")
     return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
             + (f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.eval_batch_size > 1
                else "")
@@ -344,6 +359,11 @@ class Config:
     adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, eval, merge)")
     use_4bit: bool = setting(False, "keep the experts in MXFP4 as shipped, dequantized one layer at a time: 14 GB of "
                                     "weights instead of 42")
+    merge_format: Literal["mxfp4", "bf16"] = setting(
+        "mxfp4", "merge: mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 "
+                 "dequantizes them (~42 GB; chosen by itself for an adapter on expert tensors)")
+    merge_logits_check: bool = setting(True, "merge: also compare base+adapter and merged logits where the model fits "
+                                             "in memory (the tensor check always runs)")
     attn_implementation: Literal["auto", "eager", "flex_attention"] = setting(
         "auto", "auto: flex_attention on CUDA, eager on CPU (sdpa and flash-attention cannot apply gpt-oss's sinks)")
     dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "hub dataset id or a local .jsonl/.json/.parquet file")
@@ -586,7 +606,7 @@ def derive(cfg: Config) -> Config:
     """Fill the settings that follow from others, where the user left them unset (None). A value given is kept, so
     --print-config's output, fed back with --config, resolves to the same settings."""
     adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and cfg.mode != "train" and not cfg.score_file else None)
-    model = cfg.model or (str(demo_model_dir(cfg.use_4bit)) if cfg.demo
+    model = cfg.model or (str(demo_model_dir(cfg.use_4bit or cfg.mode == "merge")) if cfg.demo  # merge: as shipped
                           else adapter_base(adapter) if adapter else None) or DEFAULT_MODEL
     output_dir = cfg.output_dir or {"train": DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR,
                                     "eval": str(Path(adapter) / "eval") if adapter else "eval_output",
@@ -650,8 +670,8 @@ def validate(cfg: Config) -> Config:
         raise UsageError("--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them: drop "
                          "--target_parameters or --use_4bit")
     if cfg.use_4bit and cfg.mode == "merge":
-        raise UsageError("merge writes the base in bf16 with the adapter folded in; drop --use_4bit (serve the "
-                         "adapter on the MXFP4 base with --use_4bit instead)")
+        raise UsageError("--use_4bit does not apply to merge: it streams the checkpoint without loading the model and "
+                         "keeps the experts in MXFP4 by default (--merge-format mxfp4); drop --use_4bit")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
     if cfg.json and cfg.raw:
@@ -707,7 +727,7 @@ def render_config(cfg: Config) -> str:
 def gpu_note(cfg: Config, on_cuda: bool) -> str | None:
     """One line, before anything else fails, for a machine with no GPU asked to run a hub model (full size: every
     gpt-oss is 20B or more; local models are counted once their config is read)."""
-    if on_cuda or cfg.demo or cfg.score_file or looks_local(cfg.model):
+    if on_cuda or cfg.demo or cfg.score_file or cfg.mode == "merge" or looks_local(cfg.model):  # merge streams
         return None
     return (f"there is no CUDA GPU here and {cfg.model} is a full-size model: training needs a GPU with >= 80 GB"
             " and inference one with >= 24 GB (--use_4bit); on CPU, --demo and tiny local models run")
@@ -1111,17 +1131,22 @@ def mxfp4_experts_class():
     return Mxfp4Experts
 
 
-def checkpoint_files(source: str) -> list:
-    """The safetensors files of a local directory or of a hub repo (downloaded once into the HF cache)."""
+def checkpoint_dir(source: str) -> Path:
+    """A local directory, or a hub repo's weights and configs (downloaded once into the HF cache)."""
     directory = Path(source)
     if not directory.is_dir():
         from huggingface_hub import snapshot_download
 
         try:
-            directory = Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
+            directory = Path(snapshot_download(source, allow_patterns=["model*.safetensors", "*.json"]))
         except Exception as e:  # the hub raises many types; the user needs the message only
             raise _hub_error(source, e) from e
-    files = sorted(directory.glob("*.safetensors"))
+    return directory
+
+
+def checkpoint_files(source: str) -> list:
+    """The safetensors files of a local directory or of a hub repo."""
+    files = sorted(checkpoint_dir(source).glob("*.safetensors"))
     if not files:
         raise UsageError(f"{source} has no .safetensors weights")
     return files
@@ -2514,12 +2539,250 @@ def merge_agreement(tuned, base, merged) -> dict:
     return check
 
 
-def run_merge(cfg: Config) -> dict:
+MERGE_SHARD_BYTES = 2 * 2**30  # output shards of at most this size: the merge holds about one shard in memory
+
+
+def read_lora_adapter(adapter: str) -> tuple:
+    """(adapter_config, {PEFT module path: {"A": lora_A, "B": lora_B}}) of a train run's adapter. Anything the
+    streaming merge cannot fold exactly (not LoRA, DoRA, trained biases or embeddings, extra saved modules) or cannot
+    read (a missing or corrupt file) is one line, before anything is written."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(adapter)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--adapter {adapter}: adapter_config.json is not readable JSON ({type(e).__name__})") from None
+    extras = [k for k in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices") if config.get(k)]
+    if config.get("peft_type") != "LORA" or extras:
+        with_extras = f" with {', '.join(extras)}" if extras else ""
+        raise UsageError(f"--adapter {adapter} is a {config.get('peft_type')} adapter{with_extras}; merge folds plain "
+                         "LoRA (as train mode writes it): serve this one unmerged")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"--adapter {adapter} has no adapter_model.safetensors (a train run that did not finish?)")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"--adapter {adapter}: adapter_model.safetensors is corrupt "
+                         f"({str(e).splitlines()[0]})") from None
+    pairs = {}
+    for key, tensor in state.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if not match or tensor.ndim != 2:
+            raise UsageError(f"--adapter {adapter} holds {key}, which is no LoRA A/B matrix; merge folds plain LoRA "
+                             "only")
+        pairs.setdefault(match[1], {})[match[2]] = tensor
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
+            raise UsageError(f"--adapter {adapter}: {module} has no matching lora_A/lora_B pair; the file is damaged")
+    return config, pairs
+
+
+def checkpoint_layout(files: list) -> dict:
+    """{tensor name: (file, shape, safetensors dtype)} of a checkpoint, from the shards' headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    layout = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as shard:
+                for name in shard.keys():
+                    view = shard.get_slice(name)
+                    layout[name] = (file, tuple(view.get_shape()), view.get_dtype())
+        except SafetensorError as e:
+            raise UsageError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return layout
+
+
+def stored_shape(layout: dict, name: str) -> tuple | None:
+    """The shape of a weight as the model holds it: MXFP4 blocks [E, out, in/32, 16] hold an [E, in, out] weight."""
+    if name in layout:
+        return layout[name][1]
+    if f"{name}_blocks" in layout:
+        experts, rows, groups, _ = layout[f"{name}_blocks"][1]
+        return experts, groups * 32, rows
+    return None
+
+
+def plan_updates(layout: dict, adapter_config: dict, pairs: dict, adapter: str, model: str) -> dict:
+    """{base weight name: (A, B, scale)}: each LoRA pair matched to the weight it adapts, by name and shape. Linear
+    layers: W [out, in] += s·B@A. Expert tensors (PEFT's target_parameters, nested as base_layer): W [E, in, out]."""
+    targets = adapter_config.get("target_parameters") or []
+    updates = {}
+    for key, pair in pairs.items():
+        module = re.sub(r"(\.base_layer)+$", "", key)
+        a_rows, in_features = pair["A"].shape
+        out_features = pair["B"].shape[0]
+        candidates = [f"{module}.weight"] + [f"{module}.{t.rsplit('.', 1)[-1]}" for t in targets
+                                             if module.endswith(t.rsplit(".", 1)[0])]
+        shapes = {c: stored_shape(layout, c) for c in candidates}
+        fits = [c for c, shape in shapes.items() if shape and c not in updates and (
+            shape == (out_features, in_features) if len(shape) == 2
+            else len(shape) == 3 and a_rows % shape[0] == 0 and shape[1:] == (in_features, out_features))]
+        if len(fits) != 1:
+            found = ", ".join(f"{c} {list(s)}" for c, s in shapes.items() if s) or f"no {candidates[0]}"
+            raise UsageError(f"--adapter {adapter} does not fit {model}: its {module} update is {out_features}x"
+                             f"{in_features} and the model has {found}; was it trained on another base?")
+        name = fits[0]
+        experts = shapes[name][0] if len(shapes[name]) == 3 else 1
+        alpha = adapter_config.get("lora_alpha", 8)
+        for pattern, value in (adapter_config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = value
+        rank = a_rows // experts
+        scale = alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+        updates[name] = (pair["A"], pair["B"], scale)
+    return updates
+
+
+def lora_delta(a, b, scale: float, shape: tuple, dtype=None):
+    """s·B@A in the weight's shape (fp32 unless dtype says otherwise). Experts, as PEFT's ParamWrapper computes it:
+    A [E·r, in] and B [out, r·E] give one [in, out] update per expert."""
     import torch
 
-    check_output_dir(cfg)
-    out = Path(cfg.output_dir)
-    model, tokenizer = load_for_inference(cfg, dtype=torch.bfloat16)  # MXFP4 dequantized: expert LoRA merges too
+    a, b = a.to(dtype or torch.float32), b.to(dtype or torch.float32)
+    if len(shape) == 2:
+        return (b @ a) * scale
+    experts = shape[0]
+    rank = a.shape[0] // experts
+    b, a = b.reshape(b.shape[0], rank, experts), a.reshape(experts, rank, a.shape[-1])
+    return torch.einsum("ore,eri->eio", b, a) * scale
+
+
+def merged_tensor(get, name: str, stored: bool, updates: dict, to_bf16: bool):
+    """One output tensor: W + s·BA computed in fp32 and rounded once (to bf16, or to the dtype the base stores);
+    with to_bf16 an MXFP4 weight is dequantized by transformers' dequantizer first; any other tensor as stored."""
+    import torch
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    update = updates.get(name)
+    if not stored:  # stored as MXFP4 blocks and scales
+        weight = convert_moe_packed_tensors(get(f"{name}_blocks"), get(f"{name}_scales"),
+                                            dtype=torch.float32 if update else torch.bfloat16,
+                                            rows_per_chunk=MXFP4_ROWS_PER_CHUNK)
+        target = torch.bfloat16
+    else:
+        weight = get(name)
+        target = torch.bfloat16 if to_bf16 and weight.is_floating_point() else weight.dtype
+    if update:
+        weight = weight.float() + lora_delta(*update, tuple(weight.shape))
+    return weight.to(target).contiguous()
+
+
+def output_tensors(layout: dict, to_bf16: bool) -> list:
+    """(output name, bytes) in the base's order. bf16 output: each MXFP4 blocks+scales pair becomes one bf16 weight."""
+    items = []
+    for name, (_, shape, dtype) in layout.items():
+        if to_bf16 and name.endswith("_scales") and f"{name[:-7]}_blocks" in layout:
+            continue
+        if to_bf16 and name.endswith("_blocks") and f"{name[:-7]}_scales" in layout:
+            items.append((name[:-7], 2 * 2 * math.prod(shape)))  # two 4-bit values a byte, two bytes each
+        else:
+            size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 2)
+            items.append((name, math.prod(shape) * (2 if to_bf16 and dtype in ("F64", "F32") else size)))
+    return items
+
+
+def stream_merge(layout: dict, updates: dict, staging: Path, to_bf16: bool) -> dict:
+    """Write the merged checkpoint into staging, one output shard at a time, reading the base tensor by tensor
+    through safetensors' memory map (closed after each shard, so its pages leave memory). Returns the weight map."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shards, size = [[]], 0
+    for name, nbytes in output_tensors(layout, to_bf16):
+        if shards[-1] and size + nbytes > MERGE_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    weight_map = {}
+    for file, names in zip(files, shards):
+        with contextlib.ExitStack() as stack:
+            opened = {}
+
+            def get(name):
+                path = layout[name][0]
+                if path not in opened:
+                    opened[path] = stack.enter_context(safe_open(str(path), "pt"))
+                return opened[path].get_tensor(name)
+
+            tensors = {name: merged_tensor(get, name, name in layout, updates, to_bf16) for name in names}
+            save_file(tensors, str(staging / file), metadata={"format": "pt"})
+            del tensors
+        weight_map.update(dict.fromkeys(names, file))
+    if len(files) > 1:
+        total = sum(nbytes for _, nbytes in output_tensors(layout, to_bf16))
+        (staging / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return weight_map
+
+
+def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates: dict, to_bf16: bool) -> dict:
+    """Every merged tensor as written against W + s·BA recomputed in fp64: off by no more than rounding the exact
+    sum once to the stored dtype (plus fp32's error in s·BA), and every base tensor present in the output."""
+    import torch
+    from safetensors import safe_open
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    missing = [n for n, _ in output_tensors(layout, to_bf16) if n not in weight_map]
+    worst = 0.0
+    for name, (a, b, scale) in updates.items():
+        with safe_open(str(staging / weight_map[name]), "pt") as f:
+            written = f.get_tensor(name)
+        with contextlib.ExitStack() as stack:
+            open_base = lambda n: stack.enter_context(safe_open(str(layout[n][0]), "pt")).get_tensor(n)
+            base = (open_base(name) if name in layout else convert_moe_packed_tensors(
+                open_base(f"{name}_blocks"), open_base(f"{name}_scales"), dtype=torch.float32,
+                rows_per_chunk=MXFP4_ROWS_PER_CHUNK)).double()
+        delta = lora_delta(a, b, scale, tuple(base.shape), torch.float64)
+        exact = base + delta
+        magnitude = base.abs() + lora_delta(a.abs(), b.abs(), abs(scale), tuple(base.shape), torch.float64)
+        bound = (torch.finfo(written.dtype).eps * exact.abs() + (a.shape[0] + 2) * torch.finfo(torch.float32).eps
+                 * magnitude).clamp(min=torch.finfo(written.dtype).tiny)
+        worst = max(worst, float(((written.double() - exact).abs() / bound).max()))
+        del written, base, delta, exact, magnitude, bound
+    return {"tensors": len(updates), "worst_error_over_bound": worst, "missing": missing[:5],
+            "passed": worst <= 1.0 and not missing}
+
+
+def free_memory(on_cuda: bool) -> int:
+    """Bytes free where the logits check would load the model: the GPU's, or the machine's available RAM."""
+    import torch
+
+    if on_cuda:
+        return torch.cuda.mem_get_info()[0]
+    try:
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1]) * 1024
+    except (OSError, TypeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def logits_check_skipped(layout: dict, on_cuda: bool) -> str | None:
+    """Why the logits check cannot run here, or None: it holds the model in bf16 with its experts dequantized, once
+    with the adapter and once merged (one after the other), and wants a fifth more for activations."""
+    values = sum(math.prod(shape) * (2 if name.endswith("_blocks") else 0 if name.endswith("_scales") else 1)
+                 for name, (_, shape, _) in layout.items())
+    need, free = 2 * values * 1.2, free_memory(on_cuda)
+    if need <= free:
+        return None
+    where = "on the GPU" if on_cuda else "of RAM"
+    return (f"it holds the model in bf16 ({need / 1.2 / 2**30:.1f} GiB, {need / 2**30:.1f} GiB with activations) and "
+            f"this machine has {free / 2**30:.1f} GiB free {where}")
+
+
+def merge_logits_check(cfg: Config, staging: Path) -> dict:
+    """Today's check on the written files: base+adapter (PEFT, in bf16) against the merged directory as transformers
+    loads it, on MERGE_CHECK_PROMPTS; one model in memory at a time."""
+    import gc
+
+    import torch
+
+    model, tokenizer = load_for_inference(cfg, dtype=torch.bfloat16)  # MXFP4 dequantized
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template([build_chat(prompt, language) for prompt, language in MERGE_CHECK_PROMPTS],
                                           add_generation_prompt=True, padding=True, return_tensors="pt",
@@ -2529,35 +2792,105 @@ def run_merge(cfg: Config) -> dict:
         tuned = model(**batch).logits.float()[real]
         with model.disable_adapter():
             base = model(**batch).logits.float()[real]
-        merged = model.merge_and_unload()
-        after = merged(**batch).logits.float()[real]
-    check = merge_agreement(tuned, base, after)
-    numbers = (f"relative difference {check['relative_error']:.2%} (at most {MERGE_TOLERANCE['relative_error']:.0%}), "
-               f"same top token at {check['top1_agreement']:.1%} of {check['positions']} positions (at least "
-               f"{MERGE_TOLERANCE['top1_agreement']:.0%}); the adapter moves the logits by "
-               f"{check['adapter_effect']:.1%} and the merge keeps {check['adapter_kept']:.0%} of that (at least "
-               f"{MERGE_TOLERANCE['adapter_kept']:.0%})")
-    if not check["passed"]:
-        raise RunFailed(f"The merged model does not match base+adapter on {len(MERGE_CHECK_PROMPTS)} check prompts "
-                        f"({numbers}), so nothing was written. Serve the adapter unmerged instead (vLLM and "
-                        "transformers load LoRA adapters), or train it further if its effect is below bf16 rounding.")
-    print(f"verified: merged logits equal base+adapter within bf16 tolerance on {len(MERGE_CHECK_PROMPTS)} prompts: "
-          + numbers)
+    del model
+    gc.collect()
+    merged_cfg = replace(cfg, model=str(staging), adapter=None)
+    merged = load_model(merged_cfg, load_model_config(str(staging)), torch.cuda.is_available(), training=False,
+                        dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        after = merged(**batch.to(merged.device)).logits.float()[real]
+    del merged
+    gc.collect()
+    return merge_agreement(tuned, base, after)
 
-    if hasattr(merged.config, "quantization_config"):
-        del merged.config.quantization_config  # the weights are plain bf16 now
-    stops = tokenizer.convert_tokens_to_ids(STOP_TOKENS)
-    eos = merged.generation_config.eos_token_id
-    merged.generation_config.eos_token_id = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *stops]))
+
+def write_merge_configs(config, base_dir: Path, staging: Path, tokenizer, to_bf16: bool):
+    """config.json as the base's (its quantization_config kept) or, for bf16, without it; generation_config.json
+    stopping on <|return|> and <|call|>; the tokenizer."""
+    import torch
+    from transformers import GenerationConfig
+
+    if to_bf16:
+        config = unquantized_config(config)
+        config.dtype = torch.bfloat16
+        config.save_pretrained(staging)
+    else:
+        shutil.copyfile(base_dir / "config.json", staging / "config.json")
+    try:
+        generation = GenerationConfig.from_pretrained(base_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    generation.eos_token_id = [e for e in dict.fromkeys([*eos, *tokenizer.convert_tokens_to_ids(STOP_TOKENS)])
+                               if e is not None]
+    generation.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+def run_merge(cfg: Config) -> dict:
+    """The adapter folded into its base without loading the model: the base's safetensors are read tensor by tensor,
+    the adapted weights rewritten and every other tensor copied (MXFP4 experts byte for byte), so the result has
+    the base's format and size; bf16 output dequantizes the experts one tensor at a time."""
+    import torch
+
+    check_output_dir(cfg)
+    if cfg.demo:
+        ensure_demo_adapter(cfg)
+    out = Path(cfg.output_dir)
+    adapter_config, pairs = read_lora_adapter(cfg.adapter)
+    config = load_model_config(cfg.model)
+    base_dir = checkpoint_dir(cfg.model)
+    layout = checkpoint_layout(checkpoint_files(str(base_dir)))
+    updates = plan_updates(layout, adapter_config, pairs, cfg.adapter, cfg.model)
+    tokenizer = load_tokenizer(cfg.adapter if (Path(cfg.adapter) / "tokenizer_config.json").exists() else cfg.model)
+    quantized = sorted({n.split(".mlp.")[-1] for n in updates if n not in layout})
+    to_bf16 = cfg.merge_format == "bf16" or bool(quantized)
+    if quantized and cfg.merge_format != "bf16":
+        print(f"note: this adapter changes MXFP4 expert weights ({', '.join(quantized)}), which would need "
+              "re-quantizing: writing bf16 instead (--merge-format bf16, about 3x the size)")
+    written = "bf16" if to_bf16 else "mxfp4" if any(n.endswith("_blocks") for n in layout) else "base dtypes"
+    kept = {"mxfp4": "MXFP4 experts copied byte for byte", "base dtypes": "the base's dtypes"}.get(written, written)
+    print(f"merging {cfg.adapter} into {cfg.model} ({kept}): {len(updates)} weights rewritten, streamed tensor by "
+          f"tensor")
+    skipped = (logits_check_skipped(layout, torch.cuda.is_available()) if cfg.merge_logits_check
+               else "turned off with --no-merge-logits-check")
     with staged_directory(out) as staging:  # out is empty, or holds an earlier merge that --overwrite replaces
         claim_output_dir(staging, "merge", replace_own=False)
-        merged.save_pretrained(staging, max_shard_size="5GB")
-        tokenizer.save_pretrained(staging)
-        (staging / "merge_check.json").write_text(json.dumps({**check, "base": cfg.model,
-                                                              "adapter": cfg.adapter, "dtype": "bfloat16"},
-                                                             indent=2) + "\n")
-    print(f"wrote the merged model to {out}/ (safetensors, config, generation config, tokenizer)")
-    return check
+        weight_map = stream_merge(layout, updates, staging, to_bf16)
+        write_merge_configs(config, base_dir, staging, tokenizer, to_bf16)
+        tensors = check_merged_tensors(staging, weight_map, layout, updates, to_bf16)
+        if not tensors["passed"]:
+            raise RunFailed(f"The merged tensors do not equal W + s·BA (worst error "
+                            f"{tensors['worst_error_over_bound']:.2f}x the rounding bound, missing {tensors['missing']}), "
+                            "so nothing was written.")
+        print(f"checked: the {tensors['tensors']} merged weights equal W + s·BA rounded once (worst error "
+              f"{tensors['worst_error_over_bound']:.2f}x the rounding bound) and every other tensor is there")
+        logits = {"skipped": skipped} if skipped else merge_logits_check(cfg, staging)
+        if skipped:
+            print(f"skipped the logits check: {skipped}; the tensor check above ran")
+        else:
+            numbers = (f"relative difference {logits['relative_error']:.2%} (at most "
+                       f"{MERGE_TOLERANCE['relative_error']:.0%}), same top token at {logits['top1_agreement']:.1%} "
+                       f"of {logits['positions']} positions (at least {MERGE_TOLERANCE['top1_agreement']:.0%}); the "
+                       f"adapter moves the logits by {logits['adapter_effect']:.1%} and the merge keeps "
+                       f"{logits['adapter_kept']:.0%} of that (at least {MERGE_TOLERANCE['adapter_kept']:.0%})")
+            if not logits["passed"]:
+                raise RunFailed(f"The merged model does not match base+adapter on {len(MERGE_CHECK_PROMPTS)} check "
+                                f"prompts ({numbers}), so nothing was written. Serve the adapter unmerged instead "
+                                "(vLLM and transformers load LoRA adapters), or train it further if its effect is "
+                                "below bf16 rounding.")
+            print(f"verified: merged logits equal base+adapter within bf16 tolerance on {len(MERGE_CHECK_PROMPTS)} "
+                  f"prompts: {numbers}")
+        record = {"passed": True, "format": written, "base": cfg.model,
+                  "adapter": cfg.adapter, "weights_rewritten": sorted(updates),
+                  "checks_run": ["tensors"] + ([] if skipped else ["logits"]),
+                  "tensor_check": tensors, "logits_check": logits}
+        (staging / "merge_check.json").write_text(json.dumps(record, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    size = f"{size / 2**30:.2f} GiB" if size > 2**30 else f"{size / 2**20:.1f} MiB"
+    print(f"wrote the merged model to {out}/ ({size} of safetensors, config, generation config, tokenizer, "
+          "merge_check.json)")
+    return record
 
 
 # -----------------------------------------------------------------------------

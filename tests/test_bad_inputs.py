@@ -82,7 +82,7 @@ CASES = [
     (["--mode", "eval", "--compare-base"], "--compare-base needs --adapter"),
     # merge
     (["--mode", "merge"], "--mode merge needs --adapter"),
-    (["--mode", "merge", "--adapter", "adapter", "--use_4bit"], "merge writes the base in bf16"),
+    (["--mode", "merge", "--adapter", "adapter", "--use_4bit"], "--use_4bit does not apply to merge"),
     (["--mode", "merge", "--adapter", "adapter", "--output_dir", "."], "--output_dir . is the folder you are in"),
     (["--mode", "merge", "--adapter", "adapter", "--output_dir", "src"], "--output_dir src holds files this tool did not"),
 ]
