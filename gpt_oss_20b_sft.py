@@ -1057,10 +1057,30 @@ def unquantized_config(config, **overrides):
 
 
 # The checkpoint stores each expert weight in MXFP4: 4-bit e2m1 values in blocks of 32 sharing one power-of-two
-# scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, with transformers'
-# own dequantizer (the values Mxfp4Config(dequantize=True) loads); checkpointing recomputes, so it dequantizes again.
+# scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, to the values
+# Mxfp4Config(dequantize=True) loads (bit for bit, tested); checkpointing recomputes, so it dequantizes again.
 MXFP4_TENSORS = ("gate_up_proj", "down_proj")
 MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' default, a whole layer, takes GBs of temporaries
+
+
+def dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk: int = MXFP4_ROWS_PER_CHUNK):
+    """[experts, rows, groups, 16] bytes and [experts, rows, groups] scales -> [experts, groups * 32, rows] in dtype:
+    transformers' convert_moe_packed_tensors (same lookup table, same ldexp), written straight into the transposed
+    layout the expert matmuls read, where it builds [experts, rows, cols] and copies it transposed (twice the peak)."""
+    import torch
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    experts, rows, groups, _ = blocks.shape
+    out = torch.empty(experts, groups * 32, rows, dtype=dtype, device=blocks.device)
+    codes = torch.arange(256, device=blocks.device).unsqueeze(1)
+    pairs = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)[torch.cat([codes & 15, codes >> 4], 1)]
+    step = max(1, rows_per_chunk // (rows * groups))  # whole experts per step, about rows_per_chunk rows of 32
+    for e0 in range(0, experts, step):
+        e1 = min(e0 + step, experts)
+        values = pairs[blocks[e0:e1].int()].view(e1 - e0, rows, groups, 32)  # byte -> (low, high) nibble values
+        exponents = scales[e0:e1].int().sub_(127).unsqueeze(-1)
+        torch.ldexp(values, exponents, out=out[e0:e1].transpose(1, 2).view(e1 - e0, rows, groups, 32))
+    return out
 
 
 def checkpoint_quantization(config) -> str | None:
@@ -1071,7 +1091,6 @@ def checkpoint_quantization(config) -> str | None:
 @functools.lru_cache(maxsize=None)
 def mxfp4_experts_class():
     import torch
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     class Mxfp4Experts(GptOssExperts):
@@ -1087,10 +1106,8 @@ def mxfp4_experts_class():
 
         def forward(self, hidden_states, router_indices=None, routing_weights=None):
             for name in MXFP4_TENSORS:
-                setattr(self, name, convert_moe_packed_tensors(getattr(self, f"{name}_blocks"),
-                                                               getattr(self, f"{name}_scales"),
-                                                               dtype=self.gate_up_proj_bias.dtype,
-                                                               rows_per_chunk=MXFP4_ROWS_PER_CHUNK))
+                setattr(self, name, dequantize_mxfp4(getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"),
+                                                     self.gate_up_proj_bias.dtype, MXFP4_ROWS_PER_CHUNK))
             try:
                 return super().forward(hidden_states, router_indices, routing_weights)
             finally:
