@@ -380,6 +380,8 @@ class Config:
     optim: str = setting("adamw_torch_fused", "optimizer, one of transformers' names")
     weight_decay: float = setting(0.01, "weight decay", check="not_negative")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass to save memory")
+    checkpoint_every: int = setting(1, "recompute every N-th decoder layer only, the others keep their activations "
+                                       "(2+: quicker steps on GPUs with memory to spare)", check="positive")
     router_aux_loss_coef: float = setting(0.0, "MoE load-balancing loss weight (TRL would add 0.9 x the config's)",
                                           check="not_negative")
     packing: bool = setting(False, "each micro-batch's rows in one padding-free sequence, each masked to itself")
@@ -653,6 +655,11 @@ def validate(cfg: Config) -> Config:
         raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
+    if cfg.checkpoint_every > 1 and not cfg.gradient_checkpointing:
+        raise UsageError("--checkpoint-every chooses which layers --gradient-checkpointing recomputes: drop one of them")
+    if cfg.checkpoint_every > 1 and cfg.fsdp:
+        raise UsageError("--checkpoint-every applies to the Trainer's checkpointing; under --fsdp FSDP checkpoints every "
+                         "layer itself: drop --checkpoint-every")
     if cfg.deepspeed and cfg.fsdp:
         raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
     if cfg.deepspeed and cfg.deepspeed != "zero3":
@@ -1299,6 +1306,7 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
+        activation_checkpointing_kwargs={"every_n_layers": cfg.checkpoint_every},
         bf16=on_cuda,
         use_cpu=not on_cuda,
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # TRL's default reads 0.9 from the gpt-oss config

@@ -160,8 +160,9 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     assert summary["experts_implementation"] == "grouped_mm"  # transformers' default; it falls back to eager silently
 
 
-def one_step_gradients(cfg, tokenizer, examples):
-    """LoRA gradients of one optimizer step over all the examples, and the tokens the model computed on."""
+def one_step_gradients(cfg, tokenizer, examples, checkpointed: list | None = None):
+    """LoRA gradients of one optimizer step over all the examples, and the tokens the model computed on (and, into
+    checkpointed, which decoder layers recomputed their activations)."""
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -174,6 +175,8 @@ def one_step_gradients(cfg, tokenizer, examples):
     trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, False),
                                callbacks=[meter, keep])
     trainer.train()
+    if checkpointed is not None:
+        checkpointed += [layer.gradient_checkpointing for layer in model.model.layers]
     (_, real, padded), = meter.steps
     return keep.grads, real, padded
 
@@ -197,6 +200,21 @@ def test_samplers_split_a_step_differently_but_give_its_gradient(tiny, demo_mode
     assert reference.keys() == grads.keys() and len(grads) == 4 * layers  # q_proj and v_proj, lora_A and lora_B
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-7)
+
+
+def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients(tiny, demo_model, tmp_path):
+    _, tokenizer, examples = tiny
+    found = {}
+    for every in ("1", "2"):
+        cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / every), "--report_to", "none",
+                      "--max-steps", "1", "--checkpoint-every", every)
+        layers = []
+        found[every] = one_step_gradients(cfg, tokenizer, examples, layers)[0], layers
+    assert found["1"][1] == [True, True] and found["2"][1] == [True, False]  # the demo's two layers
+    reference, grads = found["1"][0], found["2"][0]
+    assert reference.keys() == grads.keys() and len(grads) == 8
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.slow
