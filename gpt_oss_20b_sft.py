@@ -1212,14 +1212,56 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
     return model
 
 
+def document_block_mask(position_ids, sliding_window: int | None = None, block: int = 128):
+    """The flex BlockMask of one packed row (documents where position_ids restart), built from the boundaries.
+
+    transformers 5.23 builds it with torch.compile(create_block_mask) over the dense [tokens, tokens] mask, and the
+    compiled argsort of a 70-137-block row can take minutes (pytorch#182060). Each query attends to one interval of
+    keys, [its document's start (or the window's), itself], and the starts only grow, so each pair of 128-token
+    blocks is full or partly visible by comparing block ends: the same tables as create_block_mask, in milliseconds.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    positions = position_ids[0]
+    length, device = len(positions), positions.device
+    index = torch.arange(length, device=device)
+    new_document = torch.diff(positions, prepend=positions[:1] - 1) != 1  # transformers' find_packed_sequence_indices
+    document = new_document.cumsum(0)
+    first_key = torch.where(new_document, index, 0).cummax(0).values
+    if sliding_window is not None:
+        first_key = torch.maximum(first_key, index - sliding_window + 1)
+    starts = torch.arange(0, length, block, device=device)
+    ends = (starts + block).clamp(max=length) - 1
+    q0, q1, k0, k1 = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    visible = (q1 >= k0) & (first_key[torch.maximum(q0, k0).clamp(max=length - 1)] <= k1)
+    whole = (ends - starts + 1 == block)
+    full = (first_key[q1] <= k0) & (q0 >= k1) & whole[:, None] & whole[None, :]
+
+    def ordered(blocks):  # create_block_mask's own (count, indices) form, argsort uncompiled on [blocks, blocks]
+        blocks = blocks.to(torch.int32)[None, None]
+        return blocks.sum(-1).to(torch.int32), torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    document = document[None]
+
+    def mask_mod(batch, head, q, kv):  # transformers' packed mask_mod: same document, causal (and windowed) positions
+        same = (document[batch, q] == document[batch, kv]) & (position_ids[batch, kv] <= position_ids[batch, q])
+        return same if sliding_window is None else same & (position_ids[batch, kv] > position_ids[batch, q] - sliding_window)
+
+    return BlockMask.from_kv_blocks(*ordered(visible & ~full), *ordered(full), BLOCK_SIZE=(block, block),
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
+
+
 def attach_document_masks(model):
     """Give each row of a padding-free batch its own causal and sliding-window mask.
 
     GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
     before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
-    calls them and hands the model the finished masks (a flex BlockMask on CUDA, a block-diagonal mask for eager).
+    calls them for eager's block-diagonal masks and builds flex's BlockMasks from the boundaries
+    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks.
     """
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
+                                            create_sliding_window_causal_mask, flex_attention_mask)
 
     decoder = model.get_decoder()
 
@@ -1232,9 +1274,13 @@ def attach_document_masks(model):
             embeds = module.embed_tokens(kwargs.pop("input_ids"))
         mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
                            position_ids=position_ids)
-        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask={
-            "full_attention": create_causal_mask(**mask_kwargs),
-            "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)})
+        if ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask and len(embeds) == 1:
+            masks = {"full_attention": document_block_mask(position_ids),
+                     "sliding_attention": document_block_mask(position_ids, module.config.sliding_window)}
+        else:
+            masks = {"full_attention": create_causal_mask(**mask_kwargs),
+                     "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask=masks)
         return args, kwargs
 
     return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)

@@ -56,10 +56,15 @@ def test_packed_rows_see_only_themselves(tiny):
 
 
 @pytest.mark.slow
-def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model):
+def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model, monkeypatch):
     """The mask the GPU default uses: the hook hands flex_attention a BlockMask. On CPU torch compiles flex for
     inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out; they
-    rescale each query's output by its own log-sum-exp, which no mask changes."""
+    rescale each query's output by its own log-sum-exp, which no mask changes. Each length compiles static: torch
+    2.13's CPU flex template emits C++ that does not build for dynamic shapes with a packed mask_mod (transformers'
+    own mask too), which is not the GPU's Triton path."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.integrations.flex_attention import flex_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
@@ -75,6 +80,29 @@ def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_mo
     model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
     assert_packed_rows_see_only_themselves(model, tiny[2])
     assert masks_seen == {"BlockMask"}
+
+
+def test_document_block_mask_equals_transformers_builder(demo_model):
+    """Built from the boundaries, the packed row's BlockMasks (causal and sliding) hold the tables transformers'
+    compiled builder makes from the dense mask, and their mask_mod is the same dense mask."""
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers import AutoConfig
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = AutoConfig.from_pretrained(demo_model, attn_implementation="flex_attention")
+    for lengths in ([300, 57, 400, 13], [1, 128, 256, 5, 130], [700]):  # ragged ends, rows on block edges, one row
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        kwargs = dict(config=config, inputs_embeds=torch.zeros(1, positions.shape[1], 4), attention_mask=None,
+                      past_key_values=None, position_ids=positions)
+        for window, theirs in ((None, create_causal_mask(**kwargs)),
+                               (config.sliding_window, create_sliding_window_causal_mask(**kwargs))):
+            ours = sft.document_block_mask(positions, window)
+            assert type(ours) is type(theirs) and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+            assert ours.seq_lengths == theirs.seq_lengths
+            for mine, reference in zip(ours.as_tuple()[:-1], theirs.as_tuple()[:-1]):  # every table but mask_mod
+                assert torch.equal(mine, reference) if isinstance(mine, torch.Tensor) else mine == reference
+            n = positions.shape[1]
+            assert torch.equal(create_mask(ours.mask_mod, 1, 1, n, n), create_mask(theirs.mask_mod, 1, 1, n, n))
 
 
 def batch_loss(trainer, examples):
