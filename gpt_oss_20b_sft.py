@@ -1067,6 +1067,8 @@ def unquantized_config(config, **overrides):
 # scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, to the values
 # Mxfp4Config(dequantize=True) loads (bit for bit, tested); checkpointing recomputes, so it dequantizes again.
 MXFP4_TENSORS = ("gate_up_proj", "down_proj")
+FLEX_BLOCK = 128  # flex attention's block: padded batches are padded to a multiple of it, one compiled shape per bucket
+RECOMPILE_LIMIT = 64  # torch's default 8 < max_seq_length 2048 / 128 buckets
 MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' default, a whole layer, takes GBs of temporaries
 
 
@@ -1242,23 +1244,55 @@ def document_block_mask(position_ids, sliding_window: int | None = None, block: 
         blocks = blocks.to(torch.int32)[None, None]
         return blocks.sum(-1).to(torch.int32), torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
 
-    document = document[None]
-
-    def mask_mod(batch, head, q, kv):  # transformers' packed mask_mod: same document, causal (and windowed) positions
-        same = (document[batch, q] == document[batch, kv]) & (position_ids[batch, kv] <= position_ids[batch, q])
-        return same if sliding_window is None else same & (position_ids[batch, kv] > position_ids[batch, q] - sliding_window)
+    def mask_mod(batch, head, q, kv):  # any batch index: one mask for every row
+        same = (document[q] == document[kv]) & (positions[kv] <= positions[q])
+        return same if sliding_window is None else same & (positions[kv] > positions[q] - sliding_window)
 
     return BlockMask.from_kv_blocks(*ordered(visible & ~full), *ordered(full), BLOCK_SIZE=(block, block),
                                     mask_mod=mask_mod, seq_lengths=(length, length))
 
 
+@functools.lru_cache(maxsize=64)
+def padded_block_masks(length: int, sliding_window: int, device: str) -> dict:
+    """flex's masks for a right-padded batch of this length: causal, without the padding term, one for every row.
+    No real token attends to a pad after it, so real tokens' outputs and the loss are unchanged; only pads' (labelled
+    -100) see other pads. One mask per length, shared by every batch of it, instead of one compiled build each."""
+    import torch
+
+    positions = torch.arange(length, device=device)[None]
+    return {"full_attention": document_block_mask(positions),
+            "sliding_attention": document_block_mask(positions, sliding_window)}
+
+
+def watch_recompiles(limit: int = RECOMPILE_LIMIT):
+    """flex attention (and --compile) compile per shape: one per length bucket and batch size until torch makes the
+    sizes dynamic. Raise torch's limit of 8 and say in one line when it is hit: past it, that code runs uncompiled."""
+    import logging
+
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+    class RecompileLimitNote(logging.Handler):
+        def emit(self, record):
+            if "recompile_limit" in record.getMessage():
+                print(f"note: torch.compile hit its recompile limit ({torch._dynamo.config.recompile_limit}); later "
+                      "shapes of that function run uncompiled, slower (TORCH_LOGS=recompiles shows why)", file=sys.stderr)
+
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(type(h).__name__ == "RecompileLimitNote" for h in dynamo_log.handlers):
+        dynamo_log.addHandler(RecompileLimitNote())
+
+
 def attach_document_masks(model):
-    """Give each row of a padding-free batch its own causal and sliding-window mask.
+    """Give each row of a padding-free batch its own causal and sliding-window mask, and right-padded flex batches
+    masks without the padding term.
 
     GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
     before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
     calls them for eager's block-diagonal masks and builds flex's BlockMasks from the boundaries
-    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks.
+    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks. A
+    right-padded flex batch gets padded_block_masks, cached by length.
     """
     from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
                                             create_sliding_window_causal_mask, flex_attention_mask)
@@ -1266,15 +1300,22 @@ def attach_document_masks(model):
     decoder = model.get_decoder()
 
     def build_masks(module, args, kwargs):
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
+        position_ids, padding = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        flex = ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask
+        if kwargs.get("past_key_values") is not None:
+            return None
+        if flex and getattr(padding, "ndim", 0) == 2 and bool((padding[:, 1:] <= padding[:, :-1]).all()):  # right-padded
+            kwargs["attention_mask"] = padded_block_masks(padding.shape[1], module.config.sliding_window,
+                                                          str(padding.device))
+            return args, kwargs
+        if position_ids is None or padding is not None:
             return None
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             embeds = module.embed_tokens(kwargs.pop("input_ids"))
         mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
                            position_ids=position_ids)
-        if ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask and len(embeds) == 1:
+        if flex and len(embeds) == 1:
             masks = {"full_attention": document_block_mask(position_ids),
                      "sliding_attention": document_block_mask(position_ids, module.config.sliding_window)}
         else:
@@ -1345,6 +1386,8 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         num_train_epochs=cfg.num_train_epochs,
         max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
         padding_free=cfg.packing,
+        pad_to_multiple_of=FLEX_BLOCK if not cfg.packing and (cfg.attn_implementation, on_cuda) in (
+            ("flex_attention", True), ("auto", True)) else None,  # length buckets: a flex shape and cached mask each
         train_sampling_strategy=sampler or cfg.sampler,  # transformers' own; the loss is normalised over the step
         max_steps=cfg.max_steps or -1,
         eval_strategy="epoch" if cfg.eval_split else "no",
@@ -1663,8 +1706,10 @@ def training_model(cfg: Config, config, on_cuda: bool):
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
         set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
-    if cfg.packing:
+    if cfg.packing or model.config._attn_implementation == "flex_attention":
         attach_document_masks(model)
+    if on_cuda:
+        watch_recompiles()
     return model
 
 

@@ -21,6 +21,16 @@ def tiny(demo_model):
     return model, tokenizer, examples
 
 
+@pytest.fixture
+def static_flex_compile():
+    """Each length compiles static: torch 2.13's CPU flex template emits C++ that does not build for dynamic shapes
+    with a packed mask_mod (transformers' own too); the GPU's Triton path is another template."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield
+
+
 def packed_inputs(examples):
     ids = torch.tensor([sum((e["input_ids"] for e in examples), [])])
     positions = torch.cat([torch.arange(len(e["input_ids"])) for e in examples])[None]
@@ -56,15 +66,10 @@ def test_packed_rows_see_only_themselves(tiny):
 
 
 @pytest.mark.slow
-def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model, monkeypatch):
+def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model, static_flex_compile):
     """The mask the GPU default uses: the hook hands flex_attention a BlockMask. On CPU torch compiles flex for
     inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out; they
-    rescale each query's output by its own log-sum-exp, which no mask changes. Each length compiles static: torch
-    2.13's CPU flex template emits C++ that does not build for dynamic shapes with a packed mask_mod (transformers'
-    own mask too), which is not the GPU's Triton path."""
-    import torch._dynamo
-
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    rescale each query's output by its own log-sum-exp, which no mask changes."""
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.integrations.flex_attention import flex_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
@@ -103,6 +108,44 @@ def test_document_block_mask_equals_transformers_builder(demo_model):
                 assert torch.equal(mine, reference) if isinstance(mine, torch.Tensor) else mine == reference
             n = positions.shape[1]
             assert torch.equal(create_mask(ours.mask_mod, 1, 1, n, n), create_mask(theirs.mask_mod, 1, 1, n, n))
+
+
+@pytest.mark.slow
+def test_right_padded_flex_batches_need_no_padding_mask(tiny, demo_model, static_flex_compile):
+    """A right-padded batch under the hook's cached causal BlockMask (no padding term, one per length, shared by the
+    rows) gives the real tokens the logits transformers' padded mask gives them, and the same loss."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
+
+    masks_seen = []
+
+    def flex_without_sinks(module, query, key, value, attention_mask, s_aux=None, **kwargs):
+        masks_seen.append(attention_mask)
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("flex_without_sinks", flex_without_sinks)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
+    rows = [e["input_ids"] for e in tiny[2]]
+    length = -(-max(map(len, rows)) // sft.FLEX_BLOCK) * sft.FLEX_BLOCK  # a bucket, as the collator pads on the GPU
+    ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])
+    padding = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    labels = torch.where(padding.bool(), ids, -100)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=padding, labels=labels)
+        assert masks_seen[-1].shape[0] == len(rows)  # transformers' mask: one per row, with the padding term
+        hook = sft.attach_document_masks(model)
+        try:
+            ours = model(input_ids=ids, attention_mask=padding, labels=labels)
+            again = model(input_ids=ids.flip(0), attention_mask=padding.flip(0))
+        finally:
+            hook.remove()
+    assert masks_seen[-1] is masks_seen[-3] and masks_seen[-1].shape[0] == 1  # cached by length, broadcast over rows
+    real = padding.bool()
+    torch.testing.assert_close(ours.logits[real], reference.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.loss, reference.loss, atol=1e-6, rtol=1e-6)
+    assert again.logits.shape == ours.logits.shape
 
 
 def batch_loss(trainer, examples):
