@@ -384,6 +384,7 @@ class Config:
                                        "(2+: quicker steps on GPUs with memory to spare)", check="positive")
     router_aux_loss_coef: float = setting(0.0, "MoE load-balancing loss weight (TRL would add 0.9 x the config's)",
                                           check="not_negative")
+    compile: bool = setting(False, "torch.compile each decoder layer's MoE block (router and experts), dynamic shapes")
     packing: bool = setting(False, "each micro-batch's rows in one padding-free sequence, each masked to itself")
     sampler: Literal["batch_rebalance", "random", "group_by_length"] = setting(
         "batch_rebalance", "how rows become micro-batches: batch_rebalance draws each step as random does, with less "
@@ -1708,7 +1709,10 @@ def training_model(cfg: Config, config, on_cuda: bool):
         set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
     if cfg.packing or model.config._attn_implementation == "flex_attention":
         attach_document_masks(model)
-    if on_cuda:
+    if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
+        for layer in model.model.layers:
+            layer.mlp.compile(dynamic=True)
+    if on_cuda or cfg.compile:
         watch_recompiles()
     return model
 

@@ -231,7 +231,7 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     assert summary["experts_implementation"] == "grouped_mm"  # transformers' default; it falls back to eager silently
 
 
-def one_step_gradients(cfg, tokenizer, examples, checkpointed: list | None = None):
+def one_step_gradients(cfg, tokenizer, examples, checkpointed: list | None = None, callbacks=()):
     """LoRA gradients of one optimizer step over all the examples, and the tokens the model computed on (and, into
     checkpointed, which decoder layers recomputed their activations)."""
     from datasets import Dataset
@@ -241,10 +241,10 @@ def one_step_gradients(cfg, tokenizer, examples, checkpointed: list | None = Non
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    model = sft.load_model(cfg, sft.load_model_config(cfg.model), on_cuda=False, training=True)
+    model = sft.training_model(cfg, sft.load_model_config(cfg.model), on_cuda=False)
     meter, keep = sft.make_speed_meter(model), KeepGradients()
     trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, False),
-                               callbacks=[meter, keep])
+                               callbacks=[meter, keep, *callbacks])
     trainer.train()
     if checkpointed is not None:
         checkpointed += [layer.gradient_checkpointing for layer in model.model.layers]
@@ -286,6 +286,34 @@ def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients(tin
     assert reference.keys() == grads.keys() and len(grads) == 8
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_compiled_moe_blocks_give_eager_loss_and_lora_gradients(tiny, demo_model, tmp_path):
+    """--compile (fp32 on CPU): one optimizer step's loss and LoRA gradients equal eager's to 1e-5, experts and
+    router included (LoRA on the attention and on the experts' down_proj)."""
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    _, tokenizer, examples = tiny
+    found = {}
+    counters.clear()
+    for flag in ("--no-compile", "--compile"):
+        cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / flag), "--report_to", "none",
+                      "--max-steps", "1", "--target_parameters", "mlp.experts.down_proj", flag)
+        losses = []
+
+        class KeepLoss(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                losses.append(logs.get("loss"))
+
+        found[flag] = one_step_gradients(cfg, tokenizer, examples, callbacks=[KeepLoss()])[0], losses[0]
+    (reference, loss), (grads, compiled_loss) = found["--no-compile"], found["--compile"]
+    assert counters["stats"]["unique_graphs"] >= 1  # the MoE blocks ran compiled
+    assert abs(compiled_loss - loss) < 1e-5
+    assert reference.keys() == grads.keys() and len(grads) == 12  # q, v and experts' down_proj: A and B, 2 layers
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
