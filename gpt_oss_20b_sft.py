@@ -1758,8 +1758,9 @@ def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, s
     speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
              "attn_implementation": trainer.model.config._attn_implementation,
              "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
-             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing", "use_4bit",
-                                                      "batch_size", "gradient_accumulation_steps", "max_seq_length")},
+             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing",
+                                                      "checkpoint_every", "compile", "use_4bit", "batch_size",
+                                                      "gradient_accumulation_steps", "max_seq_length")},
              "rows": stats["rows_used"]}
     summary = {
         "config": asdict(cfg),

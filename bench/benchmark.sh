@@ -39,7 +39,7 @@ for name in $RUNS; do
   echo "== $name: $(flags_for "$name")"
   rm -f "${RUN_DIR:-$OUT/runs}/$name/speed.json"  # a failed run must not report the last one's numbers
   timeout "${RUN_TIMEOUT:-600}" ${PYTHON:-python} gpt_oss_20b_sft.py --mode train --model "$MODEL" --random-init --synthetic-data 1000 --max-steps "$STEPS" \
-    --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" $(flags_for "$name") ${EXTRA_FLAGS:-} > "$OUT/$name.log" 2>&1
+    --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" ${EXTRA_FLAGS:-} $(flags_for "$name") > "$OUT/$name.log" 2>&1
   echo "exit code $?"
   recompiles=$(grep -c 'Recompiling function' "$OUT/$name.log")  # counted when TORCH_LOGS=recompiles is set
   line=$(tr -d '\n' < "${RUN_DIR:-$OUT/runs}/$name/speed.json" 2>/dev/null)
