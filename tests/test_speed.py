@@ -148,6 +148,18 @@ def test_right_padded_flex_batches_need_no_padding_mask(tiny, demo_model, static
     assert again.logits.shape == ours.logits.shape
 
 
+def test_hitting_the_recompile_limit_is_said_in_one_line(capsys):
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        sft.watch_recompiles(limit=1)
+        double = torch.compile(lambda x: x * 2)
+        for n in (3, 4, 5):  # a new static shape each call: the second is past the limit
+            assert torch.equal(double(torch.ones(n)), torch.full((n,), 2.0))
+    notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("note: torch.compile hit")]
+    assert notes and notes[0].startswith("note: torch.compile hit its recompile limit (1)")
+
+
 def batch_loss(trainer, examples):
     batch = trainer._prepare_inputs(trainer.data_collator(examples))
     labelled = int((batch["labels"][:, 1:] != -100).sum())
