@@ -1076,7 +1076,7 @@ MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' defaul
 def dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk: int = MXFP4_ROWS_PER_CHUNK):
     """[experts, rows, groups, 16] bytes and [experts, rows, groups] scales -> [experts, groups * 32, rows] in dtype:
     transformers' convert_moe_packed_tensors (same lookup table, same ldexp), written straight into the transposed
-    layout the expert matmuls read, where it builds [experts, rows, cols] and copies it transposed (twice the peak)."""
+    layout the expert matmuls read, where it builds [experts, rows, cols] and then copies it transposed."""
     import torch
     from transformers.integrations.mxfp4 import FP4_VALUES
 
@@ -1221,7 +1221,7 @@ def document_block_mask(position_ids, sliding_window: int | None = None, block: 
     transformers 5.23 builds it with torch.compile(create_block_mask) over the dense [tokens, tokens] mask, and the
     compiled argsort of a 70-137-block row can take minutes (pytorch#182060). Each query attends to one interval of
     keys, [its document's start (or the window's), itself], and the starts only grow, so each pair of 128-token
-    blocks is full or partly visible by comparing block ends: the same tables as create_block_mask, in milliseconds.
+    blocks is full or partly visible by comparing block ends: the same tables as create_block_mask, no dense mask.
     """
     import torch
     from torch.nn.attention.flex_attention import BlockMask
