@@ -404,8 +404,11 @@ class Config:
     optim: str = setting("adamw_torch_fused", "optimizer, one of transformers' names")
     weight_decay: float = setting(0.01, "weight decay", check="not_negative")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass to save memory")
+    checkpoint_every: int = setting(1, "recompute every N-th decoder layer only, the others keep their activations "
+                                       "(2+: quicker steps on GPUs with memory to spare)", check="positive")
     router_aux_loss_coef: float = setting(0.0, "MoE load-balancing loss weight (TRL would add 0.9 x the config's)",
                                           check="not_negative")
+    compile: bool = setting(False, "torch.compile each decoder layer's MoE block (router and experts), dynamic shapes")
     packing: bool = setting(False, "each micro-batch's rows in one padding-free sequence, each masked to itself")
     sampler: Literal["batch_rebalance", "random", "group_by_length"] = setting(
         "batch_rebalance", "how rows become micro-batches: batch_rebalance draws each step as random does, with less "
@@ -685,6 +688,11 @@ def validate(cfg: Config) -> Config:
         raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: pick one")
+    if cfg.checkpoint_every > 1 and not cfg.gradient_checkpointing:
+        raise UsageError("--checkpoint-every chooses which layers --gradient-checkpointing recomputes: drop one of them")
+    if cfg.checkpoint_every > 1 and cfg.fsdp:
+        raise UsageError("--checkpoint-every applies to the Trainer's checkpointing; under --fsdp FSDP checkpoints every "
+                         "layer itself: drop --checkpoint-every")
     if cfg.deepspeed and cfg.fsdp:
         raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
     if cfg.deepspeed and cfg.deepspeed != "zero3":
@@ -1089,10 +1097,32 @@ def unquantized_config(config, **overrides):
 
 
 # The checkpoint stores each expert weight in MXFP4: 4-bit e2m1 values in blocks of 32 sharing one power-of-two
-# scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, with transformers'
-# own dequantizer (the values Mxfp4Config(dequantize=True) loads); checkpointing recomputes, so it dequantizes again.
+# scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, to the values
+# Mxfp4Config(dequantize=True) loads (bit for bit, tested); checkpointing recomputes, so it dequantizes again.
 MXFP4_TENSORS = ("gate_up_proj", "down_proj")
+FLEX_BLOCK = 128  # flex attention's block: padded batches are padded to a multiple of it, one compiled shape per bucket
+RECOMPILE_LIMIT = 64  # torch's default 8 < max_seq_length 2048 / 128 buckets
 MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' default, a whole layer, takes GBs of temporaries
+
+
+def dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk: int = MXFP4_ROWS_PER_CHUNK):
+    """[experts, rows, groups, 16] bytes and [experts, rows, groups] scales -> [experts, groups * 32, rows] in dtype:
+    transformers' convert_moe_packed_tensors (same lookup table, same ldexp), written straight into the transposed
+    layout the expert matmuls read, where it builds [experts, rows, cols] and then copies it transposed."""
+    import torch
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    experts, rows, groups, _ = blocks.shape
+    out = torch.empty(experts, groups * 32, rows, dtype=dtype, device=blocks.device)
+    codes = torch.arange(256, device=blocks.device).unsqueeze(1)
+    pairs = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)[torch.cat([codes & 15, codes >> 4], 1)]
+    step = max(1, rows_per_chunk // (rows * groups))  # whole experts per step, about rows_per_chunk rows of 32
+    for e0 in range(0, experts, step):
+        e1 = min(e0 + step, experts)
+        values = pairs[blocks[e0:e1].int()].view(e1 - e0, rows, groups, 32)  # byte -> (low, high) nibble values
+        exponents = scales[e0:e1].int().sub_(127).unsqueeze(-1)
+        torch.ldexp(values, exponents, out=out[e0:e1].transpose(1, 2).view(e1 - e0, rows, groups, 32))
+    return out
 
 
 def checkpoint_quantization(config) -> str | None:
@@ -1103,7 +1133,6 @@ def checkpoint_quantization(config) -> str | None:
 @functools.lru_cache(maxsize=None)
 def mxfp4_experts_class():
     import torch
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     class Mxfp4Experts(GptOssExperts):
@@ -1119,10 +1148,8 @@ def mxfp4_experts_class():
 
         def forward(self, hidden_states, router_indices=None, routing_weights=None):
             for name in MXFP4_TENSORS:
-                setattr(self, name, convert_moe_packed_tensors(getattr(self, f"{name}_blocks"),
-                                                               getattr(self, f"{name}_scales"),
-                                                               dtype=self.gate_up_proj_bias.dtype,
-                                                               rows_per_chunk=MXFP4_ROWS_PER_CHUNK))
+                setattr(self, name, dequantize_mxfp4(getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"),
+                                                     self.gate_up_proj_bias.dtype, MXFP4_ROWS_PER_CHUNK))
             try:
                 return super().forward(hidden_states, router_indices, routing_weights)
             finally:
@@ -1225,29 +1252,114 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
     return model
 
 
+def document_block_mask(position_ids, sliding_window: int | None = None, block: int = 128):
+    """The flex BlockMask of one packed row (documents where position_ids restart), built from the boundaries.
+
+    transformers 5.23 builds it with torch.compile(create_block_mask) over the dense [tokens, tokens] mask, and the
+    compiled argsort of a 70-137-block row can take minutes (pytorch#182060). Each query attends to one interval of
+    keys, [its document's start (or the window's), itself], and the starts only grow, so each pair of 128-token
+    blocks is full or partly visible by comparing block ends: the same tables as create_block_mask, no dense mask.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    positions = position_ids[0]
+    length, device = len(positions), positions.device
+    index = torch.arange(length, device=device)
+    new_document = torch.diff(positions, prepend=positions[:1] - 1) != 1  # transformers' find_packed_sequence_indices
+    document = new_document.cumsum(0)
+    first_key = torch.where(new_document, index, 0).cummax(0).values
+    if sliding_window is not None:
+        first_key = torch.maximum(first_key, index - sliding_window + 1)
+    starts = torch.arange(0, length, block, device=device)
+    ends = (starts + block).clamp(max=length) - 1
+    q0, q1, k0, k1 = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    visible = (q1 >= k0) & (first_key[torch.maximum(q0, k0).clamp(max=length - 1)] <= k1)
+    whole = (ends - starts + 1 == block)
+    full = (first_key[q1] <= k0) & (q0 >= k1) & whole[:, None] & whole[None, :]
+
+    def ordered(blocks):  # create_block_mask's own (count, indices) form, argsort uncompiled on [blocks, blocks]
+        blocks = blocks.to(torch.int32)[None, None]
+        return blocks.sum(-1).to(torch.int32), torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    def mask_mod(batch, head, q, kv):  # any batch index: one mask for every row
+        same = (document[q] == document[kv]) & (positions[kv] <= positions[q])
+        return same if sliding_window is None else same & (positions[kv] > positions[q] - sliding_window)
+
+    return BlockMask.from_kv_blocks(*ordered(visible & ~full), *ordered(full), BLOCK_SIZE=(block, block),
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
+
+
+@functools.lru_cache(maxsize=64)
+def padded_block_masks(length: int, sliding_window: int, device: str) -> dict:
+    """flex's masks for a right-padded batch of this length: causal, without the padding term, one for every row.
+    No real token attends to a pad after it, so real tokens' outputs and the loss are unchanged; only pads' (labelled
+    -100) see other pads. One mask per length, shared by every batch of it, instead of one compiled build each."""
+    import torch
+
+    positions = torch.arange(length, device=device)[None]
+    return {"full_attention": document_block_mask(positions),
+            "sliding_attention": document_block_mask(positions, sliding_window)}
+
+
+def watch_recompiles(limit: int = RECOMPILE_LIMIT):
+    """flex attention (and --compile) compile per shape: one per length bucket and batch size until torch makes the
+    sizes dynamic. Raise torch's limit of 8 and say in one line when it is hit: past it, that code runs uncompiled."""
+    import logging
+
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+    class RecompileLimitNote(logging.Handler):
+        def emit(self, record):
+            if "recompile_limit" in record.getMessage():
+                print(f"note: torch.compile hit its recompile limit ({torch._dynamo.config.recompile_limit}); later "
+                      "shapes of that function run uncompiled, slower (TORCH_LOGS=recompiles shows why)", file=sys.stderr)
+
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(type(h).__name__ == "RecompileLimitNote" for h in dynamo_log.handlers):
+        dynamo_log.addHandler(RecompileLimitNote())
+
+
 def attach_document_masks(model):
-    """Give each row of a padding-free batch its own causal and sliding-window mask.
+    """Give each row of a padding-free batch its own causal and sliding-window mask, and right-padded flex batches
+    masks without the padding term.
 
     GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
     before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
-    calls them and hands the model the finished masks (a flex BlockMask on CUDA, a block-diagonal mask for eager).
+    calls them for eager's block-diagonal masks and builds flex's BlockMasks from the boundaries
+    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks. A
+    right-padded flex batch gets padded_block_masks, cached by length.
     """
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
+                                            create_sliding_window_causal_mask, flex_attention_mask)
 
     decoder = model.get_decoder()
 
     def build_masks(module, args, kwargs):
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None:
+        position_ids, padding = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        flex = ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask
+        if kwargs.get("past_key_values") is not None:
+            return None
+        if flex and getattr(padding, "ndim", 0) == 2 and bool((padding[:, 1:] <= padding[:, :-1]).all()):  # right-padded
+            kwargs["attention_mask"] = padded_block_masks(padding.shape[1], module.config.sliding_window,
+                                                          str(padding.device))
+            return args, kwargs
+        if position_ids is None or padding is not None:
             return None
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             embeds = module.embed_tokens(kwargs.pop("input_ids"))
         mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
                            position_ids=position_ids)
-        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask={
-            "full_attention": create_causal_mask(**mask_kwargs),
-            "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)})
+        if flex and len(embeds) == 1:
+            masks = {"full_attention": document_block_mask(position_ids),
+                     "sliding_attention": document_block_mask(position_ids, module.config.sliding_window)}
+        else:
+            masks = {"full_attention": create_causal_mask(**mask_kwargs),
+                     "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask=masks)
         return args, kwargs
 
     return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
@@ -1312,6 +1424,8 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         num_train_epochs=cfg.num_train_epochs,
         max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
         padding_free=cfg.packing,
+        pad_to_multiple_of=FLEX_BLOCK if not cfg.packing and (cfg.attn_implementation, on_cuda) in (
+            ("flex_attention", True), ("auto", True)) else None,  # length buckets: a flex shape and cached mask each
         train_sampling_strategy=sampler or cfg.sampler,  # transformers' own; the loss is normalised over the step
         max_steps=cfg.max_steps or -1,
         eval_strategy="epoch" if cfg.eval_split else "no",
@@ -1319,6 +1433,7 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         optim=cfg.optim,
         weight_decay=cfg.weight_decay,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
+        activation_checkpointing_kwargs={"every_n_layers": cfg.checkpoint_every},
         bf16=on_cuda,
         use_cpu=not on_cuda,
         router_aux_loss_coef=cfg.router_aux_loss_coef,  # TRL's default reads 0.9 from the gpt-oss config
@@ -1629,8 +1744,13 @@ def training_model(cfg: Config, config, on_cuda: bool):
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
         set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
-    if cfg.packing:
+    if cfg.packing or model.config._attn_implementation == "flex_attention":
         attach_document_masks(model)
+    if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
+        for layer in model.model.layers:
+            layer.mlp.compile(dynamic=True)
+    if on_cuda or cfg.compile:
+        watch_recompiles()
     return model
 
 
@@ -1675,8 +1795,9 @@ def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, s
     speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
              "attn_implementation": trainer.model.config._attn_implementation,
              "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
-             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing", "use_4bit",
-                                                      "batch_size", "gradient_accumulation_steps", "max_seq_length")},
+             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing",
+                                                      "checkpoint_every", "compile", "use_4bit", "batch_size",
+                                                      "gradient_accumulation_steps", "max_seq_length")},
              "rows": stats["rows_used"]}
     summary = {
         "config": asdict(cfg),

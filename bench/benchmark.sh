@@ -7,7 +7,8 @@
 #
 # Each run is its own process (clean GPU memory) and writes speed.json into its output folder; the table goes to
 # OUT_DIR/results.md. STEPS (default 6) optimizer steps per run, the first 2 are warm-up and not timed;
-# RUN_TIMEOUT (seconds, default 600) bounds each run.
+# RUN_TIMEOUT (seconds, default 600) bounds each run; RUNS picks runs by name (flags_for below); EXTRA_FLAGS go to
+# every run. With TORCH_LOGS=recompiles set, each run's torch.compile recompiles are counted into the table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-openai/gpt-oss-20b}
@@ -22,6 +23,8 @@ flags_for() {
     ours_random) echo "--sampler random" ;;  # ours with the seed's micro-batches: what batch_rebalance saves
     ours_grouped) echo "--sampler group_by_length" ;;
     ours_packing) echo "--packing" ;;
+    ours_compile) echo "--compile" ;;
+    ours_checkpoint_every2) echo "--checkpoint-every 2" ;;
     ours_no_checkpointing) echo "--no-gradient-checkpointing" ;;
     baseline) echo "--attn-implementation eager --no-packing --no-chunked-loss --sampler random" ;;
     baseline_b4) echo "--attn-implementation eager --no-packing --no-chunked-loss --sampler random --batch_size 4 --gradient_accumulation_steps 4" ;;
@@ -36,32 +39,40 @@ for name in $RUNS; do
   echo "== $name: $(flags_for "$name")"
   rm -f "${RUN_DIR:-$OUT/runs}/$name/speed.json"  # a failed run must not report the last one's numbers
   timeout "${RUN_TIMEOUT:-600}" ${PYTHON:-python} gpt_oss_20b_sft.py --mode train --model "$MODEL" --random-init --synthetic-data 1000 --max-steps "$STEPS" \
-    --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" $(flags_for "$name") > "$OUT/$name.log" 2>&1
+    --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" ${EXTRA_FLAGS:-} $(flags_for "$name") > "$OUT/$name.log" 2>&1
   echo "exit code $?"
+  recompiles=$(grep -c 'Recompiling function' "$OUT/$name.log")  # counted when TORCH_LOGS=recompiles is set
   line=$(tr -d '\n' < "${RUN_DIR:-$OUT/runs}/$name/speed.json" 2>/dev/null)
   [ -n "$line" ] || line='{"error": "no speed.json, see the log"}'
   echo "$line"
-  printf '{"run": "%s", "flags": "%s", "summary": %s}\n' "$name" "$(flags_for "$name")" "$line" >> "$OUT/results.jsonl"
+  printf '{"run": "%s", "flags": "%s", "recompiles": %s, "summary": %s}\n' "$name" "$(flags_for "$name")" "$recompiles" "$line" >> "$OUT/results.jsonl"
 done
 
 ${PYTHON:-python} - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(f"{out}/results.jsonl")]
-lines = ["| run | flags | real tokens/s | padded tokens/s | step s | peak alloc GiB | peak reserved GiB | projected 3-epoch min |",
-         "|---|---|---:|---:|---:|---:|---:|---:|"]
-for r in rows:
-    s = r["summary"]
+latest = {r["run"]: r for r in rows}  # a rerun replaces its earlier row
+# The ratio's baseline: the Cookbook recipe as it stands (batch 8) if it fit, else the same at batch 4 x 4 steps.
+base = next((n for n in ("baseline", "baseline_b4") if "tokens_per_second" in latest.get(n, {}).get("summary", {})), None)
+lines = [f"| run | flags | real tokens/s | x {base or 'baseline'} | padded tokens/s | step s | peak alloc GiB | "
+         "peak reserved GiB | projected 3-epoch min | recompiles |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+for r in latest.values():
+    s, n = r["summary"], r.get("recompiles", "")
     if s.get("oom"):
-        lines.append(f"| {r['run']} | `{r['flags']}` | OOM | | | >{s['peak_memory_gib']['allocated']} | | |")
+        lines.append(f"| {r['run']} | `{r['flags']}` | OOM | | | | >{s['peak_memory_gib']['allocated']} | | | {n} |")
     elif "tokens_per_second" in s:
         m = s["peak_memory_gib"]
-        lines.append(f"| {r['run']} | `{r['flags']}` | {s['tokens_per_second']:,.0f} | {s['padded_tokens_per_second']:,.0f} | "
-                     f"{s['step_seconds']} | {m['allocated']} | {m['reserved']} | {s['projected_run_minutes']} |")
+        ratio = f"{s['tokens_per_second'] / latest[base]['summary']['tokens_per_second']:.2f}" if base else ""
+        lines.append(f"| {r['run']} | `{r['flags']}` | {s['tokens_per_second']:,.0f} | {ratio} | "
+                     f"{s['padded_tokens_per_second']:,.0f} | {s['step_seconds']} | {m['allocated']} | {m['reserved']} | "
+                     f"{s['projected_run_minutes']} | {n} |")
     else:
-        lines.append(f"| {r['run']} | `{r['flags']}` | failed | | | | | |")
+        lines.append(f"| {r['run']} | `{r['flags']}` | failed | | | | | | | {n} |")
 gpu = next((r["summary"].get("gpu") for r in rows if r["summary"].get("gpu")), "?")
-text = f"GPU: {gpu}\n\n" + "\n".join(lines) + "\n"
+note = (f"Ratios against {base}" + (" (baseline, batch 8, did not fit or failed)" if base == "baseline_b4" else "")
+        if base else "No baseline run finished: no ratios")
+text = f"GPU: {gpu}\n\n{note}.\n\n" + "\n".join(lines) + "\n"
 open(f"{out}/results.md", "w").write(text)
 print(text)
 PY

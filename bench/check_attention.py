@@ -1,5 +1,6 @@
 """GPU check: flex_attention (with gpt-oss's sinks) gives eager's loss and gradients, and packed rows under the
-flex BlockMask give the logits each row gets alone.
+flex BlockMask give the logits each row gets alone: per layer, the router's top-k sets and layer 0's attention
+output packed against alone, in bf16 and fp32, and with every expert for every token (no routing left to flip).
 
     python bench/check_attention.py MODEL_DIR [--layers 4]
 
@@ -50,6 +51,44 @@ def packed_vs_alone(model, rows, lengths, device):
     return found
 
 
+def routing_vs_alone(model, rows, lengths, device):
+    """Per layer, the share of tokens whose router top-k set is the same packed as alone, and the largest difference
+    of layer 0's attention output (before any routing): a mask leak shows in layer 0's attention, a rounding flip
+    only in the routing of later layers."""
+    seen = []
+    hooks = [layer.mlp.router.register_forward_hook(lambda m, i, o: seen.append(("router", o[2].sort(-1).values)))
+             for layer in model.model.layers]
+    hooks.append(model.model.layers[0].self_attn.register_forward_hook(lambda m, i, o: seen.append(("attn", o[0][0]))))
+    ids = torch.cat(rows)[None].to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    with torch.no_grad():
+        alone = []
+        for r in rows:
+            seen.clear()
+            model(input_ids=r[None].to(device))
+            alone.append(list(seen))
+        seen.clear()
+        hook = sft.attach_document_masks(model)
+        model(input_ids=ids, position_ids=positions)
+        hook.remove()
+        packed = list(seen)
+    for h in hooks:
+        h.remove()
+    layers = len(model.model.layers)
+    same_sets, attn_diff, start = [[] for _ in range(layers)], 0.0, 0
+    for row, n in zip(alone, lengths):
+        routers = [t for kind, t in row if kind == "router"]
+        packed_routers = [t for kind, t in packed if kind == "router"]
+        for i in range(layers):
+            same_sets[i].append((packed_routers[i][start:start + n] == routers[i]).all(-1).float())
+        attn_alone = next(t for kind, t in row if kind == "attn").float()
+        attn_packed = next(t for kind, t in packed if kind == "attn")[start:start + n].float()
+        attn_diff = max(attn_diff, (attn_packed - attn_alone).abs().max().item())
+        start += n
+    return {"router_same_set_share_per_layer": [round(torch.cat(s).mean().item(), 4) for s in same_sets],
+            "layer0_attention_max_abs_diff": round(attn_diff, 6)}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -91,6 +130,16 @@ def main():
     for precision, model in (("bf16", flex), ("fp32", build(config, attn, device, torch.float32))):
         model.load_state_dict(flex.state_dict())
         result[f"packed_vs_alone_{precision}"] = packed_vs_alone(model.eval(), rows, lengths, device)
+        result[f"routing_packed_vs_alone_{precision}"] = routing_vs_alone(model, rows, lengths, device)
+    # Every expert for every token: no top-k choice left to flip, so what differs packed is the kernels' rounding.
+    every = sft.unquantized_config(config, num_experts_per_tok=config.num_local_experts,
+                                   experts_per_token=config.num_local_experts)
+    for precision, dtype_ in (("bf16", dtype), ("fp32", torch.float32)):
+        model = build(every, attn, device, dtype_).eval()
+        model.load_state_dict(flex.state_dict())
+        result[f"all_experts_packed_vs_alone_{precision}"] = {**packed_vs_alone(model, rows, lengths, device),
+                                                              **routing_vs_alone(model, rows, lengths, device)}
+        del model
     result["attn_used"] = [eager.config._attn_implementation, flex.config._attn_implementation]
     import time
 

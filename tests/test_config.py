@@ -35,7 +35,8 @@ def test_print_config_shows_the_seed_recipe():
 # What this change meant to change in --print-config, against what it printed before (tests/print_config_before.json)
 RENAMED = {"limit": "max_samples", "answer_language": "answer_languages"}  # --limit and --answer-language still work
 ADDED = {"min_lr_rate": None, "eval_batch_size": 32, "eval_split": None, "merge_format": "mxfp4",
-         "merge_logits_check": True, "allow_any_language": False, "stream": False}  # stream: stdout is no terminal
+         "merge_logits_check": True, "allow_any_language": False, "checkpoint_every": 1, "compile": False,
+         "stream": False}  # stream: stdout is no terminal
 ON_PURPOSE = {
     "--demo": {"model": "<CACHE>/tiny-gpt-oss"},  # the model the demo runs on, shown instead of set at run time
     "--mode eval --demo": {"model": "<CACHE>/tiny-gpt-oss", "adapter": "demo_output",  # likewise

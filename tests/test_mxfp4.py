@@ -28,6 +28,23 @@ def test_quantizer_round_trips_values_on_the_mxfp4_grid():
     assert torch.equal(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32), weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows_per_chunk", [sft.MXFP4_ROWS_PER_CHUNK, 200])  # 200: one expert (of 5) per step
+def test_one_pass_dequant_is_bit_identical_to_transformers(dtype, rows_per_chunk):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (5, 96, 3, 16), dtype=torch.uint8, generator=generator)
+    for scales in (torch.randint(100, 140, (5, 96, 3), dtype=torch.uint8, generator=generator),  # the weights' range
+                   torch.randint(0, 256, (5, 96, 3), dtype=torch.uint8, generator=generator)):  # every exponent
+        ours = sft.dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk)
+        theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        assert ours.shape == theirs.shape == (5, 96, 96) and ours.is_contiguous() and ours.dtype == dtype
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # bit for bit, infinities included
+        assert torch.equal(ours.view(bits), theirs.view(bits))
+        assert torch.equal(ours, theirs) or not torch.isfinite(theirs).all()  # NaN-free: equal as values too
+
+
 def test_mxfp4_checkpoint_has_the_hub_layout(mxfp4_model):
     from safetensors import safe_open
 

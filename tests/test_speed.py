@@ -21,6 +21,16 @@ def tiny(demo_model):
     return model, tokenizer, examples
 
 
+@pytest.fixture
+def static_flex_compile():
+    """Each length compiles static: torch 2.13's CPU flex template emits C++ that does not build for dynamic shapes
+    with a packed mask_mod (transformers' own too); the GPU's Triton path is another template."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield
+
+
 def packed_inputs(examples):
     ids = torch.tensor([sum((e["input_ids"] for e in examples), [])])
     positions = torch.cat([torch.arange(len(e["input_ids"])) for e in examples])[None]
@@ -56,7 +66,7 @@ def test_packed_rows_see_only_themselves(tiny):
 
 
 @pytest.mark.slow
-def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model):
+def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model, static_flex_compile):
     """The mask the GPU default uses: the hook hands flex_attention a BlockMask. On CPU torch compiles flex for
     inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out; they
     rescale each query's output by its own log-sum-exp, which no mask changes."""
@@ -75,6 +85,79 @@ def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_mo
     model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
     assert_packed_rows_see_only_themselves(model, tiny[2])
     assert masks_seen == {"BlockMask"}
+
+
+def test_document_block_mask_equals_transformers_builder(demo_model):
+    """Built from the boundaries, the packed row's BlockMasks (causal and sliding) hold the tables transformers'
+    compiled builder makes from the dense mask, and their mask_mod is the same dense mask."""
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers import AutoConfig
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = AutoConfig.from_pretrained(demo_model, attn_implementation="flex_attention")
+    for lengths in ([300, 57, 400, 13], [1, 128, 256, 5, 130], [700]):  # ragged ends, rows on block edges, one row
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        kwargs = dict(config=config, inputs_embeds=torch.zeros(1, positions.shape[1], 4), attention_mask=None,
+                      past_key_values=None, position_ids=positions)
+        for window, theirs in ((None, create_causal_mask(**kwargs)),
+                               (config.sliding_window, create_sliding_window_causal_mask(**kwargs))):
+            ours = sft.document_block_mask(positions, window)
+            assert type(ours) is type(theirs) and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+            assert ours.seq_lengths == theirs.seq_lengths
+            for mine, reference in zip(ours.as_tuple()[:-1], theirs.as_tuple()[:-1]):  # every table but mask_mod
+                assert torch.equal(mine, reference) if isinstance(mine, torch.Tensor) else mine == reference
+            n = positions.shape[1]
+            assert torch.equal(create_mask(ours.mask_mod, 1, 1, n, n), create_mask(theirs.mask_mod, 1, 1, n, n))
+
+
+@pytest.mark.slow
+def test_right_padded_flex_batches_need_no_padding_mask(tiny, demo_model, static_flex_compile):
+    """A right-padded batch under the hook's cached causal BlockMask (no padding term, one per length, shared by the
+    rows) gives the real tokens the logits transformers' padded mask gives them, and the same loss."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
+
+    masks_seen = []
+
+    def flex_without_sinks(module, query, key, value, attention_mask, s_aux=None, **kwargs):
+        masks_seen.append(attention_mask)
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("flex_without_sinks", flex_without_sinks)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
+    rows = [e["input_ids"] for e in tiny[2]]
+    length = -(-max(map(len, rows)) // sft.FLEX_BLOCK) * sft.FLEX_BLOCK  # a bucket, as the collator pads on the GPU
+    ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])
+    padding = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    labels = torch.where(padding.bool(), ids, -100)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=padding, labels=labels)
+        assert masks_seen[-1].shape[0] == len(rows)  # transformers' mask: one per row, with the padding term
+        hook = sft.attach_document_masks(model)
+        try:
+            ours = model(input_ids=ids, attention_mask=padding, labels=labels)
+            again = model(input_ids=ids.flip(0), attention_mask=padding.flip(0))
+        finally:
+            hook.remove()
+    assert masks_seen[-1] is masks_seen[-3] and masks_seen[-1].shape[0] == 1  # cached by length, broadcast over rows
+    real = padding.bool()
+    torch.testing.assert_close(ours.logits[real], reference.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.loss, reference.loss, atol=1e-6, rtol=1e-6)
+    assert again.logits.shape == ours.logits.shape
+
+
+def test_hitting_the_recompile_limit_is_said_in_one_line(capsys):
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        sft.watch_recompiles(limit=1)
+        double = torch.compile(lambda x: x * 2)
+        for n in (3, 4, 5):  # a new static shape each call: the second is past the limit
+            assert torch.equal(double(torch.ones(n)), torch.full((n,), 2.0))
+    notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("note: torch.compile hit")]
+    assert notes and notes[0].startswith("note: torch.compile hit its recompile limit (1)")
 
 
 def batch_loss(trainer, examples):
@@ -157,11 +240,13 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     assert summary["optimizer_steps_per_run"] == 3  # ceil(16 / 16) x 3 epochs: projected for the configured run
     assert summary["tokens_per_second"] > 0 and summary["padded_tokens_per_second"] >= summary["tokens_per_second"]
     assert summary["rows"] == 16 and summary["packing"] is False and summary["sampler"] == "batch_rebalance"
+    assert summary["compile"] is False and summary["checkpoint_every"] == 1
     assert summary["experts_implementation"] == "grouped_mm"  # transformers' default; it falls back to eager silently
 
 
-def one_step_gradients(cfg, tokenizer, examples):
-    """LoRA gradients of one optimizer step over all the examples, and the tokens the model computed on."""
+def one_step_gradients(cfg, tokenizer, examples, checkpointed: list | None = None, callbacks=()):
+    """LoRA gradients of one optimizer step over all the examples, and the tokens the model computed on (and, into
+    checkpointed, which decoder layers recomputed their activations)."""
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -169,11 +254,13 @@ def one_step_gradients(cfg, tokenizer, examples):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    model = sft.load_model(cfg, sft.load_model_config(cfg.model), on_cuda=False, training=True)
+    model = sft.training_model(cfg, sft.load_model_config(cfg.model), on_cuda=False)
     meter, keep = sft.make_speed_meter(model), KeepGradients()
     trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, False),
-                               callbacks=[meter, keep])
+                               callbacks=[meter, keep, *callbacks])
     trainer.train()
+    if checkpointed is not None:
+        checkpointed += [layer.gradient_checkpointing for layer in model.model.layers]
     (_, real, padded), = meter.steps
     return keep.grads, real, padded
 
@@ -197,6 +284,49 @@ def test_samplers_split_a_step_differently_but_give_its_gradient(tiny, demo_mode
     assert reference.keys() == grads.keys() and len(grads) == 4 * layers  # q_proj and v_proj, lora_A and lora_B
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-7)
+
+
+def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients(tiny, demo_model, tmp_path):
+    _, tokenizer, examples = tiny
+    found = {}
+    for every in ("1", "2"):
+        cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / every), "--report_to", "none",
+                      "--max-steps", "1", "--checkpoint-every", every)
+        layers = []
+        found[every] = one_step_gradients(cfg, tokenizer, examples, layers)[0], layers
+    assert found["1"][1] == [True, True] and found["2"][1] == [True, False]  # the demo's two layers
+    reference, grads = found["1"][0], found["2"][0]
+    assert reference.keys() == grads.keys() and len(grads) == 8
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_compiled_moe_blocks_give_eager_loss_and_lora_gradients(tiny, demo_model, tmp_path):
+    """--compile (fp32 on CPU): one optimizer step's loss and LoRA gradients equal eager's to 1e-5, experts and
+    router included (LoRA on the attention and on the experts' down_proj)."""
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    _, tokenizer, examples = tiny
+    found = {}
+    counters.clear()
+    for flag in ("--no-compile", "--compile"):
+        cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / flag), "--report_to", "none",
+                      "--max-steps", "1", "--target_parameters", "mlp.experts.down_proj", flag)
+        losses = []
+
+        class KeepLoss(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                losses.append(logs.get("loss"))
+
+        found[flag] = one_step_gradients(cfg, tokenizer, examples, callbacks=[KeepLoss()])[0], losses[0]
+    (reference, loss), (grads, compiled_loss) = found["--no-compile"], found["--compile"]
+    assert counters["stats"]["unique_graphs"] >= 1  # the MoE blocks ran compiled
+    assert abs(compiled_loss - loss) < 1e-5
+    assert reference.keys() == grads.keys() and len(grads) == 12  # q, v and experts' down_proj: A and B, 2 layers
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
