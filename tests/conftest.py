@@ -3,6 +3,7 @@
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GPT_OSS_SFT_CACHE", str(Path(os.environ.get("PYTEST_CACHE_ROOT", "/tmp")) / "gpt_oss_sft_test_cache"))
 os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(SHARED)
 os.environ["TRACKIO_DIR"] = TRACKIO_DIR = tempfile.mkdtemp(prefix="trackio_test_")
+
+# Ctrl-C as in a shell's foreground job, for the tests that send SIGINT to the script: a script's background job
+# (`pytest &`) starts with SIGINT ignored, children inherit that, and Python keeps an ignored SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import gpt_oss_20b_sft as sft  # noqa: E402  (after the environment above)
 

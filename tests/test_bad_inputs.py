@@ -133,11 +133,14 @@ def test_ctrl_c_in_training_is_one_line_exit_130_naming_the_checkpoint(tmp_path,
                                 str(sft.DEMO_DATASET), "--max_seq_length", "256", "--report_to", "none",
                                 "--max_steps", "10000", "--save_steps", "2", "--output_dir", str(out)],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # a run that ignored Ctrl-C would otherwise train on after the test
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     last = stderr.strip().splitlines()[-1]

@@ -279,9 +279,6 @@ class Pty:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: stdin, stdout and stderr are the terminal
             os.chdir(cwd)
-            # Ctrl-C as in a shell's foreground job: pytest started in the background (`... &` in a script) inherits
-            # SIGINT ignored, and Python keeps an ignored SIGINT ignored, so Ctrl-C at the prompt would do nothing
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(sys.executable, [sys.executable, str(SCRIPT), *args])
         self.text = ""
 
