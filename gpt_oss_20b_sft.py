@@ -119,25 +119,17 @@ def read_text_file(path: Path, what: str) -> str:
                          "e.g. iconv -f latin1 -t utf-8") from None
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def staged_directory(target: Path):
     """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
     target is either the old one or the complete new one, never half of it. Other outputs of this tool inside the
     old target (e.g. <merged>/eval) move into the new one."""
+    import psutil  # accelerate's, peft's and trl's dependency
+
     staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
     for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
         pid = stale.name.rsplit(".tmp", 1)[1]
-        if stale != staging and pid.isdigit() and owner_of(stale) and not process_alive(int(pid)):
+        if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)  # what a killed run of this tool left (kill -9 runs no cleanup)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -977,15 +969,10 @@ def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens:
                 continue
         examples.append(ex)
     lengths = [len(ex["input_ids"]) for ex in examples]
-    stats = {
-        "rows_used": len(examples),
-        "rows_truncated": truncated,
-        "rows_dropped_no_labels_left": dropped,
-        "tokens_per_epoch": sum(lengths),
-        "labelled_tokens_per_epoch": sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples),
-        "longest_row_tokens": max(lengths, default=0),
-    }
-    return examples, stats
+    labelled = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples)
+    return examples, {"rows_used": len(examples), "rows_truncated": truncated, "rows_dropped_no_labels_left": dropped,
+                      "tokens_per_epoch": sum(lengths), "labelled_tokens_per_epoch": labelled,
+                      "longest_row_tokens": max(lengths, default=0)}
 
 
 # Multilingual-Thinking's tokens per row, log-normal (mean 1,200); the README says how it was fitted
@@ -1182,7 +1169,7 @@ def checkpoint_files(source: str) -> list:
 def load_mxfp4_model(cfg: Config, config, device: str, dtype, attn_implementation: str):
     """gpt-oss with its experts kept in MXFP4 (--use_4bit); every other weight in dtype."""
     import torch
-    from safetensors import safe_open
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     experts_class = mxfp4_experts_class()
@@ -1205,12 +1192,8 @@ def load_mxfp4_model(cfg: Config, config, device: str, dtype, attn_implementatio
             else:
                 tensor.normal_(0.0, 0.02, generator=generator)
     else:
-        state = {}
-        for file in checkpoint_files(cfg.model):
-            with safe_open(str(file), framework="pt", device=device) as shard:
-                for key in shard.keys():
-                    tensor = shard.get_tensor(key)
-                    state[key] = tensor if tensor.dtype == torch.uint8 else tensor.to(dtype)
+        state = {key: tensor if tensor.dtype == torch.uint8 else tensor.to(dtype) for file in
+                 checkpoint_files(cfg.model) for key, tensor in load_file(str(file), device=device).items()}
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
             raise UsageError(f"{cfg.model} does not have gpt-oss's MXFP4 layout: missing "
@@ -1414,14 +1397,13 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
     from trl import SFTConfig
 
     arguments = dict(
-        output_dir=cfg.output_dir,
+        {name: getattr(cfg, name) for name in (  # the settings SFTConfig takes under the same name
+            "output_dir", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_train_epochs",
+            "optim", "weight_decay", "seed", "logging_steps", "save_steps", "save_total_limit", "hub_model_id",
+            "router_aux_loss_coef")},  # router_aux_loss_coef: TRL's default would read 0.9 from the gpt-oss config
         per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
         lr_scheduler_kwargs={} if cfg.min_lr_rate is None else {"min_lr_rate": cfg.min_lr_rate},
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a fraction of all steps
-        num_train_epochs=cfg.num_train_epochs,
         max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
         padding_free=cfg.packing,
         pad_to_multiple_of=FLEX_BLOCK if not cfg.packing and (cfg.attn_implementation, on_cuda) in (
@@ -1430,26 +1412,18 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
         max_steps=cfg.max_steps or -1,
         eval_strategy="epoch" if cfg.eval_split else "no",
         per_device_eval_batch_size=cfg.batch_size,
-        optim=cfg.optim,
-        weight_decay=cfg.weight_decay,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
         activation_checkpointing_kwargs={"every_n_layers": cfg.checkpoint_every},
         bf16=on_cuda,
         use_cpu=not on_cuda,
-        router_aux_loss_coef=cfg.router_aux_loss_coef,  # TRL's default reads 0.9 from the gpt-oss config
         logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it) so the run can stop on it
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         project=cfg.trackio_project,
         run_name=cfg.run_name or f"{Path(cfg.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}",
         trackio_space_id=None,  # trackio logs stay on this machine
         trackio_static_space_id=False,
         push_to_hub=False,  # pushed once, explicitly, after the adapter is saved
-        hub_model_id=cfg.hub_model_id,
         dataloader_num_workers=0,
     )
     return SFTConfig(**{**arguments, **parallel_arguments(cfg)})
@@ -1516,20 +1490,16 @@ def make_speed_meter(model, warmup_steps: int = 2):
             # Counted on this process; the other ranks get batches of the same size, hence x world size.
             per_second = lambda i: round(sum(m[i] for m in measured) * world_size() / seconds, 1) if seconds else None
             on_cuda = torch.cuda.is_available()
-            return {
-                "gpu": torch.cuda.get_device_name() if on_cuda else "cpu",
-                "processes": world_size(),
-                "steps_measured": len(measured),
-                "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
-                "tokens_per_second": per_second(1),
-                "padded_tokens_per_second": per_second(2),
-                "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
-                "peak_memory_gib": {
-                    "allocated": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
-                    "reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_cuda else None},
-                "optimizer_steps_per_run": optimizer_steps_per_run,
-                "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2) if measured else None,
-            }
+            gib = lambda peak: round(peak() / 2**30, 2) if on_cuda else None
+            return {"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "processes": world_size(),
+                    "steps_measured": len(measured),
+                    "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
+                    "tokens_per_second": per_second(1), "padded_tokens_per_second": per_second(2),
+                    "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
+                    "peak_memory_gib": {"allocated": gib(torch.cuda.max_memory_allocated),
+                                        "reserved": gib(torch.cuda.max_memory_reserved)},
+                    "optimizer_steps_per_run": optimizer_steps_per_run,
+                    "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2) if measured else None}
 
     meter = SpeedMeter()
     model.register_forward_pre_hook(meter.count, with_kwargs=True)
@@ -1558,24 +1528,16 @@ def make_nonfinite_guard(output_dir: str):
     return StopOnNonFiniteLoss()
 
 
-def loss_history(log_history: list) -> list:
-    return [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-
-
 def plot_loss(history: list, path: Path, title: str):
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no backend to pick, no figure to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ax = Figure(figsize=(7, 4)).subplots()
     steps, losses = zip(*history) if history else ((), ())
     ax.plot(steps, losses, marker="o" if len(steps) < 30 else None)
     ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
 
 
 def library_versions() -> dict:
@@ -1791,7 +1753,7 @@ def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, s
         unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
     if not is_main_process():
         return {}
-    history = loss_history(trainer.state.log_history)
+    history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
     speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
              "attn_implementation": trainer.model.config._attn_implementation,
              "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
@@ -2465,12 +2427,12 @@ def read_score_file(path: str) -> list:
     items = []
     for number, row in read_jsonl(path, "--score-file"):
         where = f"{path} line {number}"
-        for field in ("reasoning_language", "analysis"):
-            if not isinstance(row.get(field), str):
-                raise UsageError(f"{where}: needs a string {field!r}")
-        for field in ("final", "answer_language", "model"):
-            if row.get(field) is not None and not isinstance(row[field], str):
-                raise UsageError(f"{where}: {field!r} must be a string")
+        for key in ("reasoning_language", "analysis"):
+            if not isinstance(row.get(key), str):
+                raise UsageError(f"{where}: needs a string {key!r}")
+        for key in ("final", "answer_language", "model"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise UsageError(f"{where}: {key!r} must be a string")
         items.append({**row, "model": row.get("model") or "outputs",
                       "reasoning_language": language_name(row["reasoning_language"], where),
                       "answer_language": language_name(row["answer_language"], where)
@@ -2549,15 +2511,12 @@ def summary_table(rows: list) -> str:
 
 
 def plot_match_rates(rows: list, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     languages = list(dict.fromkeys(r["reasoning_language"] for r in rows))
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(languages)), 4))
+    ax = Figure(figsize=(max(6, 1.1 * len(languages)), 4)).subplots()
     for k, model in enumerate(models):
         rate = {r["reasoning_language"]: r["reasoning_language_match"] or 0 for r in rows if r["model"] == model}
         ax.bar([i + (k - (len(models) - 1) / 2) * width for i in range(len(languages))],
@@ -2567,9 +2526,8 @@ def plot_match_rates(rows: list, path: Path):
            title="Reasoning-language match per requested language")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
 
 
 def generate_eval_outputs(cfg: Config, plan: list):
@@ -2873,14 +2831,10 @@ def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates:
 
 def free_memory(on_cuda: bool) -> int:
     """Bytes free where the logits check would load the model: the GPU's, or the machine's available RAM."""
+    import psutil
     import torch
 
-    if on_cuda:
-        return torch.cuda.mem_get_info()[0]
-    try:
-        return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1]) * 1024
-    except (OSError, TypeError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return torch.cuda.mem_get_info()[0] if on_cuda else psutil.virtual_memory().available
 
 
 def logits_check_skipped(layout: dict, on_cuda: bool) -> str | None:
