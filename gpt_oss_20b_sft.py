@@ -50,6 +50,7 @@ from trl import TrlParser  # TRL's copy of transformers' HfArgumentParser: it im
 HERE = Path(__file__).resolve().parent
 DEMO_DATASET = HERE / "data" / "demo_sample.jsonl"
 EVAL_QUESTIONS = HERE / "data" / "eval_questions.jsonl"
+LANGUAGES_FILE = HERE / "data" / "languages.tsv"
 DEMO_CACHE = Path(os.environ.get("GPT_OSS_SFT_CACHE", Path.home() / ".cache" / "gpt_oss_20b_sft"))
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 DEFAULT_OUTPUT_DIR = "gpt-oss-20b-multilingual-reasoner"
@@ -567,34 +568,35 @@ def _flat(values):
 
 
 @functools.lru_cache(maxsize=None)
-def _lingua_names() -> dict:
-    """The detector's languages by ISO 639-1 and 639-3 code: the names every mode writes and scores."""
-    from lingua import Language
-
-    return {code: language.name.title() for language in Language.all()
-            for code in (language.iso_code_639_1.name.lower(), language.iso_code_639_3.name.lower())}
+def known_languages() -> dict:
+    """Every spelling of the detector's 75 languages, casefolded: English name, ISO code, own name -> the English
+    name every mode writes. Read from data/languages.tsv (made from lingua and langcodes, checked by a test), so that
+    only eval, which detects languages, needs lingua, and no mode needs langcodes."""
+    spellings = {}
+    for line in read_text_file(LANGUAGES_FILE, "the language table").splitlines()[1:]:
+        name, codes, names = line.split("\t")
+        spellings.update({s.casefold(): name for s in (name, *codes.split(), *filter(None, names.split("|")))})
+    return spellings
 
 
 @functools.lru_cache(maxsize=None)
 def language_name(name: str, flag: str, any_language: bool = False) -> str:
-    """One rule for every mode: "german", " GERMAN ", "de", "deu", "Deutsch" -> "German", the name the training rows
-    use (a different name is a different token: " german" is not " German"). langcodes reads codes and native names."""
-    import langcodes
-
+    """One rule for every mode: "german", " GERMAN ", "de", "deu", "de-CH", "Deutsch" -> "German", the name the
+    training rows use (a different name is a different token: " german" is not " German")."""
     text = " ".join(name.split())
     if not text:
         raise UsageError(f"{flag} is empty: name a language, e.g. {flag} German")
-    try:
-        tag = langcodes.get(text) if langcodes.tag_is_valid(text) else langcodes.find(text)
-        known = _lingua_names().get(tag.language) or _lingua_names().get(tag.to_alpha3())
-    except (LookupError, ValueError):
-        known = None
+    spellings, key = known_languages(), text.casefold()
+    # the language of a BCP 47 tag (pt-BR, zh-Hant) or of a name with its variant (Chinese (Traditional))
+    variant = re.fullmatch(r"([a-z]{2,3})(?:[-_][a-z0-9]{1,8})+|(.+?) ?\(.*\)", key)
+    known = spellings.get(key) or variant and spellings.get(variant.group(1) or variant.group(2))
     if known or any_language:
         return known or text
-    close = difflib.get_close_matches(text.title(), sorted(set(_lingua_names().values())), n=3, cutoff=0.6)
+    names = sorted(set(spellings.values()))
+    close = difflib.get_close_matches(text.title(), names, n=3, cutoff=0.6)
     raise UsageError(f"{flag}: unknown language {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
-                     + f" ({len(set(_lingua_names().values()))} languages are known by English name, ISO code or "
-                       "native name; --allow-any-language sends another name as typed)")
+                     + f" ({len(names)} languages are known by English name, ISO code or native name; "
+                       "--allow-any-language sends another name as typed)")
 
 
 def derive(cfg: Config) -> Config:
@@ -667,7 +669,7 @@ def validate(cfg: Config) -> Config:
     if cfg.use_4bit and cfg.mode == "merge":
         raise UsageError("--use_4bit does not apply to merge: it streams the checkpoint without loading the model and "
                          "keeps the experts in MXFP4 by default (--merge-format mxfp4); drop --use_4bit")
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+    if cfg.mode == "train" and cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
     if cfg.json and cfg.raw:
         raise UsageError("--json and --raw are two output formats: pick one")
@@ -696,6 +698,8 @@ def validate(cfg: Config) -> Config:
     if cfg.use_4bit and (cfg.deepspeed or cfg.fsdp):
         raise UsageError("--use_4bit with --deepspeed/--fsdp: the MXFP4 experts are buffers, which neither shards; "
                          "run it with plain torchrun (DDP: every GPU holds the 14 GB model)")
+    if cfg.mode == "eval" and importlib.util.find_spec("lingua") is None:  # the other modes do without it
+        raise UsageError("--mode eval detects the languages with lingua: pip install lingua-language-detector")
     if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
     if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
@@ -1564,15 +1568,11 @@ def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
 def render_model_card(summary: dict) -> str:
     """The adapter's README.md: what it is, how it was trained, what training measured, how to run it."""
     cfg, data = summary["config"], summary["data"]
-    codes = []
-    if importlib.util.find_spec("lingua"):  # in requirements.txt; the bare GPU benchmark image lacks it
-        from lingua import Language
-
-        for name in summary.get("reasoning_languages", []):
-            try:
-                codes.append(Language.from_str(name).iso_code_639_1.name.lower())
-            except ValueError:
-                pass
+    iso = {}
+    for spelling, name in known_languages().items():  # each language's ISO 639-1 code comes first in the table
+        if len(spelling) == 2:
+            iso.setdefault(name, spelling)
+    codes = [iso[name] for name in summary.get("reasoning_languages", []) if name in iso]
     from huggingface_hub import ModelCardData
 
     base = cfg["model"]

@@ -1,16 +1,82 @@
 """One rule for language names in every mode: English names in any case and spacing, ISO codes and native names all
 become the name the training rows use; anything else is one line naming close matches."""
 
+import itertools
+import string
+import sys
+
 import pytest
 
 from conftest import ROOT, resolve, sft, write_jsonl
+
+
+def language_table() -> str:
+    """data/languages.tsv as lingua and langcodes give it: lingua's 75 languages (the names every mode writes), the
+    codes langcodes reads as each (ISO 639-1, 639-2/B, 639-3, old aliases), their English and own names (CLDR). The
+    script reads the file, so no mode but eval needs either library. `python tests/test_languages.py` rewrites it."""
+    import langcodes
+    from lingua import Language
+
+    by_code = {}
+    for language in Language.all():
+        for code in (language.iso_code_639_1, language.iso_code_639_3):
+            by_code[code.name.lower()] = language.name.title()
+    codes = {name: set() for name in by_code.values()}
+    for tag in map("".join, itertools.chain(*(itertools.product(string.ascii_lowercase, repeat=n) for n in (2, 3)))):
+        if tag in by_code or langcodes.tag_is_valid(tag):
+            read = langcodes.get(tag) if langcodes.tag_is_valid(tag) else None
+            name = by_code.get(tag) or read and (by_code.get(read.language) or by_code.get(read.to_alpha3()))
+            if name:
+                codes[name].add(tag)
+    lines = ["# name\tISO 639-1, 639-3, other codes\tEnglish and own names (written by tests/test_languages.py)"]
+    for language in sorted(Language.all(), key=lambda l: l.name):
+        name, code = language.name.title(), language.iso_code_639_1.name.lower()
+        read = langcodes.Language.get(code)
+        names = dict.fromkeys(n for n in (read.display_name("en"), read.autonym()) if n.casefold() != name.casefold())
+        first = [code, language.iso_code_639_3.name.lower()]
+        lines.append("\t".join([name, " ".join(first + sorted(codes[name] - set(first))), "|".join(names)]))
+    return "\n".join(lines) + "\n"
+
+
+def test_the_language_table_is_what_lingua_and_langcodes_say():
+    assert (ROOT / "data" / "languages.tsv").read_text(encoding="utf-8") == language_table()
+
+
+def test_the_table_reads_every_spelling_as_langcodes_did():
+    """The rule before the table (langcodes + lingua, as the script ran it) and now agree on every English name,
+    code, own name and tag, in any case and spacing, but for two of lingua's own languages it used to refuse."""
+    import langcodes
+
+    def before(text):
+        text = " ".join(text.split())
+        try:
+            tag = langcodes.get(text) if langcodes.tag_is_valid(text) else langcodes.find(text)
+        except (LookupError, ValueError):
+            return None
+        return sft.known_languages().get(tag.language) or sft.known_languages().get(tag.to_alpha3())
+
+    def now(text):
+        try:
+            return sft.language_name(text, "--x")
+        except sft.UsageError:
+            return None
+
+    spellings = sft.known_languages()
+    typed = {form for spelling in spellings for form in (spelling, spelling.upper(), spelling.title(), f" {spelling} ")}
+    typed |= {f"{code}{region}" for code in spellings if len(code) <= 3 for region in ("-US", "_Latn-RS")}
+    typed |= {"Norwegian", "Klingon", "Germn", "Portuguese (Brazil)", "chinese (traditional)", "Deutsch (Schweiz)"}
+    differ = {text: now(text) for text in typed if before(text) != now(text)}
+    assert len(typed) > 1600 and set(differ.values()) == {"Bokmal", "Tagalog"}, differ
+    assert {t for t in differ if "-" not in t and "_" not in t} == {
+        form for spelling in ("bokmal", "tl", "tgl", "filipino")
+        for form in (spelling, spelling.upper(), spelling.title(), f" {spelling} ")}
 
 
 @pytest.mark.parametrize("typed, name", [
     ("German", "German"), ("german", "German"), (" GERMAN ", "German"), ("de", "German"), ("deu", "German"),
     ("Deutsch", "German"), ("zh", "Chinese"), ("中文", "Chinese"), ("日本語", "Japanese"), ("ja", "Japanese"),
     ("français", "French"), ("Español", "Spanish"), ("italiano", "Italian"), ("pt", "Portuguese"),
-    ("pt-BR", "Portuguese"), ("русский", "Russian"), ("한국어", "Korean"), ("Swahili", "Swahili"),
+    ("pt-BR", "Portuguese"), ("zh_Hant", "Chinese"), ("Chinese (Traditional)", "Chinese"), ("русский", "Russian"), ("한국어", "Korean"), ("Swahili", "Swahili"),
 ])
 def test_names_codes_and_native_names(typed, name):
     assert sft.language_name(typed, "--x") == name
@@ -72,3 +138,7 @@ def test_infer_sends_the_trained_token(real_tokenizer, pinned_date):
                                               add_generation_prompt=True)
     ids = real_tokenizer(text, add_special_tokens=False).input_ids
     assert 15913 in ids and 81862 not in ids
+
+
+if __name__ == "__main__":
+    sys.stdout.write(language_table())

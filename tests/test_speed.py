@@ -2,12 +2,14 @@
 and the preflight benchmark path (random init, synthetic data, the JSON summary line)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import resolve, run_cli
+from conftest import SCRIPT, assert_usage_error, resolve, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,9 @@ def test_document_block_mask_equals_transformers_builder(demo_model):
             for mine, reference in zip(ours.as_tuple()[:-1], theirs.as_tuple()[:-1]):  # every table but mask_mod
                 assert torch.equal(mine, reference) if isinstance(mine, torch.Tensor) else mine == reference
             n = positions.shape[1]
-            assert torch.equal(create_mask(ours.mask_mod, 1, 1, n, n), create_mask(theirs.mask_mod, 1, 1, n, n))
+            # on the CPU: torch's default device is the build's accelerator, cuda on a CUDA build without a GPU
+            assert torch.equal(create_mask(ours.mask_mod, 1, 1, n, n, device="cpu"),
+                               create_mask(theirs.mask_mod, 1, 1, n, n, device="cpu"))
 
 
 @pytest.mark.slow
@@ -380,3 +384,36 @@ def test_baseline_flags_combine(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--sampler: invalid choice: 'sorted'" in out.stderr
     out = run_cli("--demo", "--attn-implementation", "flex_attention", "--output_dir", str(tmp_path / "o"))
     assert out.returncode == 2 and "flex_attention applies gpt-oss's attention sinks on CUDA only" in out.stderr
+
+
+NOT_ON_THE_GPU_NODE = ("lingua", "langcodes", "language_data", "trackio", "openai_harmony", "deepspeed")
+
+
+def run_without(packages, *args, cwd, stdin=None):
+    """The script in a new process where these packages cannot be imported (find_spec answers None), as on an offline
+    GPU node whose image lacks them."""
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({packages!r})); sys.argv[0] = {str(SCRIPT)!r}; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, input=stdin,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_train_infer_chat_and_merge_need_nothing_that_only_eval_needs(tmp_path):
+    train = run_without(NOT_ON_THE_GPU_NODE, "--demo", "--report_to", "none", "--output_dir", "out",
+                        "--reasoning-language", "deutsch", cwd=tmp_path)
+    assert train.returncode == 0 and "Error" not in train.stderr, train.stderr[-3000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["config"]["reasoning_language"] == "German"
+    assert "language:\n- en\n- fr\n- de\n- it\n- es\n" in (tmp_path / "out" / "README.md").read_text()  # codes from the table
+    chat = run_without(NOT_ON_THE_GPU_NODE, "--mode", "chat", "--demo", "--adapter", "out", "--max_new_tokens", "8",
+                       cwd=tmp_path, stdin="What is 7 x 8?\n/lang fr\n/exit\n")
+    merge = run_without(NOT_ON_THE_GPU_NODE, "--mode", "merge", "--demo", "--adapter", "out", cwd=tmp_path)
+    assert chat.returncode == 0 and "reasoning language: French" in chat.stdout, chat.stdout + chat.stderr[-2000:]
+    assert merge.returncode == 0 and (tmp_path / "out-merged" / "merge_check.json").is_file(), merge.stderr
+
+
+def test_eval_without_lingua_is_one_line(tmp_path):
+    scores = write_jsonl(tmp_path / "outs.jsonl", [{"reasoning_language": "German", "analysis": "Ich denke.", "final": "4"}])
+    result = run_without(("lingua",), "--mode", "eval", "--score-file", scores, cwd=tmp_path)
+    assert_usage_error(result, "--mode eval detects the languages with lingua: pip install lingua-language-detector")
