@@ -8,14 +8,16 @@
 # Each run is its own process (clean GPU memory) and writes speed.json into its output folder; the table goes to
 # OUT_DIR/results.md. STEPS (default 6) optimizer steps per run, the first 2 are warm-up and not timed;
 # RUN_TIMEOUT (seconds, default 600) bounds each run; RUNS picks runs by name (flags_for below); EXTRA_FLAGS go to
-# every run. With TORCH_LOGS=recompiles set, each run's torch.compile recompiles are counted into the table.
+# every run; LABEL (e.g. 120b) prefixes the runs' names in the table (no ratio: another model); LOG_DIR (default
+# OUT_DIR) gets each run's log. With TORCH_LOGS=recompiles set, each run's torch.compile recompiles are counted.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-openai/gpt-oss-20b}
 OUT=${2:-bench_output}
 STEPS=${STEPS:-6}
 RUNS=${RUNS:-"baseline baseline_b4 ours_random ours"}
-mkdir -p "$OUT"
+LOG_DIR=${LOG_DIR:-$OUT}
+mkdir -p "$OUT" "$LOG_DIR"
 
 flags_for() {
   case $1 in
@@ -39,13 +41,15 @@ for name in $RUNS; do
   echo "== $name: $(flags_for "$name")"
   rm -f "${RUN_DIR:-$OUT/runs}/$name/speed.json"  # a failed run must not report the last one's numbers
   timeout "${RUN_TIMEOUT:-600}" ${PYTHON:-python} gpt_oss_20b_sft.py --mode train --model "$MODEL" --random-init --synthetic-data 1000 --max-steps "$STEPS" \
-    --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" ${EXTRA_FLAGS:-} $(flags_for "$name") > "$OUT/$name.log" 2>&1
-  echo "exit code $?"
-  recompiles=$(grep -c 'Recompiling function' "$OUT/$name.log")  # counted when TORCH_LOGS=recompiles is set
+    --report_to none --overwrite --output_dir "${RUN_DIR:-$OUT/runs}/$name" ${EXTRA_FLAGS:-} $(flags_for "$name") > "$LOG_DIR/$name.log" 2>&1
+  code=$?
+  echo "exit code $code"
+  recompiles=$(grep -c 'Recompiling function' "$LOG_DIR/$name.log")  # counted when TORCH_LOGS=recompiles is set
   line=$(tr -d '\n' < "${RUN_DIR:-$OUT/runs}/$name/speed.json" 2>/dev/null)
   [ -n "$line" ] || line='{"error": "no speed.json, see the log"}'
   echo "$line"
-  printf '{"run": "%s", "flags": "%s", "recompiles": %s, "summary": %s}\n' "$name" "$(flags_for "$name")" "$recompiles" "$line" >> "$OUT/results.jsonl"
+  printf '{"run": "%s", "flags": "%s", "exit": %s, "recompiles": %s, "summary": %s}\n' "${LABEL:+$LABEL:}$name" \
+    "$(flags_for "$name")" "$code" "$recompiles" "$line" >> "$OUT/results.jsonl"
 done
 
 ${PYTHON:-python} - "$OUT" <<'PY'
@@ -63,12 +67,14 @@ for r in latest.values():
         lines.append(f"| {r['run']} | `{r['flags']}` | OOM | | | | >{s['peak_memory_gib']['allocated']} | | | {n} |")
     elif "tokens_per_second" in s:
         m = s["peak_memory_gib"]
-        ratio = f"{s['tokens_per_second'] / latest[base]['summary']['tokens_per_second']:.2f}" if base else ""
+        ratio = (f"{s['tokens_per_second'] / latest[base]['summary']['tokens_per_second']:.2f}"
+                 if base and ":" not in r["run"] else "")  # a labelled run is another model
         lines.append(f"| {r['run']} | `{r['flags']}` | {s['tokens_per_second']:,.0f} | {ratio} | "
                      f"{s['padded_tokens_per_second']:,.0f} | {s['step_seconds']} | {m['allocated']} | {m['reserved']} | "
                      f"{s['projected_run_minutes']} | {n} |")
     else:
-        lines.append(f"| {r['run']} | `{r['flags']}` | failed | | | | | | | {n} |")
+        ended = "timed out" if r.get("exit") == 124 else f"failed (exit {r.get('exit')})"
+        lines.append(f"| {r['run']} | `{r['flags']}` | {ended} | | | | | | | {n} |")
 gpu = next((r["summary"].get("gpu") for r in rows if r["summary"].get("gpu")), "?")
 note = (f"Ratios against {base}" + (" (baseline, batch 8, did not fit or failed)" if base == "baseline_b4" else "")
         if base else "No baseline run finished: no ratios")
