@@ -3006,9 +3006,14 @@ def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
                       "original_max_position_embeddings": 4096},
         router_aux_loss_coef=0.9, output_router_logits=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(config)
-    pretrain_demo_model(model, tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread sums in one order: the same tensors on every machine, whatever its load
+    try:
+        torch.manual_seed(0)
+        model = GptOssForCausalLM(config)
+        pretrain_demo_model(model, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
     with staged_directory(directory) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -89,3 +89,42 @@ def pinned_date(monkeypatch):
 @pytest.fixture(scope="session")
 def demo_model():
     return sft.build_demo_model()
+
+
+class ScriptedModel:
+    """Stands in for the model at generate(), where the tool's own logic (streaming, channel parsing, chat history,
+    Ctrl-C) is under test: each prompt gets a fixed harmony transcript, chosen by the question in its last user
+    turn, fed token by token to the streamer and the stopping criteria the way transformers' generate() feeds them.
+    The tokenizer, the template and everything around generate() are real."""
+
+    device = "cpu"
+
+    def __init__(self, tokenizer, answers: dict):
+        self.tokenizer, self.answers = tokenizer, answers
+
+    def answer(self, prompt) -> list:
+        last_question = self.tokenizer.decode(prompt).rsplit("<|start|>user<|message|>", 1)[-1]
+        transcript = next(text for question, text in self.answers.items() if last_question.startswith(question))
+        return self.tokenizer.encode(transcript, add_special_tokens=False)
+
+    def generate(self, input_ids, max_new_tokens, eos_token_id, pad_token_id, streamer=None, stopping_criteria=(),
+                 **_):
+        import torch
+
+        if streamer:
+            streamer.put(input_ids)
+        rows = []
+        for prompt in input_ids:
+            new = []
+            for token in self.answer(prompt.tolist())[:max_new_tokens]:
+                new.append(token)
+                if streamer:
+                    streamer.put(torch.tensor([token]))
+                so_far = torch.cat([prompt, torch.tensor(new)])[None]
+                if token in eos_token_id or any(bool(c(so_far, None).all()) for c in stopping_criteria):
+                    break
+            rows.append(prompt.tolist() + new)
+        if streamer:
+            streamer.end()
+        width = max(map(len, rows))
+        return torch.tensor([row + [pad_token_id] * (width - len(row)) for row in rows])

@@ -1,5 +1,5 @@
-"""Talk to it: streamed answers equal the finished ones, and the chat (history, commands, /save, Ctrl-C) on the demo's
-tiny gpt-oss, generating for real."""
+"""Talk to it: streamed answers equal the finished ones, and the chat (history, commands, /save, Ctrl-C), on the demo's
+tokenizer with scripted answers where the chat's own logic is under test, and on the tiny model in a terminal."""
 
 import dataclasses
 import io
@@ -17,18 +17,24 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, assert_usage_error, resolve, run_cli
+from conftest import SCRIPT, ScriptedModel, assert_usage_error, resolve, run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-# Two questions the tiny demo model answers with a final message at temperature 0 (a turn without one is not kept).
 FIRST, SECOND = "What is 7 x 8?", "How many hours are in a week?"
 CHAT_FLAGS = ("--temperature", "0", "--max_new_tokens", "200")
+# What the scripted model answers them: reasoning, then a final message (a turn without one is not kept).
+ANSWERS = {FIRST: "<|channel|>analysis<|message|>Je multiplie 7 par 8 : cela fait 56. Je réponds brièvement avec le "
+                  "produit.<|end|><|start|>assistant<|channel|>final<|message|>7 x 8 = 56.<|return|>",
+           SECOND: "<|channel|>analysis<|message|>Una settimana ha sette giorni e ogni giorno ha 24 ore, quindi sono "
+                   "168 ore.<|end|><|start|>assistant<|channel|>final<|message|>168 hours.<|return|>"}
 
 
 @pytest.fixture(scope="module")
 def loaded(demo_model):
+    """The chat's settings, the scripted model and the demo's real tokenizer."""
     cfg = resolve("--mode", "chat", "--model", str(demo_model), *CHAT_FLAGS)
-    return (cfg, *sft.load_for_inference(cfg))
+    tokenizer = sft.load_tokenizer(str(demo_model))
+    return cfg, ScriptedModel(tokenizer, ANSWERS), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +58,19 @@ def two_turns(loaded):
 # --- streaming
 
 
-@pytest.mark.parametrize("prompt, language, temperature", [
-    ("What is 7 x 8?", "French", "0"),  # analysis, then a final answer closed by <|return|>
-    ("Quelle est la capitale de la France ?", "French", "0.6"),  # sampled: the same seed gives the same tokens
-    ("What is 15% of 240?", "German", "0"),  # no final within the tokens: the placeholder line
+@pytest.mark.parametrize("prompt, language, temperature, tokens, scripted", [
+    (FIRST, "French", "0", "120", True),  # analysis, then a final answer closed by <|return|>
+    ("Quelle est la capitale de la France ?", "French", "0.6", "120", False),  # the tiny model sampling, same seed
+    (SECOND, "German", "0", "12", True),  # no final within the tokens: the placeholder line
 ])
-def test_streamed_text_equals_the_finished_output(demo_model, capsys, monkeypatch, prompt, language, temperature):
+def test_streamed_text_equals_the_finished_output(demo_model, loaded, capsys, monkeypatch, prompt, language,
+                                                  temperature, tokens, scripted):
+    if scripted:
+        monkeypatch.setattr(sft, "load_for_inference", lambda cfg: loaded[1:])
     argv = ("--mode", "infer", "--model", str(demo_model), "--prompt", prompt, "--reasoning-language", language,
-            "--temperature", temperature, "--max_new_tokens", "120")
+            "--temperature", temperature, "--max_new_tokens", tokens)
     finished = sft.run_infer(resolve(*argv, "--no-stream"))
+    assert scripted is False or (finished["final"] is None) == (tokens == "12")
     whole = capsys.readouterr().out
     writes = []
 

@@ -3,6 +3,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,21 @@ def test_eval_split_holds_out_rows_and_logs_an_evaluation_loss_each_epoch(tmp_pa
     assert (summary["data"]["rows_held_out"], summary["data"]["rows_used"]) == (9, 36)  # 45 rows in the sample
     assert len(summary["eval_loss"]) == 2 and all(loss > 0 for loss in summary["eval_loss"])
     assert resolve().eval_split is None  # the seed recipe holds out nothing
+
+
+def test_the_demo_base_is_the_same_tensors_every_build(tmp_path, demo_model):
+    """Built again elsewhere, with another thread count and the other core busy, the tiny base is bit for bit the
+    cached one, so every test and every user's demo starts from the same model."""
+    from safetensors.torch import load_file
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        again = sft.build_demo_model(tmp_path / "again")
+    finally:
+        torch.set_num_threads(threads)
+        busy.kill()
+    ours, theirs = load_file(str(demo_model / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and len(ours) > 30
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
