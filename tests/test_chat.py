@@ -349,8 +349,6 @@ def test_chat_in_a_terminal(tmp_path, demo_model):
     chat.waiting_for_a_key()
     chat.type("\x03")  # Ctrl-C at the prompt: a new prompt
     assert "(Ctrl-D or /exit leaves)" in chat.expect("you> ")
-    chat.type("/save talk.jsonl\r")
-    assert "saved 2 turns to talk.jsonl" in chat.expect("you> ")
     chat.type("\x04")  # Ctrl-D leaves
     assert chat.wait() == 0
     assert f"{sft.DIM}" in first and f"{sft.PLAIN}\r\n\r\n--- final answer ---" in first  # the reasoning dimmed
@@ -360,9 +358,8 @@ def test_chat_in_a_terminal(tmp_path, demo_model):
     shown = shown[shown.index("--- reasoning"):shown.rindex("\n\nyou> ")] + "\n"
     infer = run_cli("--mode", "infer", "--model", str(demo_model), "--prompt", FIRST, "--reasoning-language",
                     "French", *CHAT_FLAGS, "--no-stream")
-    assert infer.returncode == 0 and shown == infer.stdout
-    rows = sft.read_rows(str(tmp_path / "talk.jsonl"))
-    assert [sft.reasoning_language_of(r, c) for r, c in zip(rows, sft.prepare_chats(rows))] == ["French", "Italian"]
+    assert infer.returncode == 0 and shown.startswith(infer.stdout)  # then a note if the turn is not kept
+    assert shown[len(infer.stdout):] in ("", "[not kept in the conversation: no final answer]\n")
 
 
 @pytest.mark.slow
