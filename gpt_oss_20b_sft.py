@@ -20,7 +20,6 @@ import contextlib
 import copy
 import csv
 import difflib
-import fnmatch
 import functools
 import importlib.util
 import io
@@ -32,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -121,60 +121,142 @@ def read_text_file(path: Path, what: str) -> str:
 
 @contextlib.contextmanager
 def staged_directory(target: Path):
-    """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
-    target is either the old one or the complete new one, never half of it. Other outputs of this tool inside the
-    old target (e.g. <merged>/eval) move into the new one."""
+    """A sibling directory to write into; when the block ends without error it becomes target by one rename, or, where
+    target exists, its entries move in one by one (swap_in), so target never holds half of it and a file that
+    appeared in target meanwhile stays."""
     import psutil  # accelerate's, peft's and trl's dependency
 
+    target = Path(os.path.realpath(target))  # beside the real folder: a link to another disk still renames
     staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
     for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
         pid = stale.name.rsplit(".tmp", 1)[1]
         if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)  # what a killed run of this tool left (kill -9 runs no cleanup)
+            shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
+        if owner_of(staging):
+            record(staging, *(p for p in staging.iterdir() if p.name != OWNER_FILE))
+        if target.is_dir():
+            lock_folder(target)
+            swap_in(staging, target, owner_of(staging), replace_all=True)
+            shutil.rmtree(staging)  # left: its marker only
+        else:
+            os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for entry in target.iterdir() if target.is_dir() else ():
-        if entry.is_dir() and owner_of(entry):
-            os.replace(entry, staging / entry.name)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
 
 
-OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills; names the mode that filled it
-OWN_OUTPUTS = {  # what each mode writes into its folder: all that --overwrite (and the demo) may replace
-    "train": ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "training_args.bin", "run_summary.json", "speed.json",
-              "loss_curve.png", "README.md", "checkpoint-*", ".final.tmp*", "runs"),
-    "eval": ("eval_results.json", "eval_summary.md", "eval_summary.png", ".eval_*.tmp*"),
-    "merge": ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "merge_check.json"),
+OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills: its mode and what it wrote there
+KNOWN_OUTPUTS = {  # exact names of what each mode writes: read only in folders of older versions, which kept no record
+    "train": r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+             r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
+             r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+             r"trainer_state\.json",  # the last five: what the Trainer writes into a checkpoint
+    "eval": r"eval_results\.json|eval_summary\.md|eval_summary\.png",
+    "merge": r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+             r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
+             r"merge_check\.json",
 }
+_LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this process writes there
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / OWNER_FILE).read_text())
+        return marker if isinstance(marker, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def owner_of(folder: Path) -> str | None:
     """The mode that filled this folder, from the file it wrote there first; None for a folder the tool did not fill."""
-    try:
-        return json.loads((folder / OWNER_FILE).read_text()).get("mode")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_marker(folder) or {}).get("mode")
+
+
+def entry_state(path: Path):
+    """What the record keeps of an entry: "dir", or a file's [size, mtime in ns] (a change to either shows)."""
+    st = path.lstat()
+    return "dir" if stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else "link"
+
+
+def record(folder: Path, *paths: Path, since: int | None = None, pending: bool = False):
+    """Add entries to folder's record as they are now; a folder with the files in it modified since `since` (ns),
+    or, pending, as a folder being written from now on (a run killed meanwhile leaves it so)."""
+    marker = read_marker(folder)
+    if marker is None:  # not a folder this tool marked as its own
+        return
+    written = marker.setdefault("written", {})
+    for path in paths:
+        inside = [] if pending or not path.is_dir() else [p for p in sorted(path.rglob("*"))
+                                                         if since is None or p.lstat().st_mtime_ns >= since]
+        for p in (path, *inside):
+            written[p.relative_to(folder).as_posix()] = ["pending", time.time_ns() - 10**9] if pending else entry_state(p)
+    marker["written"] = {k: v for k, v in written.items() if v[:1] == ["pending"] or os.path.lexists(folder / k)}
+    write_atomically(folder / OWNER_FILE, json.dumps(marker) + "\n")
 
 
 def sort_outputs(folder: Path, mode: str) -> tuple:
-    """(this mode's earlier outputs, entries this tool did not write). Another output folder of the tool inside it,
-    e.g. <adapter>/eval, is neither: it stays as it is."""
-    mine = owner_of(folder) == mode
+    """(this mode's earlier outputs, entries this tool did not write), as paths, a folder before its contents. Own:
+    in the record and unchanged since; in a folder recorded as being written, or one of an older version, a file of
+    a known name (KNOWN_OUTPUTS) from after it began. Another output folder of the tool inside, e.g. <adapter>/eval,
+    is neither: it stays as it is."""
+    marker = read_marker(folder)
+    written = (marker or {}).get("written", {}) if owner_of(folder) == mode else {}
     own, foreign = [], []
-    for entry in sorted(folder.iterdir()):
-        if entry.name == OWNER_FILE or entry.is_dir() and owner_of(entry):
-            continue
-        (own if mine and any(fnmatch.fnmatch(entry.name, p) for p in OWN_OUTPUTS[mode]) else foreign).append(entry)
+
+    def visit(directory: Path, since: int | None):
+        for entry in sorted(directory.iterdir()):
+            if entry.name == OWNER_FILE and directory == folder or entry.is_dir() and owner_of(entry):
+                continue
+            state, was = entry_state(entry), written.get(entry.relative_to(folder).as_posix())
+            if since is not None:
+                mine = state != "link" and bool(re.fullmatch(KNOWN_OUTPUTS[mode], entry.name)) and (
+                    state == "dir" or state[1] >= since)
+            else:
+                mine = was == state or state == "dir" and isinstance(was, list) and was[0] == "pending"
+            (own if mine else foreign).append(entry)
+            if mine and state == "dir":
+                visit(entry, was[1] if isinstance(was, list) else since)
+
+    if folder.is_dir():
+        visit(folder, 0 if marker and "written" not in marker and owner_of(folder) == mode else None)
     return own, foreign
+
+
+def remove_outputs(folder: Path, entries: list):
+    """Delete entries of sort_outputs' own list, contents before folders; a folder something appeared in stays."""
+    for entry in reversed(entries):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replace_all: bool = False):
+    """Move the entries of staging into out, `last` at the end, each recorded as it lands. Only entries of out this
+    tool wrote, unchanged, are replaced (with replace_all, the others of them removed); anything else stays, and
+    where it is in the way the run stops with the new files kept in staging."""
+    own, foreign = sort_outputs(out, mode)
+    new = sorted((p for p in staging.iterdir() if p.name != OWNER_FILE), key=lambda p: p.name == last)
+    clash = [p.name for p in new if out / p.name in foreign]
+    if clash:
+        raise RunFailed(f"{out / clash[0]} appeared during the run and is not this tool's, so it was left as it is; "
+                        f"the new outputs are in {staging}: move them in yourself")
+    if replace_all:
+        remove_outputs(out, [p for p in own if p.relative_to(out).parts[0] not in {n.name for n in new}])
+    if last:
+        (out / last).unlink(missing_ok=True)  # a folder holding `last` holds a complete result
+    for path in new:
+        os.replace(path, out / path.name)
+        record(out, out / path.name)
+
+
+def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
+    """The finished files of staging (a folder inside out) moved into out by swap_in, adapter_config.json last: a
+    folder holding it holds a complete adapter (PEFT and infer look for that file)."""
+    swap_in(staging, out, owner_of(out), last)
+    staging.rmdir()
 
 
 def protected_folder(out: Path, cfg) -> str | None:
@@ -206,9 +288,33 @@ def trained_steps(out: Path) -> int:
     return json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
 
 
+def lock_folder(folder: Path):
+    """Hold folder while this process writes there: a second run into it is refused. An flock, which the kernel drops
+    when the process ends however it ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    key = os.path.realpath(folder)
+    if key in _LOCKED:
+        return
+    descriptor = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise UsageError(f"--output_dir {folder} is in use by another run of this tool (pid "
+                         f"{(read_marker(folder) or {}).get('pid', 'unknown')}); wait for it to end or pick another "
+                         "folder") from None
+    _LOCKED[key] = descriptor
+
+
+def release_folders():
+    while _LOCKED:
+        os.close(_LOCKED.popitem()[1])
+
+
 def check_output_dir(cfg):
     """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
-    files. The tool replaces only what it wrote earlier (OWN_OUTPUTS, in a folder carrying its OWNER_FILE)."""
+    files, and hold it. The tool replaces only what its record says it wrote there, unchanged (sort_outputs)."""
     out = Path(cfg.output_dir)
     reason = protected_folder(out, cfg)
     if reason:
@@ -219,11 +325,14 @@ def check_output_dir(cfg):
     existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK):
         raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
-    own, foreign = sort_outputs(out, cfg.mode) if out.is_dir() else ([], [])
+    if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
+        lock_folder(out)
+    own, foreign = sort_outputs(out, cfg.mode)
     if foreign:
-        names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
+            ", ..." if len(foreign) > 3 else "")
         raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
-                         "own outputs: move them or pick another folder")
+                         "own outputs, unchanged since it wrote them: move them or pick another folder")
     if cfg.resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
     if own and not (cfg.overwrite or cfg.resume or cfg.demo):  # the demo replaces its own outputs
@@ -232,13 +341,17 @@ def check_output_dir(cfg):
 
 
 def claim_output_dir(out: Path, mode: str, replace_own: bool):
-    """Create out and mark it as this mode's; with replace_own, first delete this mode's earlier outputs (only those:
-    check_output_dir has refused any folder holding something else)."""
+    """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
+    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
     out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out)
+    before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
     if replace_own:
-        for entry in sort_outputs(out, mode)[0]:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py"}) + "\n")
+        remove_outputs(out, own)
+    kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}
+    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py", "pid": os.getpid(),
+                                                   "written": {k: before.get(k) or entry_state(p)
+                                                               for k, p in kept.items()}}) + "\n")
 
 
 def gpu_memory_state() -> tuple:
@@ -1506,6 +1619,28 @@ def make_speed_meter(model, warmup_steps: int = 2):
     return meter
 
 
+def make_checkpoint_recorder(output_dir: str):
+    """A Trainer callback adding each checkpoint to the output folder's record: as being written when its save is due,
+    with its files once saved (a run killed in between leaves it recorded as cut short)."""
+    from transformers import TrainerCallback
+
+    out = Path(output_dir)
+
+    class RecordCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                record(out, out / f"checkpoint-{state.global_step}", pending=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = out / f"checkpoint-{state.global_step}"
+            was = (read_marker(out) or {}).get("written", {}).get(folder.name)
+            since = was[1] if isinstance(was, list) and was[0] == "pending" else 0
+            card = out / "README.md"  # TRL writes its model card into the output folder at each checkpoint
+            record(out, folder, *[card] * (card.is_file() and card.stat().st_mtime_ns >= since), since=since)
+
+    return RecordCheckpoints()
+
+
 def make_nonfinite_guard(output_dir: str):
     """A Trainer callback that stops the run at the first NaN or inf loss or gradient norm, before that step's
     checkpoint is written, so the checkpoints on disk are all from finite steps."""
@@ -1550,15 +1685,6 @@ def library_versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
-    """Move the finished files from staging into out, each by an atomic rename, `last` at the end: a directory
-    holding adapter_config.json holds a complete adapter (PEFT and infer look for that file)."""
-    (out / last).unlink(missing_ok=True)
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == last):
-        os.replace(path, out / path.name)
-    staging.rmdir()
 
 
 def render_model_card(summary: dict) -> str:
@@ -1723,7 +1849,10 @@ def train(cfg: Config, trainer, meter, steps_per_run: int):
 
     checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if checkpoint:
-        print(f"resuming from {checkpoint}")
+        cut = [c.name for c in Path(cfg.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+               and int(c.name[11:]) > int(checkpoint.name[11:])]
+        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
+                                               if cut else ""))
     try:
         return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
@@ -1746,6 +1875,8 @@ def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, s
     import torch
 
     out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
+    if is_main_process():
+        record(out, staging, pending=True)
     trainer.save_model(str(staging))
     if distributed_strategy(cfg).startswith("deepspeed"):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -1808,9 +1939,12 @@ def run_train(cfg: Config):
     steps_per_run = optimizer_steps_per_run(cfg, len(dataset), world_size())
     done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
     if cfg.resume and done >= (cfg.max_steps or steps_per_run):
-        print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
-              " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
-        return None
+        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
+            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
+                  " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
+            return None
+        print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
+              "from the last checkpoint")
     sampler = sampler_for(cfg, len(dataset), world_size())
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
@@ -1819,7 +1953,8 @@ def run_train(cfg: Config):
     args = build_sft_config(cfg, on_cuda, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     model = training_model(cfg, config, on_cuda)
     meter = make_speed_meter(model)
-    trainer = make_trainer(cfg, model, tokenizer, dataset, args, [meter, make_nonfinite_guard(cfg.output_dir)], held_out)
+    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * is_main_process()
+    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
     trainer.model.print_trainable_parameters()
     print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
     if on_cuda:
@@ -2147,7 +2282,7 @@ def run_infer(cfg: Config) -> dict:
 # -----------------------------------------------------------------------------
 # Chat: the model loads once, each answer streams, the history is kept in harmony's way
 
-WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: the files /save may replace
+WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: where the row came from
 CHAT_HELP = """/lang X        reason in language X
 /answer Y      answer in language Y (/answer alone: no instruction)
 /effort LEVEL  reasoning effort: low, medium or high
@@ -2182,28 +2317,47 @@ class ChatSession:
         return replace(self, history=tuple(chat[1:]), rows=self.rows + (row,))
 
 
+SAVED_CHATS = DEMO_CACHE / "saved_chats.json"  # every file /save wrote, as it wrote it: the only files it replaces
+
+
 def save_chat(path: str, rows: tuple) -> str:
-    """Write the rows as JSONL, whole or not at all; only a file /save wrote before is replaced."""
+    """Write the rows as JSONL, whole or not at all, beside the file then renamed into place; an existing file is
+    replaced only when /save wrote it and it is unchanged since, never through a symbolic link."""
     file = Path(path).expanduser()
     kept = [row for row in rows if row["analysis"].strip()]  # train refuses a row without reasoning to learn from
     if not kept:
         raise UsageError("/save: no answer with reasoning yet")
     if file.suffix.lower() != ".jsonl":
         raise UsageError(f"/save {path}: name a .jsonl file (what --mode train reads)")
-    if file.is_dir() or not file.parent.is_dir():
-        raise UsageError(f"/save {path}: " + ("is a folder" if file.is_dir() else f"no folder {file.parent}"))
-    if file.exists():
-        try:
-            with file.open(encoding="utf-8") as f:
-                first = json.loads(f.readline())
-        except (OSError, ValueError):
-            first = None
-        if not isinstance(first, dict) or first.get("written_by") != WRITTEN_BY:
-            raise UsageError(f"/save {path}: the file exists and this chat did not write it; name another file")
+    if file.is_symlink() or file.is_dir() or not file.parent.is_dir():
+        raise UsageError(f"/save {path}: " + ("is a symbolic link; /save writes only a file of its own, name another"
+                                              if file.is_symlink() else "is a folder" if file.is_dir()
+                                              else f"no folder {file.parent}"))
     try:
-        write_atomically(file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+        saved = json.loads(SAVED_CHATS.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    key = os.path.realpath(file)
+    if os.path.lexists(file) and saved.get(key) != entry_state(file):
+        raise UsageError(f"/save {path}: the file exists and this chat did not write it as it is now (changed since?); "
+                         "name another file")
+    staging = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    try:
+        staging.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept), encoding="utf-8")
+        if os.path.lexists(file):
+            os.replace(staging, file)
+        else:
+            os.link(staging, file)  # fails where a file appeared meanwhile, which then stays as it is
+        saved[key] = entry_state(file)
+    except FileExistsError:
+        raise UsageError(f"/save {path}: a file of that name appeared meanwhile; name another file") from None
     except OSError as e:
         raise UsageError(f"/save {path}: {(e.strerror or str(e)).lower()}") from None
+    finally:
+        staging.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # without the record the file is kept as the user's: never replaced
+        SAVED_CHATS.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(SAVED_CHATS, json.dumps(saved) + "\n")
     left_out = f" ({len(rows) - len(kept)} without reasoning left out)" if len(kept) < len(rows) else ""
     return f"saved {len(kept)} turn{'s' * (len(kept) != 1)} to {path}{left_out}"
 
@@ -2587,6 +2741,7 @@ def run_eval(cfg: Config) -> dict:
                                                            indent=2, ensure_ascii=False) + "\n")
     write_atomically(out / "eval_summary.md", table + "\n")
     plot_match_rates([r for r in rows if r["reasoning_language"] != "all"], out / "eval_summary.png")
+    record(out, *(out / name for name in ("eval_results.json", "eval_summary.md", "eval_summary.png")))
     print(table)
     print(f"\nwrote eval_results.json, eval_summary.md and eval_summary.png to {out}/")
     return {"summary": rows, "items": items}
@@ -3157,6 +3312,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
+        release_folders()
         end_process_group()
     return 0
 
