@@ -968,8 +968,10 @@ def row_to_messages(row: dict, where: str = "row") -> list:
             raise UsageError(f"{where}: missing column(s) {', '.join(missing)}; a row needs 'messages' or the "
                              f"columns {', '.join(REQUIRED_FLAT_COLUMNS)} (and optionally 'developer')")
         for column in REQUIRED_FLAT_COLUMNS + ("developer",):
-            if column in row and row[column] is not None and not isinstance(row[column], str):
-                raise UsageError(f"{where}: column {column!r} must be a string, got {type(row[column]).__name__}")
+            if column in row and not isinstance(row[column], str) and (row[column] is not None or column not in (
+                    "developer", "analysis")):  # a null analysis gets the message about missing reasoning below
+                raise UsageError(f"{where}: column {column!r} must be a string, got "
+                                 f"{'null' if row[column] is None else type(row[column]).__name__}")
         system = REASONING_PREFIX + row["reasoning_language"]
         if row.get("developer"):
             system += "\n\n" + row["developer"]
@@ -994,12 +996,31 @@ def reasoning_language_of(row: dict, chat: list) -> str | None:
     return None
 
 
-def prepare_chats(rows: list, languages: list | None = None, max_samples: int | None = None) -> list:
-    """Validate every row, keep the requested reasoning languages, take the first max_samples."""
+def with_language(chat: list, name: str) -> list:
+    """The chat with its "reasoning language: X" line naming the language as name."""
+    for i, m in enumerate(chat):
+        if m["role"] in ("system", "developer") and m["content"].lower().startswith(REASONING_PREFIX):
+            _, newline, rest = m["content"][len(REASONING_PREFIX):].partition("\n")
+            return [*chat[:i], {**m, "content": REASONING_PREFIX + name + newline + rest}, *chat[i + 1:]]
+    return chat
+
+
+def prepare_chats(rows: list, languages: list | None = None, max_samples: int | None = None,
+                  any_language: bool = False) -> list:
+    """Validate every row, name its reasoning language by the rule of the flags (language_name), keep the requested
+    languages, take the first max_samples."""
     chats = []
     for index, row in enumerate(rows):
-        chat = row_to_messages(row, where=f"row {index + 1}")  # counted from 1, as lines are
-        chats.append((reasoning_language_of(row, chat), chat))
+        where = f"row {index + 1}"  # counted from 1, as lines are
+        chat = row_to_messages(row, where=where)
+        language = reasoning_language_of(row, chat)
+        if language is not None:
+            try:
+                language = language_name(language, "reasoning_language", any_language)
+            except UsageError as e:
+                raise UsageError(f"{where}: {e}") from None
+            chat = with_language(chat, language)
+        chats.append((language, chat))
     if languages:
         wanted = {language_name(lang, "--reasoning-languages", True) for lang in languages}
         present = sorted({lang for lang, _ in chats if lang})
@@ -1793,7 +1814,7 @@ def optimizer_steps_per_run(cfg: Config, rows: int, world_size: int = 1) -> int:
 def training_chats(cfg: Config) -> list:
     """The conversations to train on, every row checked before anything is loaded."""
     rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
-    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples)
+    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
 
 
 def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:

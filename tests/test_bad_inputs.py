@@ -26,6 +26,8 @@ def workdir(tmp_path, monkeypatch, demo_model):
     write_jsonl(tmp_path / "mydata.jsonl", [ROW, ROW])
     (tmp_path / "latin.jsonl").write_bytes(json.dumps(ROW).encode() + b"\n" + '{"user": "caf\u00e9"}'.encode("latin-1"))
     (tmp_path / "table.csv").write_text("user,final\n2+2?,4\n")
+    write_jsonl(tmp_path / "nulllang.jsonl", [ROW, {**ROW, "reasoning_language": None}])
+    write_jsonl(tmp_path / "klingon.jsonl", [ROW, {**ROW, "reasoning_language": "Klingon"}])
     (tmp_path / "unknown_key.yaml").write_text("learning_rat: 1.0e-4\n")
     (tmp_path / "not_an_adapter").mkdir()
     (tmp_path / "adapter").mkdir()
@@ -65,6 +67,8 @@ CASES = [
     (["MODEL", *TRAIN[2:], "--dataset", "table.csv"], "row 1: missing column(s) reasoning_language, analysis"),
     (["MODEL", *TRAIN[2:], "--dataset", "thesis.txt"], "is a .txt file; datasets are read from .jsonl, .json"),
     (["MODEL", *TRAIN[2:], "--dataset", "gone.jsonl"], "dataset file gone.jsonl does not exist"),
+    (["MODEL", *TRAIN[2:], "--dataset", "nulllang.jsonl"], "row 2: column 'reasoning_language' must be a string, got null"),
+    (["MODEL", *TRAIN[2:], "--dataset", "klingon.jsonl"], "row 2: reasoning_language: unknown language 'Klingon'"),
     (["MODEL", *TRAIN[:2], "--output_dir", "."], "--output_dir . is the folder you are in"),
     (["MODEL", *TRAIN[:2], "--output_dir", "thesis.txt"], "--output_dir thesis.txt is a file"),
     (["MODEL", *TRAIN[:2], "--output_dir", "src", "--overwrite"], "--output_dir src holds files this tool did not write"),
