@@ -20,6 +20,7 @@ import contextlib
 import copy
 import csv
 import difflib
+import errno
 import functools
 import importlib.util
 import io
@@ -67,6 +68,9 @@ class RunFailed(Exception):
     """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
 
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
+
+
 class Interrupted(Exception):
     """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
 
@@ -101,8 +105,14 @@ def quiet_library_warnings(on_cuda: bool):
 def write_atomically(path: Path, data: str | bytes):
     """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
     staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(staging, path)
+    try:
+        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(staging, path)
+    except OSError as e:
+        e.filename = e.filename or str(path)  # a failed write names no file: the message should
+        raise
+    finally:
+        staging.unlink(missing_ok=True)  # what a failed write (a full disk) left
 
 
 def read_text_file(path: Path, what: str) -> str:
@@ -133,7 +143,12 @@ def staged_directory(target: Path):
         if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"{target} cannot be made: {(e.strerror or str(e)).lower()}") from None
     try:
         yield staging
         if owner_of(staging):
@@ -316,13 +331,19 @@ def check_output_dir(cfg):
     """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
     files, and hold it. The tool replaces only what its record says it wrote there, unchanged (sort_outputs)."""
     out = Path(cfg.output_dir)
+    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if os.path.exists(p))
+    longest = max(out.expanduser().parts, key=lambda part: len(os.fsencode(part)), default="")
+    if existing.is_dir() and len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
+        raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
+                         f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
     reason = protected_folder(out, cfg)
     if reason:
         raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
                          f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
-    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {out}: {existing} is a file, so no folder can be made in it")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
     if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
@@ -343,7 +364,12 @@ def check_output_dir(cfg):
 def claim_output_dir(out: Path, mode: str, replace_own: bool):
     """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
     first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"--output_dir {out} cannot be made: {(e.strerror or str(e)).lower()}") from None
     lock_folder(out)
     before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
     if replace_own:
@@ -458,10 +484,11 @@ class Config:
                  "merge it into its base")
     demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny random gpt-oss and the bundled sample")
     print_config: bool = setting(False, "print the resolved settings as YAML (--json: JSON) and exit; they work as a --config")
-    seed: int = setting(42, "random seed")
+    seed: int = setting(42, "random seed", check="seed")
     # model and data
     model: str | None = setting(None, f"hub id or local directory (default {DEFAULT_MODEL}; with --adapter: its base)")
-    adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, eval, merge)")
+    adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, chat, eval, merge; train "
+                                        "refuses it: --resume continues a run)")
     use_4bit: bool = setting(False, "keep the experts in MXFP4 as shipped, dequantized one layer at a time: 14 GB of "
                                     "weights instead of 42")
     merge_format: Literal["mxfp4", "bf16"] = setting(
@@ -713,6 +740,9 @@ def language_name(name: str, flag: str, any_language: bool = False) -> str:
 def derive(cfg: Config) -> Config:
     """Fill the settings that follow from others, where the user left them unset (None). A value given is kept, so
     --print-config's output, fed back with --config, resolves to the same settings."""
+    for name in ("model", "adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed"):
+        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():  # e.g. an unset shell variable
+            raise UsageError(f"--{name} is empty: give a path, or leave the flag out for the default")
     adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and cfg.mode != "train" and not cfg.score_file else None)
     model = cfg.model or (str(demo_model_dir(cfg.use_4bit or cfg.mode == "merge")) if cfg.demo  # merge: as shipped
                           else adapter_base(adapter) if adapter else None) or DEFAULT_MODEL
@@ -739,7 +769,8 @@ def derive(cfg: Config) -> Config:
 RULES = {"positive": (lambda v: v > 0, "must be a positive integer"),
          "above_zero": (lambda v: v > 0, "must be greater than 0"),
          "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-         "not_negative": (lambda v: v >= 0, "cannot be negative")}
+         "not_negative": (lambda v: v >= 0, "cannot be negative"),
+         "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")}  # what numpy's seeding takes
 
 
 def _is(value, kind) -> bool:
@@ -763,6 +794,8 @@ def validate(cfg: Config) -> Config:
             raise UsageError(f"{flag}: {value!r} is not a valid value"
                              + (f"; choose from {', '.join(hints[f.name].__args__)}"
                                 if getattr(hints[f.name], "__origin__", None) is Literal else ""))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
         rule = f.metadata["check"]
         if rule and value is not None and not RULES[rule][0](value):
             also = "".join(f" ({a})" for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
@@ -813,6 +846,9 @@ def validate(cfg: Config) -> Config:
         raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
     if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
         raise UsageError("--score-file and --compare-base belong to --mode eval")
+    if cfg.mode == "train" and cfg.adapter:
+        raise UsageError("--adapter is for infer, chat, eval and merge: train makes a new adapter from --model (to "
+                         "continue a run, pass its --output_dir with --resume)")
     if cfg.mode == "merge" and not cfg.adapter:
         raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
     if cfg.compare_base and not cfg.adapter:
@@ -2215,8 +2251,17 @@ def load_for_inference(cfg: Config, dtype=None):
     """The model (--model, with --adapter on top) and its tokenizer, in eval mode."""
     import torch
 
+    from safetensors import SafetensorError, safe_open
+
     if cfg.demo:
         ensure_demo_adapter(cfg)
+    try:  # its header and sizes, before the model loads: a truncated file is one line, not PEFT's traceback
+        if cfg.adapter:
+            with safe_open(str(Path(cfg.adapter) / "adapter_model.safetensors"), "pt"):
+                pass
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"--adapter {cfg.adapter}: adapter_model.safetensors cannot be read ({e}); train it again "
+                         "or pass one of its checkpoints") from None
     trained = trained_effort(cfg.adapter)
     if cfg.mode != "merge" and trained and trained != cfg.reasoning_effort:
         print(f"warning: the adapter trained with 'Reasoning: {trained}'; --reasoning_effort {cfg.reasoning_effort} "
@@ -2268,8 +2313,14 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
 def read_prompt(cfg: Config) -> str:
     if cfg.prompt is not None:
         prompt = cfg.prompt
+    elif sys.stdin is None:  # closed (0<&-)
+        prompt = ""
     elif not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+            prompt.encode("utf-8")  # where stdin escapes bytes it cannot decode, they come as surrogates
+        except UnicodeError:
+            raise UsageError("the prompt on stdin is not UTF-8 text: pipe text, or pass --prompt") from None
     else:
         prompt = input("prompt> ")
     if not prompt.strip():
@@ -2281,6 +2332,12 @@ def run_infer(cfg: Config) -> dict:
     prompt = read_prompt(cfg)
     model, tokenizer = load_for_inference(cfg)
     chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
+    length = len(encode_chat(tokenizer, chat, add_generation_prompt=True, reasoning_effort=cfg.reasoning_effort,
+                             where="prompt")["input_ids"])
+    if length + cfg.max_new_tokens > model.config.max_position_embeddings:
+        raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
+                         f"{model.config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
+                         "or lower --max_new_tokens")
     printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
     try:
         ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed,
@@ -2453,6 +2510,8 @@ def chat_turn(cfg: Config, model, tokenizer, session: ChatSession, question: str
 
 def run_chat(cfg: Config, ask=input) -> ChatSession:
     """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
+    if sys.stdin is None:
+        raise UsageError("--mode chat reads your questions on stdin, which is closed")
     session = ChatSession(cfg.reasoning_language, (cfg.answer_languages or [None])[0], cfg.reasoning_effort,
                           any_language=cfg.allow_any_language)  # derive() has made the names canonical
     model, tokenizer = load_for_inference(cfg)
@@ -3259,6 +3318,13 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
 
 def ensure_demo_model(cfg: Config):
     """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit)."""
+    try:
+        DEMO_CACHE.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"the demo's cache {DEMO_CACHE} cannot be made ({(e.strerror or str(e)).lower()}); set "
+                         "GPT_OSS_SFT_CACHE to a folder you can write") from None
     tiny = build_demo_model()
     if cfg.model == str(demo_model_dir(use_4bit=True)):
         write_mxfp4_checkpoint(tiny, demo_model_dir(use_4bit=True))
@@ -3300,10 +3366,15 @@ MODES = {
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    cfg = None
     try:
         cfg = parse_config(argv)
         if cfg.print_config:
             print(render_config(cfg))
+            sys.stdout.flush()
             return 0
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
@@ -3322,6 +3393,20 @@ def main(argv=None) -> int:
             MODES[cfg.mode].run(cfg)
             if cfg.demo and cfg.mode == "train" and is_main_process():
                 demo_answer(cfg)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        if e.errno not in NO_ROOM:
+            raise
+        where = Path(e.filename or (cfg and cfg.output_dir) or ".").absolute()
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
+        print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
+              "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
+              "is used. Make room and run the same command again" + (", with --resume to continue from the last "
+              "checkpoint" if cfg and cfg.mode == "train" else "") + ".", file=sys.stderr)
+        return 1
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
