@@ -690,6 +690,10 @@ def read_recipe(path: str) -> dict:
     if not isinstance(recipe, dict):
         raise UsageError(f"--config {path} must be a YAML mapping of settings, e.g. 'learning_rate: 2.0e-4'")
     recipe.pop("runtime", None)  # what --print-config --json adds about the machine; not a setting
+    for key, value in recipe.items():  # nothing nests: YAML anchors nested in lists could expand to gigabytes
+        if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise UsageError(f"--config {path}: {key} holds nested values; a setting is a number, a string or a list "
+                             "of strings")
     return recipe
 
 

@@ -30,6 +30,8 @@ def workdir(tmp_path, monkeypatch, demo_model):
     write_jsonl(tmp_path / "nulllang.jsonl", [ROW, {**ROW, "reasoning_language": None}])
     write_jsonl(tmp_path / "klingon.jsonl", [ROW, {**ROW, "reasoning_language": "Klingon"}])
     (tmp_path / "unknown_key.yaml").write_text("learning_rat: 1.0e-4\n")
+    (tmp_path / "bomb.yaml").write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi")) + "target_modules: *i\n")
     (tmp_path / "not_an_adapter").mkdir()
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(demo_model)}))
@@ -60,6 +62,7 @@ CASES = [
     (["--score_file", "x.jsonl"], "--score-file and --compare-base belong to --mode eval"),
     (["--config", "missing.yaml"], "--config missing.yaml: no such file or directory"),
     (["--config", "unknown_key.yaml"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
+    (["--config", "bomb.yaml"], "--config bomb.yaml: b holds nested values; a setting is a number, a string or a list"),
     # train: what the libraries would only reject after loading the model
     (["MODEL", *TRAIN, "--optim", "adamw_bogus"], "--optim 'adamw_bogus' is not one of transformers' names"),
     (["MODEL", *TRAIN, "--lr_scheduler_type", "cosine_bogus"], "--lr_scheduler_type 'cosine_bogus' is not one of"),
