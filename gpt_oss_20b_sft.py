@@ -1609,6 +1609,10 @@ def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=(
     from trl import SFTTrainer
 
     class SeededSFTTrainer(SFTTrainer):
+        def create_model_card(self, *args, **kwargs):
+            """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
+            publishes its own (render_model_card) with the adapter."""
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
@@ -1695,9 +1699,7 @@ def make_checkpoint_recorder(output_dir: str):
         def on_save(self, args, state, control, **kwargs):
             folder = out / f"checkpoint-{state.global_step}"
             was = (read_marker(out) or {}).get("written", {}).get(folder.name)
-            since = was[1] if isinstance(was, list) and was[0] == "pending" else 0
-            card = out / "README.md"  # TRL writes its model card into the output folder at each checkpoint
-            record(out, folder, *[card] * (card.is_file() and card.stat().st_mtime_ns >= since), since=since)
+            record(out, folder, since=was[1] if isinstance(was, list) and was[0] == "pending" else None)
 
     return RecordCheckpoints()
 
