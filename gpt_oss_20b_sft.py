@@ -20,7 +20,7 @@ import contextlib
 import copy
 import csv
 import difflib
-import fnmatch
+import errno
 import functools
 import importlib.util
 import io
@@ -32,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -68,6 +69,9 @@ class RunFailed(Exception):
     """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
 
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
+
+
 class Interrupted(Exception):
     """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
 
@@ -102,8 +106,14 @@ def quiet_library_warnings(on_cuda: bool):
 def write_atomically(path: Path, data: str | bytes):
     """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
     staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(staging, path)
+    try:
+        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(staging, path)
+    except OSError as e:
+        e.filename = e.filename or str(path)  # a failed write names no file: the message should
+        raise
+    finally:
+        staging.unlink(missing_ok=True)  # what a failed write (a full disk) left
 
 
 def read_text_file(path: Path, what: str) -> str:
@@ -122,60 +132,147 @@ def read_text_file(path: Path, what: str) -> str:
 
 @contextlib.contextmanager
 def staged_directory(target: Path):
-    """A sibling directory to write into; when the block ends without error it replaces target by one rename, so
-    target is either the old one or the complete new one, never half of it. Other outputs of this tool inside the
-    old target (e.g. <merged>/eval) move into the new one."""
+    """A sibling directory to write into; when the block ends without error it becomes target by one rename, or, where
+    target exists, its entries move in one by one (swap_in), so target never holds half of it and a file that
+    appeared in target meanwhile stays."""
     import psutil  # accelerate's, peft's and trl's dependency
 
+    target = Path(os.path.realpath(target))  # beside the real folder: a link to another disk still renames
     staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
     for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
         pid = stale.name.rsplit(".tmp", 1)[1]
         if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)  # what a killed run of this tool left (kill -9 runs no cleanup)
+            shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"{target} cannot be made: {(e.strerror or str(e)).lower()}") from None
     try:
         yield staging
+        if owner_of(staging):
+            record(staging, *(p for p in staging.iterdir() if p.name != OWNER_FILE))
+        if target.is_dir():
+            lock_folder(target)
+            swap_in(staging, target, owner_of(staging), replace_all=True)
+            shutil.rmtree(staging)  # left: its marker only
+        else:
+            os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for entry in target.iterdir() if target.is_dir() else ():
-        if entry.is_dir() and owner_of(entry):
-            os.replace(entry, staging / entry.name)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
 
 
-OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills; names the mode that filled it
-OWN_OUTPUTS = {  # what each mode writes into its folder: all that --overwrite (and the demo) may replace
-    "train": ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "training_args.bin", "run_summary.json", "speed.json",
-              "loss_curve.png", "README.md", "checkpoint-*", ".final.tmp*", "runs"),
-    "eval": ("eval_results.json", "eval_summary.md", "eval_summary.png", ".eval_*.tmp*"),
-    "merge": ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "merge_check.json"),
+OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills: its mode and what it wrote there
+KNOWN_OUTPUTS = {  # exact names of what each mode writes: read only in folders of older versions, which kept no record
+    "train": r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+             r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
+             r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+             r"trainer_state\.json",  # the last five: what the Trainer writes into a checkpoint
+    "eval": r"eval_results\.json|eval_summary\.md|eval_summary\.png",
+    "merge": r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+             r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
+             r"merge_check\.json",
 }
+_LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this process writes there
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / OWNER_FILE).read_text())
+        return marker if isinstance(marker, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def owner_of(folder: Path) -> str | None:
     """The mode that filled this folder, from the file it wrote there first; None for a folder the tool did not fill."""
-    try:
-        return json.loads((folder / OWNER_FILE).read_text()).get("mode")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (read_marker(folder) or {}).get("mode")
+
+
+def entry_state(path: Path):
+    """What the record keeps of an entry: "dir", or a file's [size, mtime in ns] (a change to either shows)."""
+    st = path.lstat()
+    return "dir" if stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else "link"
+
+
+def record(folder: Path, *paths: Path, since: int | None = None, pending: bool = False):
+    """Add entries to folder's record as they are now; a folder with the files in it modified since `since` (ns),
+    or, pending, as a folder being written from now on (a run killed meanwhile leaves it so)."""
+    marker = read_marker(folder)
+    if marker is None:  # not a folder this tool marked as its own
+        return
+    written = marker.setdefault("written", {})
+    for path in paths:
+        inside = [] if pending or not path.is_dir() else [p for p in sorted(path.rglob("*"))
+                                                         if since is None or p.lstat().st_mtime_ns >= since]
+        for p in (path, *inside):
+            written[p.relative_to(folder).as_posix()] = ["pending", time.time_ns() - 10**9] if pending else entry_state(p)
+    marker["written"] = {k: v for k, v in written.items() if v[:1] == ["pending"] or os.path.lexists(folder / k)}
+    write_atomically(folder / OWNER_FILE, json.dumps(marker) + "\n")
 
 
 def sort_outputs(folder: Path, mode: str) -> tuple:
-    """(this mode's earlier outputs, entries this tool did not write). Another output folder of the tool inside it,
-    e.g. <adapter>/eval, is neither: it stays as it is."""
-    mine = owner_of(folder) == mode
+    """(this mode's earlier outputs, entries this tool did not write), as paths, a folder before its contents. Own:
+    in the record and unchanged since; in a folder recorded as being written, or one of an older version, a file of
+    a known name (KNOWN_OUTPUTS) from after it began. Another output folder of the tool inside, e.g. <adapter>/eval,
+    is neither: it stays as it is."""
+    marker = read_marker(folder)
+    written = (marker or {}).get("written", {}) if owner_of(folder) == mode else {}
     own, foreign = [], []
-    for entry in sorted(folder.iterdir()):
-        if entry.name == OWNER_FILE or entry.is_dir() and owner_of(entry):
-            continue
-        (own if mine and any(fnmatch.fnmatch(entry.name, p) for p in OWN_OUTPUTS[mode]) else foreign).append(entry)
+
+    def visit(directory: Path, since: int | None):
+        for entry in sorted(directory.iterdir()):
+            if entry.name == OWNER_FILE and directory == folder or entry.is_dir() and owner_of(entry):
+                continue
+            state, was = entry_state(entry), written.get(entry.relative_to(folder).as_posix())
+            if since is not None:
+                mine = state != "link" and bool(re.fullmatch(KNOWN_OUTPUTS[mode], entry.name)) and (
+                    state == "dir" or state[1] >= since)
+            else:
+                mine = was == state or state == "dir" and isinstance(was, list) and was[0] == "pending"
+            (own if mine else foreign).append(entry)
+            if mine and state == "dir":
+                visit(entry, was[1] if isinstance(was, list) else since)
+
+    if folder.is_dir():
+        visit(folder, 0 if marker and "written" not in marker and owner_of(folder) == mode else None)
     return own, foreign
+
+
+def remove_outputs(folder: Path, entries: list):
+    """Delete entries of sort_outputs' own list, contents before folders; a folder something appeared in stays."""
+    for entry in reversed(entries):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replace_all: bool = False):
+    """Move the entries of staging into out, `last` at the end, each recorded as it lands. Only entries of out this
+    tool wrote, unchanged, are replaced (with replace_all, the others of them removed); anything else stays, and
+    where it is in the way the run stops with the new files kept in staging."""
+    own, foreign = sort_outputs(out, mode)
+    new = sorted((p for p in staging.iterdir() if p.name != OWNER_FILE), key=lambda p: p.name == last)
+    clash = [p.name for p in new if out / p.name in foreign]
+    if clash:
+        raise RunFailed(f"{out / clash[0]} appeared during the run and is not this tool's, so it was left as it is; "
+                        f"the new outputs are in {staging}: move them in yourself")
+    if replace_all:
+        remove_outputs(out, [p for p in own if p.relative_to(out).parts[0] not in {n.name for n in new}])
+    if last:
+        (out / last).unlink(missing_ok=True)  # a folder holding `last` holds a complete result
+    for path in new:
+        os.replace(path, out / path.name)
+        record(out, out / path.name)
+
+
+def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
+    """The finished files of staging (a folder inside out) moved into out by swap_in, adapter_config.json last: a
+    folder holding it holds a complete adapter (PEFT and infer look for that file)."""
+    swap_in(staging, out, owner_of(out), last)
+    staging.rmdir()
 
 
 def protected_folder(out: Path, cfg) -> str | None:
@@ -207,24 +304,57 @@ def trained_steps(out: Path) -> int:
     return json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
 
 
+def lock_folder(folder: Path):
+    """Hold folder while this process writes there: a second run into it is refused. An flock, which the kernel drops
+    when the process ends however it ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    key = os.path.realpath(folder)
+    if key in _LOCKED:
+        return
+    descriptor = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise UsageError(f"--output_dir {folder} is in use by another run of this tool (pid "
+                         f"{(read_marker(folder) or {}).get('pid', 'unknown')}); wait for it to end or pick another "
+                         "folder") from None
+    _LOCKED[key] = descriptor
+
+
+def release_folders():
+    while _LOCKED:
+        os.close(_LOCKED.popitem()[1])
+
+
 def check_output_dir(cfg):
     """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
-    files. The tool replaces only what it wrote earlier (OWN_OUTPUTS, in a folder carrying its OWNER_FILE)."""
+    files, and hold it. The tool replaces only what its record says it wrote there, unchanged (sort_outputs)."""
     out = Path(cfg.output_dir)
+    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if os.path.exists(p))
+    longest = max(out.expanduser().parts, key=lambda part: len(os.fsencode(part)), default="")
+    if existing.is_dir() and len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
+        raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
+                         f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
     reason = protected_folder(out, cfg)
     if reason:
         raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
                          f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
-    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {out}: {existing} is a file, so no folder can be made in it")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
-    own, foreign = sort_outputs(out, cfg.mode) if out.is_dir() else ([], [])
+    if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
+        lock_folder(out)
+    own, foreign = sort_outputs(out, cfg.mode)
     if foreign:
-        names = ", ".join(e.name + ("/" if e.is_dir() else "") for e in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
+            ", ..." if len(foreign) > 3 else "")
         raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
-                         "own outputs: move them or pick another folder")
+                         "own outputs, unchanged since it wrote them: move them or pick another folder")
     if cfg.resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
     if own and not (cfg.overwrite or cfg.resume or cfg.demo):  # the demo replaces its own outputs
@@ -233,13 +363,22 @@ def check_output_dir(cfg):
 
 
 def claim_output_dir(out: Path, mode: str, replace_own: bool):
-    """Create out and mark it as this mode's; with replace_own, first delete this mode's earlier outputs (only those:
-    check_output_dir has refused any folder holding something else)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
+    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"--output_dir {out} cannot be made: {(e.strerror or str(e)).lower()}") from None
+    lock_folder(out)
+    before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
     if replace_own:
-        for entry in sort_outputs(out, mode)[0]:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py"}) + "\n")
+        remove_outputs(out, own)
+    kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}
+    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py", "pid": os.getpid(),
+                                                   "written": {k: before.get(k) or entry_state(p)
+                                                               for k, p in kept.items()}}) + "\n")
 
 
 def gpu_memory_state() -> tuple:
@@ -346,10 +485,11 @@ class Config:
                  "merge it into its base")
     demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny random gpt-oss and the bundled sample")
     print_config: bool = setting(False, "print the resolved settings as YAML (--json: JSON) and exit; they work as a --config")
-    seed: int = setting(42, "random seed")
+    seed: int = setting(42, "random seed", check="seed")
     # model and data
     model: str | None = setting(None, f"hub id or local directory (default {DEFAULT_MODEL}; with --adapter: its base)")
-    adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, eval, merge)")
+    adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, chat, eval, merge; train "
+                                        "refuses it: --resume continues a run)")
     use_4bit: bool = setting(False, "keep the experts in MXFP4 as shipped, dequantized one layer at a time: 14 GB of "
                                     "weights instead of 42")
     merge_format: Literal["mxfp4", "bf16"] = setting(
@@ -551,6 +691,10 @@ def read_recipe(path: str) -> dict:
     if not isinstance(recipe, dict):
         raise UsageError(f"--config {path} must be a YAML mapping of settings, e.g. 'learning_rate: 2.0e-4'")
     recipe.pop("runtime", None)  # what --print-config --json adds about the machine; not a setting
+    for key, value in recipe.items():  # nothing nests: YAML anchors nested in lists could expand to gigabytes
+        if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise UsageError(f"--config {path}: {key} holds nested values; a setting is a number, a string or a list "
+                             "of strings")
     return recipe
 
 
@@ -602,6 +746,9 @@ def language_name(name: str, flag: str, any_language: bool = False) -> str:
 def derive(cfg: Config) -> Config:
     """Fill the settings that follow from others, where the user left them unset (None). A value given is kept, so
     --print-config's output, fed back with --config, resolves to the same settings."""
+    for name in ("model", "adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed"):
+        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():  # e.g. an unset shell variable
+            raise UsageError(f"--{name} is empty: give a path, or leave the flag out for the default")
     adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and cfg.mode != "train" and not cfg.score_file else None)
     model = cfg.model or (str(demo_model_dir(cfg.use_4bit or cfg.mode == "merge")) if cfg.demo  # merge: as shipped
                           else adapter_base(adapter) if adapter else None) or DEFAULT_MODEL
@@ -628,7 +775,8 @@ def derive(cfg: Config) -> Config:
 RULES = {"positive": (lambda v: v > 0, "must be a positive integer"),
          "above_zero": (lambda v: v > 0, "must be greater than 0"),
          "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-         "not_negative": (lambda v: v >= 0, "cannot be negative")}
+         "not_negative": (lambda v: v >= 0, "cannot be negative"),
+         "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")}  # what numpy's seeding takes
 
 
 def _is(value, kind) -> bool:
@@ -652,6 +800,8 @@ def validate(cfg: Config) -> Config:
             raise UsageError(f"{flag}: {value!r} is not a valid value"
                              + (f"; choose from {', '.join(hints[f.name].__args__)}"
                                 if getattr(hints[f.name], "__origin__", None) is Literal else ""))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
         rule = f.metadata["check"]
         if rule and value is not None and not RULES[rule][0](value):
             also = "".join(f" ({a})" for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
@@ -704,6 +854,9 @@ def validate(cfg: Config) -> Config:
         raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
     if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
         raise UsageError("--score-file and --compare-base belong to --mode eval")
+    if cfg.mode == "train" and cfg.adapter:
+        raise UsageError("--adapter is for infer, chat, eval and merge: train makes a new adapter from --model (to "
+                         "continue a run, pass its --output_dir with --resume)")
     if cfg.mode == "merge" and not cfg.adapter:
         raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
     if cfg.compare_base and not cfg.adapter:
@@ -859,8 +1012,10 @@ def row_to_messages(row: dict, where: str = "row") -> list:
             raise UsageError(f"{where}: missing column(s) {', '.join(missing)}; a row needs 'messages' or the "
                              f"columns {', '.join(REQUIRED_FLAT_COLUMNS)} (and optionally 'developer')")
         for column in REQUIRED_FLAT_COLUMNS + ("developer",):
-            if column in row and row[column] is not None and not isinstance(row[column], str):
-                raise UsageError(f"{where}: column {column!r} must be a string, got {type(row[column]).__name__}")
+            if column in row and not isinstance(row[column], str) and (row[column] is not None or column not in (
+                    "developer", "analysis")):  # a null analysis gets the message about missing reasoning below
+                raise UsageError(f"{where}: column {column!r} must be a string, got "
+                                 f"{'null' if row[column] is None else type(row[column]).__name__}")
         system = REASONING_PREFIX + row["reasoning_language"]
         if row.get("developer"):
             system += "\n\n" + row["developer"]
@@ -885,12 +1040,31 @@ def reasoning_language_of(row: dict, chat: list) -> str | None:
     return None
 
 
-def prepare_chats(rows: list, languages: list | None = None, max_samples: int | None = None) -> list:
-    """Validate every row, keep the requested reasoning languages, take the first max_samples."""
+def with_language(chat: list, name: str) -> list:
+    """The chat with its "reasoning language: X" line naming the language as name."""
+    for i, m in enumerate(chat):
+        if m["role"] in ("system", "developer") and m["content"].lower().startswith(REASONING_PREFIX):
+            _, newline, rest = m["content"][len(REASONING_PREFIX):].partition("\n")
+            return [*chat[:i], {**m, "content": REASONING_PREFIX + name + newline + rest}, *chat[i + 1:]]
+    return chat
+
+
+def prepare_chats(rows: list, languages: list | None = None, max_samples: int | None = None,
+                  any_language: bool = False) -> list:
+    """Validate every row, name its reasoning language by the rule of the flags (language_name), keep the requested
+    languages, take the first max_samples."""
     chats = []
     for index, row in enumerate(rows):
-        chat = row_to_messages(row, where=f"row {index + 1}")  # counted from 1, as lines are
-        chats.append((reasoning_language_of(row, chat), chat))
+        where = f"row {index + 1}"  # counted from 1, as lines are
+        chat = row_to_messages(row, where=where)
+        language = reasoning_language_of(row, chat)
+        if language is not None:
+            try:
+                language = language_name(language, "reasoning_language", any_language)
+            except UsageError as e:
+                raise UsageError(f"{where}: {e}") from None
+            chat = with_language(chat, language)
+        chats.append((language, chat))
     if languages:
         wanted = {language_name(lang, "--reasoning-languages", True) for lang in languages}
         present = sorted({lang for lang, _ in chats if lang})
@@ -1439,6 +1613,10 @@ def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=(
     from trl import SFTTrainer
 
     class SeededSFTTrainer(SFTTrainer):
+        def create_model_card(self, *args, **kwargs):
+            """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
+            publishes its own (render_model_card) with the adapter."""
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
@@ -1510,6 +1688,26 @@ def make_speed_meter(model, warmup_steps: int = 2):
     return meter
 
 
+def make_checkpoint_recorder(output_dir: str):
+    """A Trainer callback adding each checkpoint to the output folder's record: as being written when its save is due,
+    with its files once saved (a run killed in between leaves it recorded as cut short)."""
+    from transformers import TrainerCallback
+
+    out = Path(output_dir)
+
+    class RecordCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                record(out, out / f"checkpoint-{state.global_step}", pending=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = out / f"checkpoint-{state.global_step}"
+            was = (read_marker(out) or {}).get("written", {}).get(folder.name)
+            record(out, folder, since=was[1] if isinstance(was, list) and was[0] == "pending" else None)
+
+    return RecordCheckpoints()
+
+
 def make_nonfinite_guard(output_dir: str):
     """A Trainer callback that stops the run at the first NaN or inf loss or gradient norm, before that step's
     checkpoint is written, so the checkpoints on disk are all from finite steps."""
@@ -1554,15 +1752,6 @@ def library_versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
-    """Move the finished files from staging into out, each by an atomic rename, `last` at the end: a directory
-    holding adapter_config.json holds a complete adapter (PEFT and infer look for that file)."""
-    (out / last).unlink(missing_ok=True)
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == last):
-        os.replace(path, out / path.name)
-    staging.rmdir()
 
 
 def render_model_card(summary: dict) -> str:
@@ -1667,7 +1856,7 @@ def optimizer_steps_per_run(cfg: Config, rows: int, world_size: int = 1) -> int:
 def training_chats(cfg: Config) -> list:
     """The conversations to train on, every row checked before anything is loaded."""
     rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
-    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples)
+    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
 
 
 def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
@@ -1723,7 +1912,10 @@ def train(cfg: Config, trainer, meter, steps_per_run: int):
 
     checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     if checkpoint:
-        print(f"resuming from {checkpoint}")
+        cut = [c.name for c in Path(cfg.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+               and int(c.name[11:]) > int(checkpoint.name[11:])]
+        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
+                                               if cut else ""))
     try:
         return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
@@ -1746,6 +1938,8 @@ def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, s
     import torch
 
     out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
+    if is_main_process():
+        record(out, staging, pending=True)
     trainer.save_model(str(staging))
     if distributed_strategy(cfg).startswith("deepspeed"):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -1808,9 +2002,12 @@ def run_train(cfg: Config):
     steps_per_run = optimizer_steps_per_run(cfg, len(dataset), world_size())
     done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
     if cfg.resume and done >= (cfg.max_steps or steps_per_run):
-        print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
-              " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
-        return None
+        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
+            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
+                  " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
+            return None
+        print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
+              "from the last checkpoint")
     sampler = sampler_for(cfg, len(dataset), world_size())
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
@@ -1819,7 +2016,8 @@ def run_train(cfg: Config):
     args = build_sft_config(cfg, on_cuda, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     model = training_model(cfg, config, on_cuda)
     meter = make_speed_meter(model)
-    trainer = make_trainer(cfg, model, tokenizer, dataset, args, [meter, make_nonfinite_guard(cfg.output_dir)], held_out)
+    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * is_main_process()
+    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
     trainer.model.print_trainable_parameters()
     print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
     if on_cuda:
@@ -2059,8 +2257,17 @@ def load_for_inference(cfg: Config, dtype=None):
     """The model (--model, with --adapter on top) and its tokenizer, in eval mode."""
     import torch
 
+    from safetensors import SafetensorError, safe_open
+
     if cfg.demo:
         ensure_demo_adapter(cfg)
+    try:  # its header and sizes, before the model loads: a truncated file is one line, not PEFT's traceback
+        if cfg.adapter:
+            with safe_open(str(Path(cfg.adapter) / "adapter_model.safetensors"), "pt"):
+                pass
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"--adapter {cfg.adapter}: adapter_model.safetensors cannot be read ({e}); train it again "
+                         "or pass one of its checkpoints") from None
     trained = trained_effort(cfg.adapter)
     if cfg.mode != "merge" and trained and trained != cfg.reasoning_effort:
         print(f"warning: the adapter trained with 'Reasoning: {trained}'; --reasoning_effort {cfg.reasoning_effort} "
@@ -2112,8 +2319,14 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
 def read_prompt(cfg: Config) -> str:
     if cfg.prompt is not None:
         prompt = cfg.prompt
+    elif sys.stdin is None:  # closed (0<&-)
+        prompt = ""
     elif not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+            prompt.encode("utf-8")  # where stdin escapes bytes it cannot decode, they come as surrogates
+        except UnicodeError:
+            raise UsageError("the prompt on stdin is not UTF-8 text: pipe text, or pass --prompt") from None
     else:
         prompt = input("prompt> ")
     if not prompt.strip():
@@ -2125,6 +2338,12 @@ def run_infer(cfg: Config) -> dict:
     prompt = read_prompt(cfg)
     model, tokenizer = load_for_inference(cfg)
     chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
+    length = len(encode_chat(tokenizer, chat, add_generation_prompt=True, reasoning_effort=cfg.reasoning_effort,
+                             where="prompt")["input_ids"])
+    if length + cfg.max_new_tokens > model.config.max_position_embeddings:
+        raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
+                         f"{model.config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
+                         "or lower --max_new_tokens")
     printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
     try:
         ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed,
@@ -2147,7 +2366,7 @@ def run_infer(cfg: Config) -> dict:
 # -----------------------------------------------------------------------------
 # Chat: the model loads once, each answer streams, the history is kept in harmony's way
 
-WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: the files /save may replace
+WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: where the row came from
 CHAT_HELP = """/lang X        reason in language X
 /answer Y      answer in language Y (/answer alone: no instruction)
 /effort LEVEL  reasoning effort: low, medium or high
@@ -2182,28 +2401,47 @@ class ChatSession:
         return replace(self, history=tuple(chat[1:]), rows=self.rows + (row,))
 
 
+SAVED_CHATS = DEMO_CACHE / "saved_chats.json"  # every file /save wrote, as it wrote it: the only files it replaces
+
+
 def save_chat(path: str, rows: tuple) -> str:
-    """Write the rows as JSONL, whole or not at all; only a file /save wrote before is replaced."""
+    """Write the rows as JSONL, whole or not at all, beside the file then renamed into place; an existing file is
+    replaced only when /save wrote it and it is unchanged since, never through a symbolic link."""
     file = Path(path).expanduser()
     kept = [row for row in rows if row["analysis"].strip()]  # train refuses a row without reasoning to learn from
     if not kept:
         raise UsageError("/save: no answer with reasoning yet")
     if file.suffix.lower() != ".jsonl":
         raise UsageError(f"/save {path}: name a .jsonl file (what --mode train reads)")
-    if file.is_dir() or not file.parent.is_dir():
-        raise UsageError(f"/save {path}: " + ("is a folder" if file.is_dir() else f"no folder {file.parent}"))
-    if file.exists():
-        try:
-            with file.open(encoding="utf-8") as f:
-                first = json.loads(f.readline())
-        except (OSError, ValueError):
-            first = None
-        if not isinstance(first, dict) or first.get("written_by") != WRITTEN_BY:
-            raise UsageError(f"/save {path}: the file exists and this chat did not write it; name another file")
+    if file.is_symlink() or file.is_dir() or not file.parent.is_dir():
+        raise UsageError(f"/save {path}: " + ("is a symbolic link; /save writes only a file of its own, name another"
+                                              if file.is_symlink() else "is a folder" if file.is_dir()
+                                              else f"no folder {file.parent}"))
     try:
-        write_atomically(file, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
+        saved = json.loads(SAVED_CHATS.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    key = os.path.realpath(file)
+    if os.path.lexists(file) and saved.get(key) != entry_state(file):
+        raise UsageError(f"/save {path}: the file exists and this chat did not write it as it is now (changed since?); "
+                         "name another file")
+    staging = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    try:
+        staging.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept), encoding="utf-8")
+        if os.path.lexists(file):
+            os.replace(staging, file)
+        else:
+            os.link(staging, file)  # fails where a file appeared meanwhile, which then stays as it is
+        saved[key] = entry_state(file)
+    except FileExistsError:
+        raise UsageError(f"/save {path}: a file of that name appeared meanwhile; name another file") from None
     except OSError as e:
         raise UsageError(f"/save {path}: {(e.strerror or str(e)).lower()}") from None
+    finally:
+        staging.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # without the record the file is kept as the user's: never replaced
+        SAVED_CHATS.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(SAVED_CHATS, json.dumps(saved) + "\n")
     left_out = f" ({len(rows) - len(kept)} without reasoning left out)" if len(kept) < len(rows) else ""
     return f"saved {len(kept)} turn{'s' * (len(kept) != 1)} to {path}{left_out}"
 
@@ -2278,6 +2516,8 @@ def chat_turn(cfg: Config, model, tokenizer, session: ChatSession, question: str
 
 def run_chat(cfg: Config, ask=input) -> ChatSession:
     """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
+    if sys.stdin is None:
+        raise UsageError("--mode chat reads your questions on stdin, which is closed")
     session = ChatSession(cfg.reasoning_language, (cfg.answer_languages or [None])[0], cfg.reasoning_effort,
                           any_language=cfg.allow_any_language)  # derive() has made the names canonical
     model, tokenizer = load_for_inference(cfg)
@@ -2587,6 +2827,7 @@ def run_eval(cfg: Config) -> dict:
                                                            indent=2, ensure_ascii=False) + "\n")
     write_atomically(out / "eval_summary.md", table + "\n")
     plot_match_rates([r for r in rows if r["reasoning_language"] != "all"], out / "eval_summary.png")
+    record(out, *(out / name for name in ("eval_results.json", "eval_summary.md", "eval_summary.png")))
     print(table)
     print(f"\nwrote eval_results.json, eval_summary.md and eval_summary.png to {out}/")
     return {"summary": rows, "items": items}
@@ -3088,6 +3329,13 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
 
 def ensure_demo_model(cfg: Config):
     """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit)."""
+    try:
+        DEMO_CACHE.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"the demo's cache {DEMO_CACHE} cannot be made ({(e.strerror or str(e)).lower()}); set "
+                         "GPT_OSS_SFT_CACHE to a folder you can write") from None
     tiny = build_demo_model()
     if cfg.model == str(demo_model_dir(use_4bit=True)):
         write_mxfp4_checkpoint(tiny, demo_model_dir(use_4bit=True))
@@ -3129,10 +3377,15 @@ MODES = {
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    cfg = None
     try:
         cfg = parse_config(argv)
         if cfg.print_config:
             print(render_config(cfg))
+            sys.stdout.flush()
             return 0
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
@@ -3151,6 +3404,20 @@ def main(argv=None) -> int:
             MODES[cfg.mode].run(cfg)
             if cfg.demo and cfg.mode == "train" and is_main_process():
                 demo_answer(cfg)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        if e.errno not in NO_ROOM:
+            raise
+        where = Path(e.filename or (cfg and cfg.output_dir) or ".").absolute()
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
+        print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
+              "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
+              "is used. Make room and run the same command again" + (", with --resume to continue from the last "
+              "checkpoint" if cfg and cfg.mode == "train" else "") + ".", file=sys.stderr)
+        return 1
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -3162,6 +3429,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
+        release_folders()
         end_process_group()
     return 0
 

@@ -3,6 +3,7 @@ is loaded, with no traceback, nothing on stdout and no file written or deleted i
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +27,16 @@ def workdir(tmp_path, monkeypatch, demo_model):
     write_jsonl(tmp_path / "mydata.jsonl", [ROW, ROW])
     (tmp_path / "latin.jsonl").write_bytes(json.dumps(ROW).encode() + b"\n" + '{"user": "caf\u00e9"}'.encode("latin-1"))
     (tmp_path / "table.csv").write_text("user,final\n2+2?,4\n")
+    write_jsonl(tmp_path / "nulllang.jsonl", [ROW, {**ROW, "reasoning_language": None}])
+    write_jsonl(tmp_path / "klingon.jsonl", [ROW, {**ROW, "reasoning_language": "Klingon"}])
     (tmp_path / "unknown_key.yaml").write_text("learning_rat: 1.0e-4\n")
+    (tmp_path / "bomb.yaml").write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi")) + "target_modules: *i\n")
     (tmp_path / "not_an_adapter").mkdir()
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(demo_model)}))
+    shutil.copytree(tmp_path / "adapter", tmp_path / "truncated")
+    (tmp_path / "truncated" / "adapter_model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
     return tmp_path
 
 
@@ -55,6 +62,7 @@ CASES = [
     (["--score_file", "x.jsonl"], "--score-file and --compare-base belong to --mode eval"),
     (["--config", "missing.yaml"], "--config missing.yaml: no such file or directory"),
     (["--config", "unknown_key.yaml"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
+    (["--config", "bomb.yaml"], "--config bomb.yaml: b holds nested values; a setting is a number, a string or a list"),
     # train: what the libraries would only reject after loading the model
     (["MODEL", *TRAIN, "--optim", "adamw_bogus"], "--optim 'adamw_bogus' is not one of transformers' names"),
     (["MODEL", *TRAIN, "--lr_scheduler_type", "cosine_bogus"], "--lr_scheduler_type 'cosine_bogus' is not one of"),
@@ -65,9 +73,23 @@ CASES = [
     (["MODEL", *TRAIN[2:], "--dataset", "table.csv"], "row 1: missing column(s) reasoning_language, analysis"),
     (["MODEL", *TRAIN[2:], "--dataset", "thesis.txt"], "is a .txt file; datasets are read from .jsonl, .json"),
     (["MODEL", *TRAIN[2:], "--dataset", "gone.jsonl"], "dataset file gone.jsonl does not exist"),
+    (["MODEL", *TRAIN[2:], "--dataset", "nulllang.jsonl"], "row 2: column 'reasoning_language' must be a string, got null"),
+    (["MODEL", *TRAIN[2:], "--dataset", "klingon.jsonl"], "row 2: reasoning_language: unknown language 'Klingon'"),
     (["MODEL", *TRAIN[:2], "--output_dir", "."], "--output_dir . is the folder you are in"),
     (["MODEL", *TRAIN[:2], "--output_dir", "thesis.txt"], "--output_dir thesis.txt is a file"),
     (["MODEL", *TRAIN[:2], "--output_dir", "src", "--overwrite"], "--output_dir src holds files this tool did not write"),
+    (["MODEL", *TRAIN[:2], "--output_dir", "thesis.txt/out"], "thesis.txt is a file, so no folder can be made in it"),
+    (["MODEL", *TRAIN[:2], "--output_dir", "x" * 300], "is longer than the 255 bytes the file system allows"),
+    # empty paths (an unset shell variable), non-finite numbers, a seed numpy cannot take, train given an adapter
+    (["--output_dir", ""], "--output_dir is empty: give a path"),
+    (["--mode", "merge", "--adapter", "adapter", "--output_dir", "  "], "--output_dir is empty: give a path"),
+    (["--dataset", ""], "--dataset is empty: give a path"),
+    (["--mode", "infer", "--adapter", "", "--prompt", "hi"], "--adapter is empty: give a path"),
+    (["--num_train_epochs", "inf"], "--num_train_epochs must be a finite number, got inf"),
+    (["--mode", "infer", "--temperature", "nan", "--prompt", "hi"], "--temperature must be a finite number, got nan"),
+    (["--learning_rate=-inf"], "--learning_rate must be a finite number, got -inf"),
+    (["--seed=-1"], "--seed must be in [0, 2**32), got -1"),
+    (["MODEL", *TRAIN, "--adapter", "adapter"], "--adapter is for infer, chat, eval and merge: train makes a new adapter"),
     (["--model", "./nowhere", *TRAIN], "model directory ./nowhere does not exist"),
     # infer
     (["--mode", "infer", "--json", "--raw", "--prompt", "hi"], "--json and --raw are two output formats"),
@@ -75,6 +97,8 @@ CASES = [
     (["--mode", "infer", "--adapter", "not_an_adapter", "--prompt", "hi"], "is not a LoRA adapter directory"),
     (["--mode", "infer", "MODEL", "--prompt", "  "], "no prompt: pass --prompt"),
     (["--mode", "infer", "--model", "../nowhere", "--prompt", "hi"], "model directory ../nowhere does not exist"),
+    (["--mode", "infer", "--adapter", "truncated", "--prompt", "hi"],
+     "--adapter truncated: adapter_model.safetensors cannot be read ("),
     # eval
     (["--mode", "eval", "--score_file", "missing.jsonl"], "--score-file missing.jsonl does not exist"),
     (["--mode", "eval", "--score_file", "latin.jsonl"], "latin.jsonl line 2 is not UTF-8"),
@@ -147,3 +171,78 @@ def test_ctrl_c_in_training_is_one_line_exit_130_naming_the_checkpoint(tmp_path,
     assert last.startswith("interrupted at step ") and f"the last checkpoint is {out}/checkpoint-" in last, last
     assert last.endswith("run the same command with --resume to continue from it")
     assert not (out / "adapter_config.json").exists()  # no half-written adapter
+
+
+def run_in_shell(command, tmp_path, env=None):
+    return subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stdin, needle", [
+    ("0<&-", "error: no prompt: pass --prompt"),  # stdin closed
+    ("< /dev/urandom head -c 64 |", "error: the prompt on stdin is not UTF-8 text"),
+])
+def test_infer_with_stdin_closed_or_binary_is_one_line(tmp_path, demo_model, stdin, needle):
+    (tmp_path / "thesis.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    pipe = stdin if stdin.endswith("|") else ""
+    command = (f"{pipe} {sys.executable} {SCRIPT} --mode infer --model {demo_model} "
+               f"{'' if pipe else stdin}").replace("< /dev/urandom head -c 64 |", "printf '\\xff\\xfe\\x00' |")
+    result = run_in_shell(command, tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(needle), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_chat_with_stdin_closed_and_an_output_dir_that_cannot_be_made_are_one_line(tmp_path, demo_model):
+    result = run_in_shell(f"{sys.executable} {SCRIPT} --mode chat --model {demo_model} 0<&-", tmp_path)
+    assert result.returncode == 2 and result.stderr == "error: --mode chat reads your questions on stdin, which is closed\n"
+    result = run_cli("--model", str(demo_model), "--dataset", str(sft.DEMO_DATASET), "--report_to", "none",
+                     "--output_dir", "/proc/no_such_dir/out", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --output_dir /proc/no_such_dir/out cannot be made:")
+
+
+def test_a_closed_pipe_ends_quietly_and_an_ascii_terminal_gets_no_traceback(tmp_path):
+    result = run_in_shell(f"{sys.executable} {SCRIPT} --print-config | head -c 0; exit ${{PIPESTATUS[0]}}", tmp_path)
+    assert result.stderr == "" and result.stdout == "" and result.returncode in (0, 1)
+    result = run_cli("--mode", "infer", "--prompt", "Ça va ? 你好", "--print-config", cwd=tmp_path,
+                     env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0 and result.stderr == "" and "\\xc7a va ? \\u4f60\\u597d" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_prompt_over_the_context_is_refused_with_the_numbers(tmp_path, demo_model):
+    result = run_cli("--mode", "infer", "--model", str(demo_model), "--prompt", " ".join(map(str, range(5000))), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the prompt is ") and "over the 4,096 tokens of" in line, line
+
+
+def test_a_write_that_finds_no_room_is_one_line_exit_1_and_leaves_nothing_half_written(tmp_path):
+    """A full disk, a quota or a file-size limit (the one a test can set): the eval report cannot be written."""
+    import resource
+
+    (tmp_path / "thesis.txt").write_text("mine")
+    write_jsonl(tmp_path / "outs.jsonl", [{"reasoning_language": "German", "analysis": "Ich rechne nach. " * 40,
+                                           "final": "4"}] * 5)
+    before = snapshot(tmp_path)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--mode", "eval", "--score-file", "outs.jsonl",
+                             "--output_dir", "ev"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Writing ev/eval_results.json failed: file too large ("), line
+    assert "nothing half-written is used. Make room and run the same command again." in line
+    assert snapshot(tmp_path) == {**before, f"ev/{sft.OWNER_FILE}": (tmp_path / "ev" / sft.OWNER_FILE).read_bytes()}
+
+
+def test_a_demo_cache_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "thesis.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    result = run_cli("--demo", "--report_to", "none", cwd=tmp_path,
+                     env={**os.environ, "GPT_OSS_SFT_CACHE": str(tmp_path / "thesis.txt")})
+    assert_usage_error(result, f"the demo's cache {tmp_path / 'thesis.txt'} cannot be made (file exists); set "
+                               "GPT_OSS_SFT_CACHE to a folder you can write")
+    assert snapshot(tmp_path) == before

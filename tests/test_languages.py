@@ -114,10 +114,30 @@ def test_infer_train_and_eval_share_the_rule():
 def test_train_filter_reads_row_names_with_the_same_rule(tmp_path):
     rows = [{"reasoning_language": lang, "user": "q", "analysis": "a", "final": "f"}
             for lang in ("German", "german", "French", "Klingon")]
-    assert len(sft.prepare_chats(rows, ["de"])) == 2
-    assert len(sft.prepare_chats(rows, ["Klingon"])) == 1
+    assert len(sft.prepare_chats(rows, ["de"], any_language=True)) == 2
+    assert len(sft.prepare_chats(rows, ["Klingon"], any_language=True)) == 1
     with pytest.raises(sft.UsageError, match="no rows with reasoning language Japanese; the data has French, German"):
-        sft.prepare_chats(rows, ["Japanese"])
+        sft.prepare_chats(rows, ["Japanese"], any_language=True)
+
+
+def test_rows_languages_follow_the_rule_of_the_flags():
+    """german, de, Deutsch in the rows train as one system prompt, the name infer sends; an unknown one is refused
+    (or kept as typed with --allow-any-language); a null one is one line naming the row."""
+    rows = [{"reasoning_language": lang, "user": "q", "analysis": "a", "final": "f"}
+            for lang in ("German", "german", "de", " Deutsch ")]
+    rows.append({"messages": [{"role": "system", "content": "reasoning language: deu\n\nBe terse."},
+                              {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "f", "thinking": "a"}]})
+    chats = sft.prepare_chats(rows)
+    assert {chat[0]["content"] for chat in chats[:4]} == {"reasoning language: German"}
+    assert chats[4][0]["content"] == "reasoning language: German\n\nBe terse."
+    assert {sft.reasoning_language_of({}, chat) for chat in chats} == {"German"}  # what run_summary.json records
+    klingon = [*rows, {**rows[0], "reasoning_language": "Klingon"}]
+    with pytest.raises(sft.UsageError, match=r"^row 6: reasoning_language: unknown language 'Klingon' \(75 languages"):
+        sft.prepare_chats(klingon)
+    assert sft.prepare_chats(klingon, any_language=True)[5][0]["content"] == "reasoning language: Klingon"
+    with pytest.raises(sft.UsageError, match="^row 2: column 'reasoning_language' must be a string, got null$"):
+        sft.prepare_chats([rows[0], {**rows[0], "reasoning_language": None}])
 
 
 def test_score_file_language_names(tmp_path):

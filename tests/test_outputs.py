@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -65,14 +67,15 @@ def test_overwrite_replaces_only_the_runs_own_outputs_and_keeps_the_eval_report(
     out = tmp_path / "demo_output"
     report = snapshot(out / "eval")
     assert set(report) >= {"eval_results.json", "eval_summary.md", "eval_summary.png"}
-    (out / "checkpoint-99").mkdir()  # an earlier run's checkpoint: this mode's own, so replaced
-    (out / "checkpoint-99" / "trainer_state.json").write_text("{}")
+    earlier = {p.name for p in out.glob("checkpoint-*")} - {"checkpoint-1"}  # the earlier run's, in its record
     first_adapter = (out / "adapter_model.safetensors").read_bytes()
     result = run_cli("--demo", "--report_to", "none", "--max-steps", "1", "--learning_rate", "0.05", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert snapshot(out / "eval") == report
-    assert not (out / "checkpoint-99").exists() and (out / "adapter_model.safetensors").read_bytes() != first_adapter
+    assert earlier and {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1"}
+    assert (out / "adapter_model.safetensors").read_bytes() != first_adapter
     assert json.loads((out / sft.OWNER_FILE).read_text())["mode"] == "train"
+    assert sft.sort_outputs(out, "train")[1] == []  # every file there is in the record
 
 
 @pytest.mark.slow
@@ -101,3 +104,192 @@ def test_a_non_demo_run_needs_overwrite_to_replace_its_earlier_outputs(tmp_path)
     result = run_cli("--output_dir", str(out), "--dataset", "nope.jsonl", "--model", str(tmp_path), cwd=tmp_path)
     assert_usage_error(result, f"--output_dir {out} holds an earlier train run's outputs; pass --overwrite to replace "
                            "them or --resume to continue")
+
+
+# The record: a folder's marker lists what the tool wrote there; anything else, whatever its name, is the user's.
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished demo run with two checkpoints, made once; each test works on a copy (mtimes kept, so the copy's
+    record still matches it)."""
+    folder = tmp_path_factory.mktemp("trained")
+    result = run_cli("--demo", "--report_to", "none", "--max-steps", "2", "--save_steps", "1", "--output_dir", "run",
+                     cwd=folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "run"
+
+
+def append(path, text):
+    with open(path, "a") as f:
+        f.write(text)
+
+
+USERS_ENTRIES = {  # what a user adds or changes in a run folder, and the name the refusal gives
+    "a folder named like a checkpoint": (lambda o: (o / "checkpoint-for-paper").mkdir() or
+                                         (o / "checkpoint-for-paper" / "figures.txt").write_text("fig 1"),
+                                         "checkpoint-for-paper/"),
+    "a folder named like the tool's logs": (lambda o: (o / "runs").mkdir() or
+                                            (o / "runs" / "my_tensorboard.log").write_text("log"), "runs/"),
+    "an empty folder named as a checkpoint": (lambda o: (o / "checkpoint-99").mkdir(), "checkpoint-99/"),
+    "a file inside the tool's checkpoint": (lambda o: (o / "checkpoint-1" / "my_notes.txt").write_text("notes"),
+                                            "checkpoint-1/my_notes.txt"),
+    "a file named as the tool's": (lambda o: (o / "speed.json").unlink() or (o / "speed.json").write_text("{}"),
+                                   "speed.json"),
+    "the tool's file, edited": (lambda o: append(o / "README.md", "\nmy notes\n"), "README.md"),
+    "the tool's checkpoint file, edited": (lambda o: append(o / "checkpoint-2" / "trainer_state.json", " "),
+                                           "checkpoint-2/trainer_state.json"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", USERS_ENTRIES)
+def test_a_users_entry_in_a_run_folder_is_refused_by_record_whatever_its_name(trained, tmp_path, monkeypatch,
+                                                                             capsys, change):
+    make, name = USERS_ENTRIES[change]
+    out = tmp_path / "demo_output"
+    shutil.copytree(trained, out)
+    make(out)
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--demo"], ["--demo", "--output_dir", "demo_output", "--overwrite"],
+                 ["--demo", "--output_dir", "demo_output", "--resume"]):  # the demo's re-run, --overwrite, --resume
+        assert sft.main([*argv, "--report_to", "none"]) == 2
+        stdout, stderr = capsys.readouterr()
+        assert stdout == "" and stderr == (f"error: --output_dir demo_output holds files this tool did not write ({name}"
+                                           f"); it only ever replaces its own outputs, unchanged since it wrote them: "
+                                           "move them or pick another folder\n")
+        assert snapshot(tmp_path) == before
+
+
+def test_a_folder_of_an_older_version_is_foreign_except_the_names_it_is_known_to_hold(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    for path in ("adapter_config.json", "checkpoint-3/trainer_state.json", "checkpoint-3/optimizer.pt",
+                 "checkpoint-3/my_notes.txt", "checkpoint-for-paper/figures.txt", "notes.md", "runs/events.log"):
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_text(path)
+    (out / sft.OWNER_FILE).write_text(json.dumps({"mode": "train", "tool": "gpt_oss_20b_sft.py"}))  # no record
+    own, foreign = sft.sort_outputs(out, "train")
+    assert [p.relative_to(out).as_posix() for p in own] == [
+        "adapter_config.json", "checkpoint-3", "checkpoint-3/optimizer.pt", "checkpoint-3/trainer_state.json"]
+    assert [p.relative_to(out).as_posix() for p in foreign] == [
+        "checkpoint-3/my_notes.txt", "checkpoint-for-paper", "notes.md", "runs"]
+    assert sft.sort_outputs(out, "merge") == ([], sorted(out.iterdir())[1:])  # another mode's folder: all foreign
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert sft.main(["--demo", "--output_dir", "run", "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --output_dir run holds files this tool did not write (checkpoint-3/my_notes.txt, "
+        "checkpoint-for-paper/, notes.md, ...)")
+    assert snapshot(tmp_path) == before
+
+
+def merged_folder(target, files):
+    """A merge's output as run_merge writes it: a claimed staging folder swapped in by staged_directory."""
+    with sft.staged_directory(target) as staging:
+        sft.claim_output_dir(staging, "merge", replace_own=False)
+        for name, text in files.items():
+            (staging / name).write_text(text)
+    sft.release_folders()
+
+
+def test_merge_refuses_a_folder_holding_a_users_safetensors_before_loading(tmp_path, monkeypatch, capsys):
+    merged_folder(tmp_path / "demo_output-merged", {"model.safetensors": "weights", "config.json": "{}"})
+    (tmp_path / "demo_output-merged" / "my_fp32_original.safetensors").write_text("the user's fp32 weights")
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert sft.main(["--mode", "merge", "--demo", "--output_dir", "demo_output-merged", "--overwrite"]) == 2
+    stdout, stderr = capsys.readouterr()
+    assert stdout == "" and stderr.startswith("error: --output_dir demo_output-merged holds files this tool did not "
+                                              "write (my_fp32_original.safetensors)") and len(stderr.splitlines()) == 1
+    assert snapshot(tmp_path) == before and not (tmp_path / "demo_output").exists()  # nothing trained
+
+
+def test_replacing_a_merge_keeps_what_appears_in_the_folder_meanwhile(tmp_path):
+    target = tmp_path / "merged"
+    merged_folder(target, {"model-00001-of-00002.safetensors": "old 1", "model-00002-of-00002.safetensors": "old 2",
+                           "config.json": "old"})
+    (target / "eval").mkdir()  # another output of the tool inside: stays as it is
+    (target / "eval" / sft.OWNER_FILE).write_text(json.dumps({"mode": "eval", "written": {}}))
+    (target / "eval" / "eval_summary.md").write_text("report")
+    with sft.staged_directory(target) as staging:
+        sft.claim_output_dir(staging, "merge", replace_own=False)
+        (staging / "model.safetensors").write_text("new")
+        (staging / "config.json").write_text("new")
+        (target / "my_notes.txt").write_text("written while the merge ran")
+    assert snapshot(target) == {"config.json": b"new", "model.safetensors": b"new", "my_notes.txt":
+                                b"written while the merge ran", "eval/eval_summary.md": b"report",
+                                f"eval/{sft.OWNER_FILE}": snapshot(target)[f"eval/{sft.OWNER_FILE}"],
+                                sft.OWNER_FILE: (target / sft.OWNER_FILE).read_bytes()}
+    assert sft.sort_outputs(target, "merge") == ([target / "config.json", target / "model.safetensors"],
+                                                 [target / "my_notes.txt"])
+    # a file the user put where the merge writes, meanwhile: the run fails and leaves it; the new files wait aside
+    with pytest.raises(sft.RunFailed, match=f"{target / 'config.json'} appeared during the run and is not this tool's"):
+        with sft.staged_directory(target) as staging:
+            sft.claim_output_dir(staging, "merge", replace_own=False)
+            (staging / "config.json").write_text("newer")
+            (target / "config.json").unlink()
+            (target / "config.json").write_text("the user's")
+    assert (target / "config.json").read_text() == "the user's" and (target / "my_notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    sft.release_folders()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_not(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; sys.path.insert(0, "
+                               f"{str(sft.HERE)!r}); import gpt_oss_20b_sft as s; s.claim_output_dir(Path({str(out)!r}),"
+                               " 'train', False); print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = snapshot(tmp_path)
+        result = run_cli("--demo", "--output_dir", str(out), "--overwrite", "--report_to", "none", cwd=tmp_path)
+        assert_usage_error(result, f"--output_dir {out} is in use by another run of this tool (pid {holder.pid}); "
+                                   "wait for it to end or pick another folder")
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()  # kill -9: no cleanup runs, its lock goes with it
+        holder.wait()
+    sft.check_output_dir(sft.parse_config(["--demo", "--output_dir", str(out)]))  # not refused
+    sft.release_folders()
+
+
+def session_with_a_turn():
+    return sft.ChatSession("German", None, "low").answered("2+2?", "zwei plus zwei", "4")
+
+
+def test_save_replaces_only_its_own_file_unchanged_and_never_writes_through_a_link(tmp_path):
+    session, path = session_with_a_turn(), tmp_path / "talk.jsonl"
+    assert sft.handle_command(f"/save {path}", session)[1] == f"saved 1 turn to {path}"
+    assert sft.handle_command(f"/save {path}", session)[1] == f"saved 1 turn to {path}"  # its own, unchanged
+    append(path, json.dumps({"reasoning_language": "French", "user": "mine", "analysis": "a", "final": "f"}) + "\n")
+    (tmp_path / "users.jsonl").write_text("the user's rows\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "users.jsonl")
+    before = snapshot(tmp_path)
+    for target, needle in [(path, "the file exists and this chat did not write it as it is now (changed since?)"),
+                           (tmp_path / "users.jsonl", "the file exists and this chat did not write it"),
+                           (tmp_path / "link.jsonl", "is a symbolic link; /save writes only a file of its own")]:
+        after, said = sft.handle_command(f"/save {target}", session)
+        assert after == session and said.startswith(f"error: /save {target}: ") and needle in said, said
+        assert "\n" not in said and snapshot(tmp_path) == before
+    assert (tmp_path / "link.jsonl").is_symlink()
+
+
+@pytest.mark.slow
+def test_resume_skips_a_checkpoint_cut_short_and_a_run_killed_while_saving_is_not_finished(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    sft.record(out, out / "checkpoint-3", pending=True)  # as a run killed while saving checkpoint-3 leaves it
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"half")
+    argv = ("--demo", "--report_to", "none", "--max-steps", "3", "--save_steps", "1", "--output_dir", "run", "--resume")
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming from run/checkpoint-2 (skipping checkpoint-3: cut short while being saved)" in result.stdout
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file() and (out / "adapter_config.json").is_file()
+    assert sft.sort_outputs(out, "train")[1] == []  # everything there is recorded
+    (out / "adapter_config.json").unlink()  # as a run killed while publishing its adapter leaves it
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "run: the run trained all 3 steps and stopped before its adapter was saved; saving it" in result.stdout
+    assert (out / "adapter_config.json").is_file() and "nothing to resume" not in result.stdout

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, TRACKIO_DIR, resolve, run_cli
+from conftest import SCRIPT, TRACKIO_DIR, resolve, run_cli, snapshot
 
 
 def merged_in_memory(demo_model, adapter):
@@ -230,7 +230,7 @@ def test_out_of_memory_becomes_one_paragraph_exit_1(monkeypatch, capsys):
     assert "--max_new_tokens 256, --use_4bit" in err and len(err.splitlines()) == 1
 
 
-def test_staged_directory_replaces_whole_or_not_at_all(tmp_path):
+def test_staged_directory_writes_whole_or_not_at_all_and_keeps_what_it_did_not_write(tmp_path):
     target = tmp_path / "merged"
     target.mkdir()
     (target / "old.txt").write_text("old")
@@ -241,4 +241,5 @@ def test_staged_directory_replaces_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged"] and [p.name for p in target.iterdir()] == ["old.txt"]
     with sft.staged_directory(target) as staging:
         (staging / "new.txt").write_text("new")
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    assert snapshot(target) == {"new.txt": b"new", "old.txt": b"old"}  # old.txt is in no record of the tool: it stays
