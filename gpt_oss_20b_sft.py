@@ -2959,6 +2959,7 @@ def ggml_mxfp4(blocks, scales):
     byte j. [..., groups, 16] blocks and [..., groups] scales -> [..., groups * 17] bytes."""
     import torch
 
+    # by hand: gguf quantizes floats afresh (choosing its own scales); the checkpoint's bytes are kept as they are
     values = torch.stack((blocks & 15, blocks >> 4), -1).flatten(-2)  # [..., groups, 32] in order
     packed = values[..., :16] | (values[..., 16:] << 4)
     return torch.cat((scales.unsqueeze(-1), packed), -1).flatten(-2)
@@ -3128,6 +3129,8 @@ def run_merge(cfg: Config) -> dict:
     import torch
 
     check_output_dir(cfg)
+    if cfg.merge_format == "gguf" and importlib.util.find_spec("gguf") is None:
+        raise UsageError("--merge-format gguf needs the gguf package: pip install -r requirements-serve.txt")
     if cfg.demo:
         ensure_demo_adapter(cfg)
     out = Path(cfg.output_dir)

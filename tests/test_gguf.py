@@ -251,3 +251,16 @@ def test_tensor_check_reads_the_gguf_back_and_catches_a_wrong_or_missing_tensor(
     check = sft.check_merged_tensors(tmp_path, weight_map, layout, updates, False, read)
     assert not check["passed"] and check["worst_error_over_bound"] > 1
     assert check["missing"] == ["model.layers.0.mlp.router.weight"]
+
+
+def test_without_the_gguf_package_it_is_one_line_exit_2_nothing_written(merges, base, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    code = sft.main(["--mode", "merge", "--merge-format", "gguf", "--adapter", str(merges["attention"][0]), "--model",
+                     str(base), "--output", str(tmp_path / "merged")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --merge-format gguf needs the gguf package: pip install -r "
+                                 "requirements-serve.txt"]
+    assert list(tmp_path.iterdir()) == []
