@@ -492,9 +492,10 @@ class Config:
                                         "refuses it: --resume continues a run)")
     use_4bit: bool = setting(False, "keep the experts in MXFP4 as shipped, dequantized one layer at a time: 14 GB of "
                                     "weights instead of 42")
-    merge_format: Literal["mxfp4", "bf16"] = setting(
+    merge_format: Literal["mxfp4", "bf16", "gguf"] = setting(
         "mxfp4", "merge: mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 "
-                 "dequantizes them (~42 GB; chosen by itself for an adapter on expert tensors)")
+                 "dequantizes them (~42 GB; chosen by itself for an adapter on expert tensors); gguf writes one "
+                 "model.gguf for llama.cpp and Ollama (MXFP4 experts repacked)")
     merge_logits_check: bool = setting(True, "merge: also compare base+adapter and merged logits where the model fits "
                                              "in memory (the tensor check always runs)")
     attn_implementation: Literal["auto", "eager", "flex_attention"] = setting(
@@ -3042,9 +3043,11 @@ def stream_merge(layout: dict, updates: dict, staging: Path, to_bf16: bool) -> d
     return weight_map
 
 
-def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates: dict, to_bf16: bool) -> dict:
+def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates: dict, to_bf16: bool,
+                         read=None) -> dict:
     """Every merged tensor as written against W + s·BA recomputed in fp64: off by no more than rounding the exact
-    sum once to the stored dtype (plus fp32's error in s·BA), and every base tensor present in the output."""
+    sum once to the stored dtype (plus fp32's error in s·BA), and every base tensor present in the output. read(name)
+    gives a written tensor in the base's layout (default: from the safetensors shards)."""
     import torch
     from safetensors import safe_open
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -3052,8 +3055,11 @@ def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates:
     missing = [n for n, _ in output_tensors(layout, to_bf16) if n not in weight_map]
     worst = 0.0
     for name, (a, b, scale) in updates.items():
-        with safe_open(str(staging / weight_map[name]), "pt") as f:
-            written = f.get_tensor(name)
+        if read:
+            written = read(name)
+        else:
+            with safe_open(str(staging / weight_map[name]), "pt") as f:
+                written = f.get_tensor(name)
         with contextlib.ExitStack() as stack:
             open_base = lambda n: stack.enter_context(safe_open(str(layout[n][0]), "pt")).get_tensor(n)
             base = (open_base(name) if name in layout else convert_moe_packed_tensors(
@@ -3143,6 +3149,220 @@ def write_merge_configs(config, base_dir: Path, staging: Path, tokenizer, to_bf1
     tokenizer.save_pretrained(staging)
 
 
+# --merge-format gguf: one file for llama.cpp and the apps built on it (Ollama, LM Studio), written with gguf, llama.cpp's
+# own writer library, in the layout its converter (convert_hf_to_gguf.py, GptOssModel) gives gpt-oss: MXFP4 experts
+# repacked without touching a value, the fused gate_up tensor split by rows (even rows gate, odd rows up), vectors,
+# biases and the router in F32, every other weight in the dtype the base stores it.
+GGUF_FILE = "model.gguf"
+
+
+def gguf_pre_tokenizer(tokenizer) -> str:
+    """The name llama.cpp gives the tokenizer's pre-tokenizer: gpt-4o for gpt-oss's (o200k's split, then byte-level);
+    gpt-2 for a plain byte-level one (the demo's). Anything else is one line: llama.cpp would split text differently."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    if [s.get("type") for s in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if [s.get("type") for s in steps] == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        names = [n for n, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == steps[0]["pattern"].get("Regex")]
+        if names:
+            return "gpt-4o" if "gpt-4o" in names else names[0]
+    raise UsageError("--merge-format gguf: this tokenizer's pre-tokenizer is not one llama.cpp knows (gpt-oss's "
+                     "o200k split or plain byte-level); use --merge-format mxfp4 or bf16")
+
+
+def gguf_vocabulary(tokenizer, vocab_size: int) -> tuple:
+    """(tokens, token types) over the model's whole vocabulary, as llama.cpp's converter lists them (gguf's own
+    vocabulary readers do not pad to the embedding's rows): ids without a token are [PAD<id>], unused."""
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        tokens.append(token if token is not None else f"[PAD{i}]")
+        if token is None:
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            special = added[i].special or re.fullmatch(r"<\|.*\|>", token)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def ggml_mxfp4(blocks, scales):
+    """The checkpoint's MXFP4 as ggml's block_mxfp4 bytes, every value kept: per block of 32, its scale byte, then 16
+    bytes whose byte j holds value j (low nibble) and value j+16 (high); the checkpoint packs values 2j, 2j+1 in
+    byte j. [..., groups, 16] blocks and [..., groups] scales -> [..., groups * 17] bytes."""
+    import torch
+
+    # by hand: gguf quantizes floats afresh (choosing its own scales); the checkpoint's bytes are kept as they are
+    values = torch.stack((blocks & 15, blocks >> 4), -1).flatten(-2)  # [..., groups, 32] in order
+    packed = values[..., :16] | (values[..., 16:] << 4)
+    return torch.cat((scales.unsqueeze(-1), packed), -1).flatten(-2)
+
+
+def gguf_plan(layout: dict, experts_bf16: bool, layers: int) -> list:
+    """[(GGUF name, GGML type, byte shape, base tensor, row parity or None)] in the base's order, from the headers
+    alone: the writer needs every tensor's name and size before the first byte of data."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, layers)
+    kind = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
+    size = {"F32": 4, "F16": 2}
+    plan = []
+
+    def add(hf_name, ggml_type, shape, source, part=None):
+        plan.append((names.get_name(hf_name, try_suffixes=(".weight", ".bias")), ggml_type, shape, source, part))
+
+    for name, (_, shape, dtype) in layout.items():
+        weight = name.removesuffix("_blocks")
+        if name.endswith("_scales") and f"{name[:-7]}_blocks" in layout:
+            continue
+        expert = weight.rsplit(".", 1)[-1] in MXFP4_TENSORS
+        if expert:  # [E, in, out] (or MXFP4 [E, out, groups, 16]) -> ggml's [E, out, in], gate_up split by rows
+            stem = weight.rsplit(".", 1)[0]
+            if name.endswith("_blocks") and not experts_bf16:
+                ggml_type, (experts, rows, row_bytes) = gguf.GGMLQuantizationType.MXFP4, (shape[0], shape[1],
+                                                                                         shape[2] * 17)
+            else:
+                experts, cols, rows = stored_shape(layout, weight)
+                stored_bf16 = name.endswith("_blocks") or dtype == "BF16"
+                ggml_type = gguf.GGMLQuantizationType.BF16 if stored_bf16 else kind.get(dtype)
+                row_bytes = cols * (2 if stored_bf16 else size.get(dtype, 0))
+            if weight.endswith("gate_up_proj"):
+                add(f"{stem}.gate_proj.weight", ggml_type, (experts, rows // 2, row_bytes), weight, 0)
+                add(f"{stem}.up_proj.weight", ggml_type, (experts, rows // 2, row_bytes), weight, 1)
+            else:
+                add(f"{stem}.down_proj.weight", ggml_type, (experts, rows, row_bytes), weight)
+        elif name.endswith("gate_up_proj_bias"):
+            stem = name.rsplit(".", 1)[0]
+            for part, half in enumerate(("gate", "up")):
+                add(f"{stem}.{half}_proj.bias", gguf.GGMLQuantizationType.F32, (shape[0], shape[1] // 2 * 4), name,
+                    part)
+        else:  # llama.cpp wants vectors (norms, biases, sinks) and the router in F32, as its converter writes them
+            f32 = len(shape) == 1 or name.endswith("_bias") or ".router." in name
+            gguf_name = name.replace("down_proj_bias", "down_proj.bias") + (".weight" if name.endswith("sinks") else "")
+            ggml_type = gguf.GGMLQuantizationType.F32 if f32 else kind.get(dtype, gguf.GGMLQuantizationType.BF16)
+            width = 4 if f32 else size.get(dtype, 2)
+            add(gguf_name, ggml_type, (*shape[:-1], shape[-1] * width), name)
+    return plan
+
+
+def gguf_tensor(get, entry: tuple, layout: dict, updates: dict):
+    """One planned tensor's bytes: W + s·BA where the adapter changes W (merged_tensor), then ggml's layout."""
+    import gguf
+    import torch
+
+    _, ggml_type, _, source, part = entry
+    rows = slice(part, None, 2) if part is not None else slice(None)
+    if ggml_type == gguf.GGMLQuantizationType.MXFP4:
+        data = ggml_mxfp4(get(f"{source}_blocks")[:, rows], get(f"{source}_scales")[:, rows])
+    elif source.rsplit(".", 1)[-1] in MXFP4_TENSORS:
+        data = merged_tensor(get, source, source in layout, updates, to_bf16=False).transpose(1, 2)[:, rows]
+    else:
+        data = merged_tensor(get, source, True, updates, to_bf16=False)
+        data = data[..., rows] if part is not None else data
+        data = data.float() if ggml_type == gguf.GGMLQuantizationType.F32 else data
+    return data.contiguous().view(torch.uint8).numpy()
+
+
+def write_gguf(config, layout: dict, updates: dict, path: Path, tokenizer, experts_bf16: bool, title: str):
+    """The merged model as one GGUF, streamed: every tensor's name and size first, then the data one tensor at a time
+    (gguf's add_tensor would hold them all). The metadata is what llama.cpp's gpt-oss loader reads; the tokenizer's
+    merges, special ids and chat template come from gguf's SpecialVocab."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    pre = gguf_pre_tokenizer(tokenizer)
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    mxfp4 = any(n.endswith("_blocks") for n in layout) and not experts_bf16
+    plan = gguf_plan(layout, experts_bf16, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(title)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_expert_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", None)))
+    if rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE if mxfp4 else gguf.LlamaFileType.MOSTLY_BF16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types = gguf_vocabulary(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as saved:  # SpecialVocab reads the tokenizer's files
+        tokenizer.save_pretrained(saved)
+        gguf.SpecialVocab(saved, load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
+    for name, ggml_type, shape, _, _ in plan:
+        writer.add_tensor_info(name, shape, np.uint8, math.prod(shape), raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with contextlib.ExitStack() as stack:
+        opened = {}
+
+        def get(name):
+            file = layout[name][0]
+            if file not in opened:
+                opened[file] = stack.enter_context(safe_open(str(file), "pt"))
+            return opened[file].get_tensor(name)
+
+        for entry in plan:
+            writer.write_tensor_data(gguf_tensor(get, entry, layout, updates))
+    writer.close()
+
+
+def gguf_reader(path: Path, layout: dict, experts_bf16: bool, layers: int) -> tuple:
+    """For the tensor check, from the written file: (read, {base tensor: file} for each base tensor whose GGUF tensors
+    are all there). read(base tensor name) gives it as written, back in the base's layout (gate and up rows
+    interleaved again, experts transposed back)."""
+    import gguf
+    import torch
+
+    data = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    plan = gguf_plan(layout, experts_bf16, layers)
+    found = {source for *_, source, _ in plan} - {source for name, *_, source, _ in plan if name not in data}
+    weight_map = {name: path.name for name, _ in output_tensors(layout, experts_bf16)
+                  if name in found or name.removesuffix("_blocks").removesuffix("_scales") in found}
+    dtypes = {gguf.GGMLQuantizationType.BF16: torch.bfloat16, gguf.GGMLQuantizationType.F16: torch.float16,
+              gguf.GGMLQuantizationType.F32: torch.float32}
+
+    def read(name):
+        parts = [(data[n], t) for n, t, _, source, _ in plan if source == name]
+        halves = [torch.from_numpy(tensor.data.copy()).view(torch.uint8).view(dtypes[t]) for tensor, t in parts]
+        if len(halves) == 2:  # rows 0, 2, 4, ... came from the first, 1, 3, 5, ... from the second
+            halves = [torch.stack(halves, 2).flatten(1, 2)]
+        return halves[0].transpose(1, 2) if name.rsplit(".", 1)[-1] in MXFP4_TENSORS else halves[0]
+
+    return read, weight_map
+
+
 def run_merge(cfg: Config) -> dict:
     """The adapter folded into its base without loading the model: the base's safetensors are read tensor by tensor,
     the adapted weights rewritten and every other tensor copied (MXFP4 experts byte for byte), so the result has
@@ -3150,6 +3370,8 @@ def run_merge(cfg: Config) -> dict:
     import torch
 
     check_output_dir(cfg)
+    if cfg.merge_format == "gguf" and importlib.util.find_spec("gguf") is None:
+        raise UsageError("--merge-format gguf needs the gguf package: pip install -r requirements-serve.txt")
     if cfg.demo:
         ensure_demo_adapter(cfg)
     out = Path(cfg.output_dir)
@@ -3160,21 +3382,32 @@ def run_merge(cfg: Config) -> dict:
     updates = plan_updates(layout, adapter_config, pairs, cfg.adapter, cfg.model)
     tokenizer = load_tokenizer(cfg.adapter if (Path(cfg.adapter) / "tokenizer_config.json").exists() else cfg.model)
     quantized = sorted({n.split(".mlp.")[-1] for n in updates if n not in layout})
-    to_bf16 = cfg.merge_format == "bf16" or bool(quantized)
+    as_gguf = cfg.merge_format == "gguf"
+    to_bf16 = cfg.merge_format == "bf16" or bool(quantized)  # gguf: the experts only, the rest as the base stores it
+    if as_gguf:
+        gguf_pre_tokenizer(tokenizer)  # a tokenizer llama.cpp cannot split like this one is refused before writing
     if quantized and cfg.merge_format != "bf16":
         print(f"note: this adapter changes MXFP4 expert weights ({', '.join(quantized)}), which would need "
-              "re-quantizing: writing bf16 instead (--merge-format bf16, about 3x the size)")
+              "re-quantizing: writing bf16 " + ("experts" if as_gguf else "instead (--merge-format bf16, about 3x the "
+                                                                         "size)"))
     written = "bf16" if to_bf16 else "mxfp4" if any(n.endswith("_blocks") for n in layout) else "base dtypes"
     kept = {"mxfp4": "MXFP4 experts copied byte for byte", "base dtypes": "the base's dtypes"}.get(written, written)
+    if as_gguf:
+        written, kept = f"gguf ({written} experts)", f"one GGUF for llama.cpp, {kept.replace('copied', 'repacked')}"
     print(f"merging {cfg.adapter} into {cfg.model} ({kept}): {len(updates)} weights rewritten, streamed tensor by "
           f"tensor")
-    skipped = (logits_check_skipped(layout, torch.cuda.is_available()) if cfg.merge_logits_check
+    skipped = ("transformers does not run a GGUF; the tests check it against llama.cpp" if as_gguf else
+               logits_check_skipped(layout, torch.cuda.is_available()) if cfg.merge_logits_check
                else "turned off with --no-merge-logits-check")
     with staged_directory(out) as staging:  # out is empty, or holds an earlier merge that --overwrite replaces
         claim_output_dir(staging, "merge", replace_own=False)
-        weight_map = stream_merge(layout, updates, staging, to_bf16)
-        write_merge_configs(config, base_dir, staging, tokenizer, to_bf16)
-        tensors = check_merged_tensors(staging, weight_map, layout, updates, to_bf16)
+        if as_gguf:
+            write_gguf(config, layout, updates, staging / GGUF_FILE, tokenizer, to_bf16, out.name)
+            read, weight_map = gguf_reader(staging / GGUF_FILE, layout, to_bf16, config.num_hidden_layers)
+        else:
+            weight_map, read = stream_merge(layout, updates, staging, to_bf16), None
+            write_merge_configs(config, base_dir, staging, tokenizer, to_bf16)
+        tensors = check_merged_tensors(staging, weight_map, layout, updates, to_bf16, read)
         if not tensors["passed"]:
             raise RunFailed(f"The merged tensors do not equal W + s·BA (worst error "
                             f"{tensors['worst_error_over_bound']:.2f}x the rounding bound, missing {tensors['missing']}), "
@@ -3202,10 +3435,11 @@ def run_merge(cfg: Config) -> dict:
                   "checks_run": ["tensors"] + ([] if skipped else ["logits"]),
                   "tensor_check": tensors, "logits_check": logits}
         (staging / "merge_check.json").write_text(json.dumps(record, indent=2) + "\n")
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in out.glob("*.gguf" if as_gguf else "*.safetensors"))
     size = f"{size / 2**30:.2f} GiB" if size > 2**30 else f"{size / 2**20:.1f} MiB"
-    print(f"wrote the merged model to {out}/ ({size} of safetensors, config, generation config, tokenizer, "
-          "merge_check.json)")
+    print(f"wrote the merged model to {out}/ " + (f"({GGUF_FILE}, {size}, with its tokenizer and chat template; "
+          "merge_check.json)" if as_gguf else f"({size} of safetensors, config, generation config, tokenizer, "
+                                           "merge_check.json)"))
     return record
 
 
