@@ -1139,6 +1139,10 @@ def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens:
     """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
     examples, truncated, dropped = [], 0, 0
     for index, chat in enumerate(chats):
+        characters = sum(len(m["content"]) + len(m.get("thinking") or "") for m in chat)
+        if characters > 64 * max_length:  # it could only be cut, after tokenizing it whole (GBs for a 50 MB row)
+            raise UsageError(f"training example {index + 1} is {characters:,} characters, far over --max_seq_length "
+                             f"{max_length:,} tokens: shorten or drop it")
         ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, f"training example {index + 1}", reasoning_effort)
         if len(ex["input_ids"]) > max_length:
             truncated += 1
@@ -2254,8 +2258,9 @@ def trained_effort(adapter: str | None) -> str | None:
         return None
 
 
-def load_for_inference(cfg: Config, dtype=None):
-    """The model (--model, with --adapter on top) and its tokenizer, in eval mode."""
+def load_for_inference(cfg: Config, dtype=None, chat: list | None = None):
+    """The model (--model, with --adapter on top) and its tokenizer, in eval mode. A chat (infer's prompt) that does
+    not fit the model's context with --max_new_tokens is refused before the model loads."""
     import torch
 
     from safetensors import SafetensorError, safe_open
@@ -2276,6 +2281,12 @@ def load_for_inference(cfg: Config, dtype=None):
     config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer_config.json").exists()
                                else cfg.model)
+    length = chat and len(encode_chat(tokenizer, chat, add_generation_prompt=True,
+                                      reasoning_effort=cfg.reasoning_effort, where="prompt")["input_ids"])
+    if chat and length + cfg.max_new_tokens > config.max_position_embeddings:
+        raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
+                         f"{config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
+                         "or lower --max_new_tokens")
     model = load_model(cfg, config, torch.cuda.is_available(), training=False, dtype=dtype)
     if cfg.adapter:
         from peft import PeftModel
@@ -2337,14 +2348,8 @@ def read_prompt(cfg: Config) -> str:
 
 def run_infer(cfg: Config) -> dict:
     prompt = read_prompt(cfg)
-    model, tokenizer = load_for_inference(cfg)
     chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
-    length = len(encode_chat(tokenizer, chat, add_generation_prompt=True, reasoning_effort=cfg.reasoning_effort,
-                             where="prompt")["input_ids"])
-    if length + cfg.max_new_tokens > model.config.max_position_embeddings:
-        raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
-                         f"{model.config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
-                         "or lower --max_new_tokens")
+    model, tokenizer = load_for_inference(cfg, chat=chat)
     printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
     try:
         ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed,

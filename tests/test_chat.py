@@ -66,7 +66,7 @@ def two_turns(loaded):
 def test_streamed_text_equals_the_finished_output(demo_model, loaded, capsys, monkeypatch, prompt, language,
                                                   temperature, tokens, scripted):
     if scripted:
-        monkeypatch.setattr(sft, "load_for_inference", lambda cfg: loaded[1:])
+        monkeypatch.setattr(sft, "load_for_inference", lambda cfg, chat: loaded[1:])
     argv = ("--mode", "infer", "--model", str(demo_model), "--prompt", prompt, "--reasoning-language", language,
             "--temperature", temperature, "--max_new_tokens", tokens)
     finished = sft.run_infer(resolve(*argv, "--no-stream"))

@@ -127,3 +127,19 @@ def test_cli_missing_and_empty_dataset(tmp_path):
     out = run_cli("--dataset", "empty.jsonl", "--model", str(tmp_path), "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert_usage_error(out, "is empty")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_row_no_token_budget_could_hold_is_one_line_before_it_is_tokenized(tmp_path, demo_model):
+    """A 4 MB row with --max_seq_length 512 could only be cut; tokenizing it whole first is what costs GBs (a 50 MB
+    row: 8.6 GB). Refused in one line, nothing written; a row just under the bound is cut as before."""
+    huge = {**FLAT, "analysis": "denke " * 700_000}
+    data = write_jsonl(tmp_path / "big.jsonl", [FLAT, huge])
+    out = run_cli("--dataset", data, "--model", str(demo_model), "--max_seq_length", "512", "--output_dir",
+                  str(tmp_path / "out"), "--report_to", "none", cwd=tmp_path)
+    assert_usage_error(out, "training example 2 is 4,200,")
+    assert "characters, far over --max_seq_length 512 tokens: shorten or drop it" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+    tokenizer = sft.load_tokenizer(str(demo_model))
+    under = sft.prepare_chats([{**FLAT, "analysis": "denke " * 5_000}])
+    examples, stats = sft.tokenize_chats(tokenizer, under, max_length=512)
+    assert stats["rows_truncated"] == 1 and len(examples[0]["input_ids"]) == 512
