@@ -768,6 +768,9 @@ def derive(cfg: Config) -> Config:
         reasoning_languages=languages(cfg.reasoning_languages, "--reasoning-languages"),
         question_languages=languages(cfg.question_languages, "--question-languages"),
         answer_languages=languages(cfg.answer_languages, "--answer-language"),
+        # a question piped into the demo's infer wins over the demo's own (read_prompt falls back to it on no text)
+        prompt=None if cfg.demo and cfg.mode == "infer" and cfg.prompt == DEMO_DEFAULTS["prompt"] and sys.stdin
+        is not None and not sys.stdin.isatty() else cfg.prompt,
         compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and cfg.mode == "eval" and not cfg.score_file,
         stream=cfg.stream if cfg.stream is not None else sys.stdout.isatty() and not (cfg.json or cfg.raw),
         deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
@@ -2341,6 +2344,8 @@ def read_prompt(cfg: Config) -> str:
             raise UsageError("the prompt on stdin is not UTF-8 text: pipe text, or pass --prompt") from None
     else:
         prompt = input("prompt> ")
+    if not prompt.strip() and cfg.demo:
+        prompt = DEMO_DEFAULTS["prompt"]
     if not prompt.strip():
         raise UsageError("no prompt: pass --prompt \"...\" or pipe the question on stdin")
     return prompt.strip()

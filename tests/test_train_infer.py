@@ -229,3 +229,14 @@ def test_the_demo_base_is_the_same_tensors_every_build(tmp_path, demo_model):
     ours, theirs = load_file(str(demo_model / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert ours.keys() == theirs.keys() and len(ours) > 30
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_demo_infer_answers_the_question_piped_to_it(tmp_path):
+    piped = run_cli("--mode", "infer", "--demo", "--raw", "--max_new_tokens", "4", cwd=tmp_path,
+                    stdin="Wie spät ist es?\n")
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "<|start|>user<|message|>Wie spät ist es?<|end|>" in piped.stdout
+    nothing = run_cli("--mode", "infer", "--demo", "--raw", "--max_new_tokens", "4", cwd=tmp_path, stdin="")
+    assert nothing.returncode == 0, nothing.stderr[-2000:]  # nothing piped: the demo's own question
+    assert "<|start|>user<|message|>What is the capital of Australia?<|end|>" in nothing.stdout
