@@ -3016,10 +3016,24 @@ def output_tensors(layout: dict, to_bf16: bool) -> list:
     return items
 
 
+def base_tensors(layout: dict, stack: contextlib.ExitStack):
+    """get(name): a base tensor, read through safetensors' memory map, each shard opened once and closed with stack."""
+    from safetensors import safe_open
+
+    opened = {}
+
+    def get(name):
+        file = layout[name][0]
+        if file not in opened:
+            opened[file] = stack.enter_context(safe_open(str(file), "pt"))
+        return opened[file].get_tensor(name)
+
+    return get
+
+
 def stream_merge(layout: dict, updates: dict, staging: Path, to_bf16: bool) -> dict:
     """Write the merged checkpoint into staging, one output shard at a time, reading the base tensor by tensor
     through safetensors' memory map (closed after each shard, so its pages leave memory). Returns the weight map."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     shards, size = [[]], 0
@@ -3034,14 +3048,7 @@ def stream_merge(layout: dict, updates: dict, staging: Path, to_bf16: bool) -> d
     weight_map = {}
     for file, names in zip(files, shards):
         with contextlib.ExitStack() as stack:
-            opened = {}
-
-            def get(name):
-                path = layout[name][0]
-                if path not in opened:
-                    opened[path] = stack.enter_context(safe_open(str(path), "pt"))
-                return opened[path].get_tensor(name)
-
+            get = base_tensors(layout, stack)
             tensors = {name: merged_tensor(get, name, name in layout, updates, to_bf16) for name in names}
             save_file(tensors, str(staging / file), metadata={"format": "pt"})
             del tensors
@@ -3289,7 +3296,6 @@ def write_gguf(config, layout: dict, updates: dict, path: Path, tokenizer, exper
 
     import gguf
     import numpy as np
-    from safetensors import safe_open
 
     pre = gguf_pre_tokenizer(tokenizer)
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
@@ -3335,14 +3341,7 @@ def write_gguf(config, layout: dict, updates: dict, path: Path, tokenizer, exper
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     with contextlib.ExitStack() as stack:
-        opened = {}
-
-        def get(name):
-            file = layout[name][0]
-            if file not in opened:
-                opened[file] = stack.enter_context(safe_open(str(file), "pt"))
-            return opened[file].get_tensor(name)
-
+        get = base_tensors(layout, stack)
         for entry in plan:
             writer.write_tensor_data(gguf_tensor(get, entry, layout, updates))
     writer.close()
