@@ -1072,7 +1072,7 @@ def prepare_chats(rows: list, languages: list | None = None, max_samples: int | 
     if languages:
         wanted = {language_name(lang, "--reasoning-languages", True) for lang in languages}
         present = sorted({lang for lang, _ in chats if lang})
-        chats = [(lang, chat) for lang, chat in chats if lang and language_name(lang, "row", True) in wanted]
+        chats = [(lang, chat) for lang, chat in chats if lang in wanted]  # lang went through language_name above
         if not chats:
             raise UsageError(f"no rows with reasoning language {', '.join(languages)}; the data has "
                              f"{', '.join(present) or 'no reasoning_language information'}")
