@@ -282,8 +282,9 @@ def protected_folder(out: Path, cfg) -> str | None:
         return "is the folder you are in"
     if target in here.parents or target == Path.home().resolve():
         return "holds the folder you are in" if target in here.parents else "is your home folder"
-    inputs = {"the dataset": cfg.dataset, "this script": __file__, "--eval-file": cfg.eval_file,
-              "--score-file": cfg.score_file, "--adapter": cfg.adapter}
+    inputs = {"the dataset": getattr(cfg, "dataset", None), "this script": __file__,  # the inputs of this mode
+              "--eval-file": getattr(cfg, "eval_file", None), "--score-file": getattr(cfg, "score_file", None),
+              "--adapter": cfg.adapter}
     for what, path in inputs.items():
         if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
             return f"holds {what}"
@@ -355,9 +356,10 @@ def check_output_dir(cfg):
             ", ..." if len(foreign) > 3 else "")
         raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
                          "own outputs, unchanged since it wrote them: move them or pick another folder")
-    if cfg.resume and latest_checkpoint(out) is None:
+    resume = cfg.mode == "train" and cfg.resume
+    if resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
-    if own and not (cfg.overwrite or cfg.resume or cfg.demo):  # the demo replaces its own outputs
+    if own and not (cfg.overwrite or resume or cfg.demo):  # the demo replaces its own outputs
         raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
                          "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
 
@@ -432,7 +434,7 @@ def hub_repos(cfg) -> list:
     needed = [cfg.model] if cfg.model and not Path(cfg.model).expanduser().exists() else []
     if cfg.mode == "train" and not cfg.synthetic_data and not Path(cfg.dataset).expanduser().exists():
         needed.append(cfg.dataset)
-    return needed + ([cfg.hub_model_id] if cfg.push_to_hub else [])
+    return needed + ([cfg.hub_model_id] if cfg.mode == "train" and cfg.push_to_hub else [])
 
 
 def decide_offline(cfg):
@@ -448,7 +450,7 @@ def decide_offline(cfg):
             socket.create_connection((host.split(":")[0], int((host.split(":") + ["443"])[1])), timeout=3).close()
         except (OSError, ValueError):
             os.environ["HF_HUB_OFFLINE"] = "1"
-    if cfg.push_to_hub:
+    if cfg.mode == "train" and cfg.push_to_hub:
         if hub_offline():
             raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if needed else 'offline'} "
                              "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
@@ -466,11 +468,12 @@ def _hub_error(source: str, error: Exception) -> UsageError:
 
 
 # -----------------------------------------------------------------------------
-# Settings: one field each, with its default, one help line, other spellings and the rule it must meet
+# Settings: a group of fields for each mode and for what modes share, each field once with its default, one help
+# line, other spellings and the rule it must meet; a run gets its mode's groups and no other field
 
 
 def setting(default=None, help="", *aliases, check=None, factory=None):
-    """A Config field: its default, its --help line, other flag names (each in both spellings) and the name of the
+    """A settings field: its default, its --help line, other flag names (each in both spellings) and the name of the
     rule validate() holds it to."""
     names = list(dict.fromkeys(s for a in aliases for s in (f"--{a}", f"--{a.replace('_', '-')}")))
     metadata = {"help": help, "aliases": names, "check": check}
@@ -478,38 +481,49 @@ def setting(default=None, help="", *aliases, check=None, factory=None):
 
 
 @dataclass(frozen=True)
-class Config:
-    # what to run
+class CommonSettings:
+    """what to run (every mode)"""
     mode: Literal["train", "infer", "chat", "eval", "merge"] = setting(
         "train", "train an adapter, infer (answer one prompt), chat (talk to it), eval (reasoning-language match) or "
-                 "merge it into its base")
+                 "merge it into its base; --mode X --help lists X's settings")
     demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny random gpt-oss and the bundled sample")
     print_config: bool = setting(False, "print the resolved settings as YAML (--json: JSON) and exit; they work as a --config")
-    seed: int = setting(42, "random seed", check="seed")
-    # model and data
+    json: bool = setting(False, "print JSON: --print-config's settings, infer's answer ({reasoning_language, analysis, "
+                                "final, complete, tokens})")
     model: str | None = setting(None, f"hub id or local directory (default {DEFAULT_MODEL}; with --adapter: its base)")
     adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, chat, eval, merge; train "
                                         "refuses it: --resume continues a run)")
+    output_dir: str | None = setting(None, f"where outputs go (default: train {DEFAULT_OUTPUT_DIR}, demo "
+                                           f"{DEMO_OUTPUT_DIR}, eval <adapter>/eval, merge <adapter>-merged; infer and "
+                                           "chat write nothing)", "output")
+    overwrite: bool = setting(False, "replace this mode's earlier outputs in --output_dir (never files it did not write)")
+    local_rank: int | None = setting(None, argparse.SUPPRESS)  # the deepspeed launcher passes it to every mode
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """the model and what it is told (train, infer, chat, eval; merge streams the checkpoint)"""
     use_4bit: bool = setting(False, "keep the experts in MXFP4 as shipped, dequantized one layer at a time: 14 GB of "
                                     "weights instead of 42")
-    merge_format: Literal["mxfp4", "bf16", "gguf"] = setting(
-        "mxfp4", "merge: mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 "
-                 "dequantizes them (~42 GB; chosen by itself for an adapter on expert tensors); gguf writes one "
-                 "model.gguf for llama.cpp and Ollama (MXFP4 experts repacked)")
-    merge_logits_check: bool = setting(True, "merge: also compare base+adapter and merged logits where the model fits "
-                                             "in memory (the tensor check always runs)")
     attn_implementation: Literal["auto", "eager", "flex_attention"] = setting(
         "auto", "auto: flex_attention on CUDA, eager on CPU (sdpa and flash-attention cannot apply gpt-oss's sinks)")
+    reasoning_effort: Literal["low", "medium", "high"] = setting(
+        "medium", "the system prompt's 'Reasoning:' level: train renders it, infer, chat and eval ask with it")
+    allow_any_language: bool = setting(False, "send a language name the detector does not know as typed (train, infer, "
+                                              "chat; eval's detector must know the language)")
+    seed: int = setting(42, "random seed", check="seed")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """data (--mode train)"""
     dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "hub dataset id or a local .jsonl/.json/.parquet file")
     dataset_split: str = setting("train", "split of a hub dataset")
-    reasoning_languages: list[str] | None = setting(
-        None, "reasoning languages to cover: train keeps rows in these, eval asks for these (default: all rows; eval: 8)")
-    max_samples: int | None = setting(None, "only the first N rows (train) or questions per language (eval)", "limit",
-                                      check="positive")
+    reasoning_languages: list[str] | None = setting(None, "keep only the rows reasoning in these languages (default: all)")
+    max_samples: int | None = setting(None, "only the first N rows", "limit", check="positive")
     max_seq_length: int = setting(2048, "tokens per row; longer rows are cut", "max_length", check="positive")
     train_on_all_tokens: bool = setting(False, "loss on every token, as the Cookbook did (default: the assistant's "
                                                "analysis, final and <|return|> only)")
-    reasoning_effort: Literal["low", "medium", "high"] = setting("medium", "the system prompt's 'Reasoning:' level: train renders it, infer asks with it")
     # LoRA
     lora_r: int = setting(16, "LoRA rank", check="positive")
     lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", check="positive")
@@ -519,9 +533,6 @@ class Config:
     target_parameters: list[str] = setting(help="expert tensors to adapt, e.g. mlp.experts.gate_up_proj,"
                                                 "mlp.experts.down_proj", factory=list)
     # training
-    output_dir: str | None = setting(None, f"where outputs go (default: train {DEFAULT_OUTPUT_DIR}, demo "
-                                           f"{DEMO_OUTPUT_DIR}, eval <adapter>/eval, merge <adapter>-merged)", "output")
-    overwrite: bool = setting(False, "replace this mode's earlier outputs in --output_dir (never files it did not write)")
     resume: bool = setting(False, "continue from the newest complete checkpoint in --output_dir")
     batch_size: int = setting(8, "rows per device per micro-batch", "per_device_train_batch_size", check="positive")
     gradient_accumulation_steps: int = setting(2, "micro-batches per optimizer step", check="positive")
@@ -561,41 +572,92 @@ class Config:
     fsdp: bool = setting(False, "FSDP2: shard the model over the GPUs (default under a launcher: DDP)")
     deepspeed: str | None = setting(None, "zero3 (the built-in ZeRO-3 preset; default under the deepspeed launcher) or "
                                           "a DeepSpeed JSON file")
-    local_rank: int | None = setting(None, argparse.SUPPRESS)  # the deepspeed launcher passes it
     # preflight: will this fit my GPU, and how fast is it?
     random_init: bool = setting(False, "random weights of the model's shapes, built on the GPU (no download)")
     synthetic_data: int | None = setting(None, "N generated rows with Multilingual-Thinking's lengths",
                                          check="positive")
-    # inference
-    prompt: str | None = setting(None, "the user message (infer; default: stdin)")
-    reasoning_language: str = setting("English", "language of the analysis channel")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """generation (infer, chat, eval)"""
     answer_languages: list[str] | None = setting(None, "language of the final answer (eval: several, rotated)",
                                                  "answer_language")
-    allow_any_language: bool = setting(False, "send a language name the detector does not know as typed (train, infer)")
     temperature: float = setting(0.6, "sampling temperature; 0 = greedy", check="not_negative")
     max_new_tokens: int = setting(512, "tokens to generate at most", check="positive")
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    """one answer or a conversation (infer, chat)"""
+    prompt: str | None = setting(None, "the user message (infer; default: stdin)")
+    reasoning_language: str = setting("English", "language of the analysis channel (chat: /lang changes it)")
     stream: bool | None = setting(None, "print the answer while it is generated (default: when stdout is a terminal; "
                                         "chat: on)")
-    raw: bool = setting(False, "print the whole harmony transcript")
-    json: bool = setting(False, "print JSON (infer: {reasoning_language, analysis, final, complete, tokens})")
-    # evaluation
-    eval_batch_size: int = setting(32, "prompts per generation batch", check="positive")
-    compare_base: bool | None = setting(None, "also evaluate the base model, adapter off (default: on in the demo)")
+    raw: bool = setting(False, "print the whole harmony transcript (infer)")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """evaluation (--mode eval)"""
+    eval_reasoning_languages: list[str] | None = setting(None, "reasoning languages to ask for (default: 8)",
+                                                         "reasoning_languages")
     question_languages: list[str] | None = setting(None, "languages the questions are asked in (default: all, rotated)")
+    max_questions: int | None = setting(None, "only the first N questions, each asked in every reasoning language",
+                                        "limit", "max_samples", check="positive")
     full_grid: bool = setting(False, "every question in every question x answer language instead of rotating")
     eval_file: str = setting(str(EVAL_QUESTIONS), "the questions (.jsonl)")
+    eval_batch_size: int = setting(32, "prompts per generation batch", check="positive")
+    compare_base: bool | None = setting(None, "also evaluate the base model, adapter off (default: on in the demo)")
     score_file: str | None = setting(None, "score outputs made elsewhere (.jsonl); loads no model")
 
 
-SECTIONS = {"mode": "what to run", "model": "model and data", "lora_r": "LoRA", "output_dir": "training",
+@dataclass(frozen=True)
+class MergeSettings:
+    """merging (--mode merge)"""
+    merge_format: Literal["mxfp4", "bf16", "gguf"] = setting(
+        "mxfp4", "mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 dequantizes "
+                 "them (~42 GB; chosen by itself for an adapter on expert tensors); gguf writes one model.gguf for "
+                 "llama.cpp and Ollama (MXFP4 experts repacked)")
+    merge_logits_check: bool = setting(True, "also compare base+adapter and merged logits where the model fits in "
+                                             "memory (the tensor check always runs)")
+
+
+# One frozen object per run: the fields of its mode's groups and no others. A dataclass lays out the fields of its
+# bases from the last base to the first, so the common settings come first (and --help shows the groups so).
+@dataclass(frozen=True)
+class TrainRun(TrainSettings, ModelSettings, CommonSettings):
+    """--mode train"""
+
+
+@dataclass(frozen=True)
+class InferRun(InferSettings, GenerationSettings, ModelSettings, CommonSettings):
+    """--mode infer and --mode chat"""
+
+
+@dataclass(frozen=True)
+class EvalRun(EvalSettings, GenerationSettings, ModelSettings, CommonSettings):
+    """--mode eval"""
+
+
+@dataclass(frozen=True)
+class MergeRun(MergeSettings, CommonSettings):
+    """--mode merge"""
+
+
+RUNS = {"train": TrainRun, "infer": InferRun, "chat": InferRun, "eval": EvalRun, "merge": MergeRun}
+Config = TrainRun | InferRun | EvalRun | MergeRun  # what parse_config returns
+
+SECTIONS = {"lora_r": "LoRA", "resume": "training",  # headings inside train's group, which is long
             "fsdp": "several GPUs: run the script under torchrun, deepspeed or accelerate launch (README)",
-            "random_init": "preflight: will this fit my GPU, and how fast is it?", "prompt": "inference",
-            "eval_batch_size": "evaluation (--mode eval)"}
+            "random_init": "preflight: will this fit my GPU, and how fast is it?"}
 
 # What --demo changes: a tiny random model trained on the bundled sample, so the run fits a CPU in minutes. The
-# larger learning rate lets a randomly initialised model show a falling loss within a few steps.
+# larger learning rate lets a randomly initialised model show a falling loss within a few steps. Each mode takes
+# the ones among its settings.
 DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=1e-2, max_new_tokens=48,
-                     reasoning_language="German", prompt="What is the capital of Australia?")
+                     reasoning_language="German")
+DEMO_QUESTION = "What is the capital of Australia?"  # infer's, where no question is piped in
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -629,25 +691,28 @@ class OneLineErrors:
 
 
 class FirstPass(OneLineErrors, argparse.ArgumentParser):
-    """Reads what picks the layers of defaults (--mode, --demo, --config) before the full parse."""
+    """Reads what picks the groups and the layers of defaults (--mode, --demo, --config) before the full parse."""
 
 
 class Parser(OneLineErrors, TrlParser):
-    """TRL's parser over Config (both spellings of every flag, help from the fields, YAML recipes with --config, the
-    command line winning), with one-line errors, no abbreviations (--lr is no flag), --x/--no-x for every switch and
-    the help in sections."""
+    """TRL's parser over one mode's groups of settings (both spellings of every flag, help from the fields, YAML
+    recipes with --config, the command line winning), with one-line errors, no abbreviations (--lr is no flag),
+    --x/--no-x for every switch and the help in sections, one per group."""
 
-    def __init__(self):
-        super().__init__(Config, prog="gpt_oss_20b_sft.py", allow_abbrev=False, formatter_class=HelpFormatter,
+    def __init__(self, mode: str):
+        mode = mode if mode in RUNS else "train"  # an unknown mode is refused by --mode's choices (a recipe's: validate)
+        super().__init__(RUNS[mode].__bases__[::-1], prog="gpt_oss_20b_sft.py", allow_abbrev=False,
+                         formatter_class=HelpFormatter,
                          usage="%(prog)s [--mode {train,infer,chat,eval,merge}] [--demo] [--config FILE.yaml] "
                                "[--print-config] [options]",
-                         description="LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for, and "
-                                     "what comes after. Every flag takes snake_case and kebab-case spellings.")
+                         description=f"LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for, and "
+                                     f"what comes after. These are --mode {mode}'s settings (--mode X --help: X's). "
+                                     "Every flag takes snake_case and kebab-case spellings.")
         self.add_argument("--config", metavar="FILE.yaml", help="a recipe: settings in YAML (see recipes/); flags on "
                           "the command line win")
 
     def _add_dataclass_arguments(self, dtype):
-        group, hints = self, get_type_hints(dtype)
+        group, hints = self.add_argument_group(dtype.__doc__), get_type_hints(dtype)
         for f in fields(dtype):
             group = self.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
             f.type = hints[f.name]
@@ -659,26 +724,54 @@ class Parser(OneLineErrors, TrlParser):
                 plain.metadata = {k: v for k, v in f.metadata.items() if k != "check"}
                 self._parse_dataclass_field(group, plain)
 
-    def parse(self, argv: list) -> Config:
-        """Defaults in layers, each over the last: the fields', the mode's, the demo's, a --config recipe's; then the
-        command line."""
-        first = FirstPass(add_help=False, allow_abbrev=False)
-        first.add_argument("--mode")
-        first.add_argument("--demo", action=argparse.BooleanOptionalAction)
-        first.add_argument("--config")
-        picked, _ = first.parse_known_args(argv)
-        recipe = read_recipe(picked.config) if picked.config else {}
-        mode = picked.mode or recipe.get("mode", Config.mode)
-        demo = picked.demo if picked.demo is not None else recipe.get("demo", False)
-        names = [f.name for f in fields(Config)]
-        for unknown in (k for k in recipe if k not in names):
-            close = difflib.get_close_matches(unknown, [n for n in names if n != "local_rank"], n=1)  # hidden flag
-            raise UsageError(f"--config {picked.config}: unknown setting {unknown!r}"
-                             + (f" (did you mean {close[0]}?)" if close else "; --help lists them"))
-        self.set_defaults_with_config(**{**(MODES[mode].defaults if mode in MODES else {}),
-                                         **(DEMO_DEFAULTS if demo else {}), **recipe})
-        namespace = self.parse_args(argv)
-        return Config(**{f.name: getattr(namespace, f.name) for f in fields(Config)})
+    def knows(self, flag: str) -> str | None:
+        """The field a flag (any of its spellings, --no-x included) sets in this mode, or None."""
+        action = self._option_string_actions.get(flag)
+        return action.dest if action and action.dest != "help" else None
+
+
+def readers(flag: str) -> str | None:
+    """The modes that read a flag, as a phrase ("an infer, chat and eval"), or None where none does."""
+    modes = [mode for mode in RUNS if Parser(mode).knows(flag)]
+    if not modes:
+        return None
+    listed = ", ".join(modes[:-1]) + " and " + modes[-1] if len(modes) > 1 else modes[0]
+    return ("an " if listed[0] in "aeiou" else "a ") + listed
+
+
+def parse(argv: list) -> Config:
+    """Defaults in layers, each over the last: the fields', the mode's, the demo's, a --config recipe's; then the
+    command line. The mode (--mode, else the recipe's) picks the groups of settings; a setting of another mode, on
+    the command line or in the recipe, is refused with the modes that read it."""
+    first = FirstPass(add_help=False, allow_abbrev=False)
+    first.add_argument("--mode")
+    first.add_argument("--demo", action=argparse.BooleanOptionalAction)
+    first.add_argument("--config")
+    picked, _ = first.parse_known_args(argv)
+    recipe = read_recipe(picked.config) if picked.config else {}
+    mode = picked.mode or recipe.get("mode", CommonSettings.mode)
+    demo = picked.demo if picked.demo is not None else recipe.get("demo", False)
+    parser, run = Parser(mode), RUNS.get(mode, TrainRun)
+    names = [f.name for f in fields(run)]
+    for key in (k for k in recipe if k not in names):
+        if parser.knows(f"--{key}"):  # an old name of a field, e.g. eval's max_samples, now max_questions
+            raise UsageError(f"--config {picked.config}: {key} is {parser.knows(f'--{key}')} in --mode {mode}: "
+                             "rename it")
+        if readers(f"--{key}"):  # e.g. a recipe printed before the settings were split by mode, which held them all
+            raise UsageError(f"--config {picked.config}: {key} is {readers(f'--{key}')} setting; --mode {mode} does "
+                             "not read it: drop it")
+        close = difflib.get_close_matches(key, [n for n in names if n != "local_rank"], n=1)  # hidden flag
+        raise UsageError(f"--config {picked.config}: unknown setting {key!r}"
+                         + (f" (did you mean {close[0]}?)" if close else "; --help lists them"))
+    parser.set_defaults_with_config(**{**(MODES[mode].defaults if mode in MODES else {}),
+                                       **(DEMO_DEFAULTS if demo else {}), **recipe})  # each mode takes its own
+    namespace, unknown = parser.parse_known_args(argv)
+    for flag in (arg.split("=")[0] for arg in unknown if arg.startswith("--")):
+        if readers(flag):
+            parser.error(f"{flag} is {readers(flag)} setting; --mode {mode} does not read it")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return run(**{name: getattr(namespace, name) for name in names})
 
 
 def read_recipe(path: str) -> dict:
@@ -701,7 +794,7 @@ def read_recipe(path: str) -> dict:
 
 def parse_config(argv: list | None = None) -> Config:
     """The settings of this run: parsed in layers, derived, validated, then frozen."""
-    return validate(derive(Parser().parse(list(sys.argv[1:] if argv is None else argv))))
+    return validate(derive(parse(list(sys.argv[1:] if argv is None else argv))))
 
 
 def _flat(values):
@@ -745,35 +838,41 @@ def language_name(name: str, flag: str, any_language: bool = False) -> str:
 
 
 def derive(cfg: Config) -> Config:
-    """Fill the settings that follow from others, where the user left them unset (None). A value given is kept, so
-    --print-config's output, fed back with --config, resolves to the same settings."""
+    """Fill the settings that follow from others, where the user left them unset (None), group by group. A value
+    given is kept, so --print-config's output, fed back with --config, resolves to the same settings."""
     for name in ("model", "adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed"):
-        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():  # e.g. an unset shell variable
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and not value.strip():  # e.g. an unset shell variable
             raise UsageError(f"--{name} is empty: give a path, or leave the flag out for the default")
-    adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and cfg.mode != "train" and not cfg.score_file else None)
-    model = cfg.model or (str(demo_model_dir(cfg.use_4bit or cfg.mode == "merge")) if cfg.demo  # merge: as shipped
+    scoring = isinstance(cfg, EvalSettings) and cfg.score_file  # scores outputs made elsewhere: no model, no adapter
+    adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and cfg.mode != "train" and not scoring else None)
+    as_shipped = cfg.mode == "merge" or isinstance(cfg, ModelSettings) and cfg.use_4bit  # merge: the MXFP4 base
+    model = cfg.model or (str(demo_model_dir(as_shipped)) if cfg.demo
                           else adapter_base(adapter) if adapter else None) or DEFAULT_MODEL
     output_dir = cfg.output_dir or {"train": DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR,
                                     "eval": str(Path(adapter) / "eval") if adapter else "eval_output",
                                     "merge": f"{Path(adapter)}-merged" if adapter else None}.get(cfg.mode)
-    any_language = cfg.allow_any_language and cfg.mode != "eval"  # eval scores with the detector: it must know them
+    derived = dict(adapter=adapter, model=model, output_dir=output_dir)
+    # eval scores with the detector, so its languages must be ones the detector knows
+    any_language = isinstance(cfg, ModelSettings) and cfg.allow_any_language and cfg.mode != "eval"
 
     def languages(names, flag):
         return None if names is None else [language_name(n, flag, any_language) for n in _flat(names)]
 
-    return replace(
-        cfg, adapter=adapter, model=model, output_dir=output_dir,
-        target_modules=_flat(cfg.target_modules), target_parameters=_flat(cfg.target_parameters),
-        reasoning_language=language_name(cfg.reasoning_language, "--reasoning-language", any_language),
-        reasoning_languages=languages(cfg.reasoning_languages, "--reasoning-languages"),
-        question_languages=languages(cfg.question_languages, "--question-languages"),
-        answer_languages=languages(cfg.answer_languages, "--answer-language"),
-        # a question piped into the demo's infer wins over the demo's own (read_prompt falls back to it on no text)
-        prompt=None if cfg.demo and cfg.mode == "infer" and cfg.prompt == DEMO_DEFAULTS["prompt"] and sys.stdin
-        is not None and not sys.stdin.isatty() else cfg.prompt,
-        compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and cfg.mode == "eval" and not cfg.score_file,
-        stream=cfg.stream if cfg.stream is not None else sys.stdout.isatty() and not (cfg.json or cfg.raw),
-        deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
+    if isinstance(cfg, TrainSettings):
+        derived.update(target_modules=_flat(cfg.target_modules), target_parameters=_flat(cfg.target_parameters),
+                       reasoning_languages=languages(cfg.reasoning_languages, "--reasoning-languages"),
+                       deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
+    if isinstance(cfg, GenerationSettings):
+        derived.update(answer_languages=languages(cfg.answer_languages, "--answer-language"))
+    if isinstance(cfg, InferSettings):
+        derived.update(reasoning_language=language_name(cfg.reasoning_language, "--reasoning-language", any_language),
+                       stream=cfg.stream if cfg.stream is not None else sys.stdout.isatty() and not (cfg.json or cfg.raw))
+    if isinstance(cfg, EvalSettings):
+        derived.update(eval_reasoning_languages=languages(cfg.eval_reasoning_languages, "--reasoning-languages"),
+                       question_languages=languages(cfg.question_languages, "--question-languages"),
+                       compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and not scoring)
+    return replace(cfg, **derived)
 
 
 RULES = {"positive": (lambda v: v > 0, "must be a positive integer"),
@@ -796,9 +895,10 @@ def _is(value, kind) -> bool:
 
 
 def validate(cfg: Config) -> Config:
-    """Every rule the settings must meet, checked before anything is loaded or written; each error names its flag."""
-    hints = get_type_hints(Config)
-    for f in fields(Config):
+    """Every rule the settings must meet, checked before anything is loaded or written; each error names its flag.
+    The rules of a group apply where the run has that group."""
+    hints = get_type_hints(type(cfg))
+    for f in fields(cfg):
         value, flag = getattr(cfg, f.name), f"--{f.name}"
         if not _is(value, hints[f.name]):
             raise UsageError(f"{flag}: {value!r} is not a valid value"
@@ -808,10 +908,49 @@ def validate(cfg: Config) -> Config:
             raise UsageError(f"{flag} must be a finite number, got {value}")
         rule = f.metadata["check"]
         if rule and value is not None and not RULES[rule][0](value):
-            also = "".join(f" ({a})" for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
-            raise UsageError(f"{flag}{also} {RULES[rule][1]}, got {value}")
-    if cfg.answer_languages is not None and not cfg.answer_languages:
+            also = ", ".join(a for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
+            raise UsageError(f"{flag}{f' ({also})' if also else ''} {RULES[rule][1]}, got {value}")
+    # every mode
+    if cfg.mode == "train" and cfg.adapter:
+        raise UsageError("--adapter is for infer, chat, eval and merge: train makes a new adapter from --model (to "
+                         "continue a run, pass its --output_dir with --resume)")
+    if cfg.mode == "merge" and not cfg.adapter:
+        raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
+    if cfg.mode in ("infer", "chat") and (cfg.output_dir or cfg.overwrite):
+        raise UsageError(f"--mode {cfg.mode} writes nothing: --output_dir and --overwrite are for train, eval and merge")
+    scoring = isinstance(cfg, EvalSettings) and cfg.score_file
+    if not (scoring or cfg.demo) and looks_local(cfg.model) and not Path(cfg.model).expanduser().is_dir():
+        raise UsageError(f"model directory {cfg.model} does not exist; give a local gpt-oss directory or a hub id")
+    if cfg.adapter and not cfg.demo and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
+                         "pass the --output_dir of a train run")
+    if cfg.mode == "eval" and cfg.allow_any_language:
+        raise UsageError("--allow-any-language: eval scores the reasoning with the language detector, which knows "
+                         "only its 75 languages; drop it")
+    if isinstance(cfg, TrainSettings):
+        validate_training(cfg)
+    if isinstance(cfg, GenerationSettings) and cfg.answer_languages is not None and not cfg.answer_languages:
         raise UsageError("--answer-language is empty: name a language or leave the flag out")
+    if isinstance(cfg, InferSettings):
+        if cfg.json and cfg.raw:
+            raise UsageError("--json and --raw are two output formats: pick one")
+        if cfg.mode == "chat" and (cfg.json or cfg.raw):
+            raise UsageError("--mode chat prints text; --json and --raw are --mode infer's formats")
+        if cfg.mode == "chat" and cfg.prompt is not None:
+            raise UsageError("--mode chat reads your questions as you type them; --prompt is --mode infer's")
+        if cfg.stream and (cfg.json or cfg.raw):
+            raise UsageError(f"--stream prints text as it is generated, --{'json' if cfg.json else 'raw'} the whole "
+                             "output at the end: pick one")
+    if isinstance(cfg, EvalSettings):
+        if importlib.util.find_spec("lingua") is None:  # the other modes do without it
+            raise UsageError("--mode eval detects the languages with lingua: pip install lingua-language-detector")
+        if cfg.compare_base and not cfg.adapter:
+            raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
+    return cfg
+
+
+def validate_training(cfg: TrainRun):
+    """The rules of train's settings."""
     if not cfg.target_modules and not cfg.target_parameters:
         raise UsageError("nothing to train: give --target_modules and/or --target_parameters")
     if (cfg.lr_scheduler_type == "cosine_with_min_lr") != (cfg.min_lr_rate is not None):
@@ -820,18 +959,8 @@ def validate(cfg: Config) -> Config:
     if cfg.use_4bit and cfg.target_parameters:
         raise UsageError("--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them: drop "
                          "--target_parameters or --use_4bit")
-    if cfg.use_4bit and cfg.mode == "merge":
-        raise UsageError("--use_4bit does not apply to merge: it streams the checkpoint without loading the model and "
-                         "keeps the experts in MXFP4 by default (--merge-format mxfp4); drop --use_4bit")
-    if cfg.mode == "train" and cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
-    if cfg.json and cfg.raw:
-        raise UsageError("--json and --raw are two output formats: pick one")
-    if cfg.mode == "chat" and (cfg.json or cfg.raw):
-        raise UsageError("--mode chat prints text; --json and --raw are --mode infer's formats")
-    if cfg.stream and (cfg.json or cfg.raw):
-        raise UsageError(f"--stream prints text as it is generated, --{'json' if cfg.json else 'raw'} the whole "
-                         "output at the end: pick one")
     if cfg.push_to_hub and not cfg.hub_model_id:
         raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
     if cfg.resume and cfg.overwrite:
@@ -852,25 +981,8 @@ def validate(cfg: Config) -> Config:
     if cfg.use_4bit and (cfg.deepspeed or cfg.fsdp):
         raise UsageError("--use_4bit with --deepspeed/--fsdp: the MXFP4 experts are buffers, which neither shards; "
                          "run it with plain torchrun (DDP: every GPU holds the 14 GB model)")
-    if cfg.mode == "eval" and importlib.util.find_spec("lingua") is None:  # the other modes do without it
-        raise UsageError("--mode eval detects the languages with lingua: pip install lingua-language-detector")
     if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
-    if cfg.mode != "eval" and (cfg.score_file or cfg.compare_base):
-        raise UsageError("--score-file and --compare-base belong to --mode eval")
-    if cfg.mode == "train" and cfg.adapter:
-        raise UsageError("--adapter is for infer, chat, eval and merge: train makes a new adapter from --model (to "
-                         "continue a run, pass its --output_dir with --resume)")
-    if cfg.mode == "merge" and not cfg.adapter:
-        raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
-    if cfg.compare_base and not cfg.adapter:
-        raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
-    if not (cfg.score_file or cfg.demo) and looks_local(cfg.model) and not Path(cfg.model).expanduser().is_dir():
-        raise UsageError(f"model directory {cfg.model} does not exist; give a local gpt-oss directory or a hub id")
-    if cfg.adapter and not cfg.demo and not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
-                         "pass the --output_dir of a train run")
-    return cfg
 
 
 def render_config(cfg: Config) -> str:
@@ -888,13 +1000,14 @@ def render_config(cfg: Config) -> str:
 def gpu_note(cfg: Config, on_cuda: bool) -> str | None:
     """One line, before anything else fails, for a machine with no GPU asked to run a hub model (full size: every
     gpt-oss is 20B or more; local models are counted once their config is read)."""
-    if on_cuda or cfg.demo or cfg.score_file or cfg.mode == "merge" or looks_local(cfg.model):  # merge streams
+    scoring = isinstance(cfg, EvalSettings) and cfg.score_file
+    if on_cuda or cfg.demo or scoring or cfg.mode == "merge" or looks_local(cfg.model):  # merge streams
         return None
     return (f"there is no CUDA GPU here and {cfg.model} is a full-size model: training needs a GPU with >= 80 GB"
             " and inference one with >= 24 GB (--use_4bit); on CPU, --demo and tiny local models run")
 
 
-def distributed_strategy(cfg: Config) -> str:
+def distributed_strategy(cfg: TrainRun) -> str:
     """single, ddp, fsdp2, deepspeed-zero3 or deepspeed-file. Under a launcher without a flag: DDP, because the
     LoRA gradients to all-reduce are a few MB and one GPU holds the whole model; --fsdp and --deepspeed shard it."""
     if cfg.deepspeed:
@@ -905,18 +1018,22 @@ def distributed_strategy(cfg: Config) -> str:
 
 
 def describe_runtime(cfg: Config) -> dict:
-    """What this machine turns the settings into: device, dtype, attention, strategy."""
+    """What this machine turns the settings into: device and dtype; attention and experts where a model is loaded;
+    batching and strategy where one is trained."""
     import torch
 
     on_cuda = torch.cuda.is_available()
-    return {"device": torch.cuda.get_device_name() if on_cuda else "cpu",
-            "dtype": "bfloat16" if on_cuda else "float32",
-            "attn_implementation": resolve_attention(cfg.attn_implementation, on_cuda),
-            "experts": "MXFP4, dequantized per layer" if cfg.use_4bit else "bf16",
-            "packing": cfg.packing, "sampler": cfg.sampler,
-            "world_size": world_size(), "strategy": distributed_strategy(cfg),
-            "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size(),
-            **({"note": note} if (note := gpu_note(cfg, on_cuda)) else {})}
+    runtime = {"device": torch.cuda.get_device_name() if on_cuda else "cpu", "dtype": "bfloat16" if on_cuda else "float32"}
+    if isinstance(cfg, ModelSettings):
+        runtime.update(attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda),
+                       experts="MXFP4, dequantized per layer" if cfg.use_4bit else "bf16")
+    if isinstance(cfg, TrainSettings):
+        runtime.update(packing=cfg.packing, sampler=cfg.sampler, world_size=world_size(),
+                       strategy=distributed_strategy(cfg),
+                       effective_batch_size=cfg.batch_size * cfg.gradient_accumulation_steps * world_size())
+    return {**runtime, **({"note": note} if (note := gpu_note(cfg, on_cuda)) else {})}
+
+
 # -----------------------------------------------------------------------------
 # Data
 
@@ -1217,7 +1334,7 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(unquantized_config(config))
 
 
-def check_training_names(cfg: Config, model):
+def check_training_names(cfg: TrainRun, model):
     """What PEFT and transformers would reject after loading, refused before: LoRA targets that are not in the model,
     optimizer and schedule names transformers does not know."""
     from torch import nn
@@ -1352,7 +1469,7 @@ def checkpoint_files(source: str) -> list:
     return files
 
 
-def load_mxfp4_model(cfg: Config, config, device: str, dtype, attn_implementation: str):
+def load_mxfp4_model(cfg: Config, config, device: str, random_init: bool, dtype, attn_implementation: str):
     """gpt-oss with its experts kept in MXFP4 (--use_4bit); every other weight in dtype."""
     import torch
     from safetensors.torch import load_file
@@ -1364,7 +1481,7 @@ def load_mxfp4_model(cfg: Config, config, device: str, dtype, attn_implementatio
                                                  attn_implementation=attn_implementation)
         for layer in model.model.layers:
             layer.mlp.experts = experts_class(model.config)
-    if cfg.random_init:  # preflight: random weights of the real shapes, built where they will run
+    if random_init:  # preflight: random weights of the real shapes, built where they will run
         model.to_empty(device=device)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         for name, tensor in model.state_dict().items():
@@ -1395,18 +1512,20 @@ def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
+    # merge's logits check has no model settings: it loads the checkpoint as shipped; --random-init is train's
+    use_4bit, random_init = getattr(cfg, "use_4bit", False), getattr(cfg, "random_init", False)
     kwargs = dict(dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32),
-                  attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda))
+                  attn_implementation=resolve_attention(getattr(cfg, "attn_implementation", "auto"), on_cuda))
     # Each process loads onto its own GPU; under FSDP2 and ZeRO-3 the libraries place (and shard) the weights.
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_cuda else "cpu"
     sharded = training and distributed_strategy(cfg) not in ("single", "ddp")
     device_map = device if on_cuda and not sharded else None
-    if cfg.use_4bit:
-        if not cfg.random_init and checkpoint_quantization(config) != "mxfp4":
+    if use_4bit:
+        if not random_init and checkpoint_quantization(config) != "mxfp4":
             raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {cfg.model}'s experts "
                              "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
-        model = load_mxfp4_model(cfg, config, device, **kwargs)
-    elif cfg.random_init:
+        model = load_mxfp4_model(cfg, config, device, random_init, **kwargs)
+    elif random_init:
         torch.manual_seed(cfg.seed)
         with torch.device(device_map or "cpu"):
             model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
@@ -1538,7 +1657,7 @@ def attach_document_masks(model):
 # Train
 
 
-def build_lora_config(cfg: Config):
+def build_lora_config(cfg: TrainRun):
     from peft import LoraConfig
 
     modules = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules or None  # PEFT's spelling
@@ -1561,7 +1680,7 @@ def zero3_config() -> dict:
     }
 
 
-def fsdp2_config(cfg: Config) -> dict:
+def fsdp2_config(cfg: TrainRun) -> dict:
     """--fsdp: FSDP2 over the decoder layers, full state dict on save, weights loaded once on rank 0's CPU."""
     return {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": ["GptOssDecoderLayer"], "reshard_after_forward": True,
@@ -1569,7 +1688,7 @@ def fsdp2_config(cfg: Config) -> dict:
             "activation_checkpointing": cfg.gradient_checkpointing}
 
 
-def parallel_arguments(cfg: Config) -> dict:
+def parallel_arguments(cfg: TrainRun) -> dict:
     """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
     strategy = distributed_strategy(cfg)
     if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
@@ -1579,7 +1698,7 @@ def parallel_arguments(cfg: Config) -> dict:
     return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
 
 
-def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
+def build_sft_config(cfg: TrainRun, on_cuda: bool, sampler: str | None = None):
     from trl import SFTConfig
 
     arguments = dict(
@@ -1615,7 +1734,7 @@ def build_sft_config(cfg: Config, on_cuda: bool, sampler: str | None = None):
     return SFTConfig(**{**arguments, **parallel_arguments(cfg)})
 
 
-def make_trainer(cfg: Config, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
+def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
     from transformers import Trainer
     from transformers.trainer_pt_utils import BatchRebalanceSampler
     from trl import SFTTrainer
@@ -1848,7 +1967,7 @@ def push_adapter(out: Path, repo_id: str):
     print(f"pushed to {info.commit_url if hasattr(info, 'commit_url') else repo_id}")
 
 
-def sampler_for(cfg: Config, rows: int, processes: int = 1) -> str:
+def sampler_for(cfg: TrainRun, rows: int, processes: int = 1) -> str:
     """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
     last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
     micro_batches = cfg.gradient_accumulation_steps * processes
@@ -1856,18 +1975,18 @@ def sampler_for(cfg: Config, rows: int, processes: int = 1) -> str:
     return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
 
 
-def optimizer_steps_per_run(cfg: Config, rows: int, world_size: int = 1) -> int:
+def optimizer_steps_per_run(cfg: TrainRun, rows: int, world_size: int = 1) -> int:
     batches = math.ceil(rows / (cfg.batch_size * world_size))
     return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
 
 
-def training_chats(cfg: Config) -> list:
+def training_chats(cfg: TrainRun) -> list:
     """The conversations to train on, every row checked before anything is loaded."""
     rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
     return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
 
 
-def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
+def training_dataset(cfg: TrainRun, tokenizer, chats: list) -> tuple:
     """(rows to train on, rows held out by --eval_split or None, statistics): token ids and labels, rows cut at
     --max_seq_length."""
     from datasets import Dataset
@@ -1890,7 +2009,7 @@ def training_dataset(cfg: Config, tokenizer, chats: list) -> tuple:
     return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
 
 
-def training_model(cfg: Config, config, on_cuda: bool):
+def training_model(cfg: TrainRun, config, on_cuda: bool):
     """The model to train, placed (and under ZeRO-3 partitioned) as the strategy wants it."""
     strategy = distributed_strategy(cfg)
     if strategy.startswith("deepspeed"):
@@ -1913,7 +2032,7 @@ def training_model(cfg: Config, config, on_cuda: bool):
     return model
 
 
-def train(cfg: Config, trainer, meter, steps_per_run: int):
+def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
     """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
     end the progress bar first and become RunFailed."""
     import torch
@@ -1939,7 +2058,7 @@ def train(cfg: Config, trainer, meter, steps_per_run: int):
             else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
 
 
-def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
+def save_run(cfg: TrainRun, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
     """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
     folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
     gathered); rank 0 writes the rest and returns the summary."""
@@ -1991,7 +2110,7 @@ def save_run(cfg: Config, trainer, result, meter, chats, stats, n_params: int, s
     return summary
 
 
-def run_train(cfg: Config):
+def run_train(cfg: TrainRun):
     import torch
 
     on_cuda = torch.cuda.is_available()
@@ -2268,8 +2387,6 @@ def load_for_inference(cfg: Config, dtype=None, chat: list | None = None):
 
     from safetensors import SafetensorError, safe_open
 
-    if cfg.demo:
-        ensure_demo_adapter(cfg)
     try:  # its header and sizes, before the model loads: a truncated file is one line, not PEFT's traceback
         if cfg.adapter:
             with safe_open(str(Path(cfg.adapter) / "adapter_model.safetensors"), "pt"):
@@ -2331,7 +2448,7 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
     return outputs
 
 
-def read_prompt(cfg: Config) -> str:
+def read_prompt(cfg: InferRun) -> str:
     if cfg.prompt is not None:
         prompt = cfg.prompt
     elif sys.stdin is None:  # closed (0<&-)
@@ -2342,16 +2459,16 @@ def read_prompt(cfg: Config) -> str:
             prompt.encode("utf-8")  # where stdin escapes bytes it cannot decode, they come as surrogates
         except UnicodeError:
             raise UsageError("the prompt on stdin is not UTF-8 text: pipe text, or pass --prompt") from None
-    else:
-        prompt = input("prompt> ")
+    else:  # at a terminal the demo asks its own question; a question piped into it wins
+        prompt = DEMO_QUESTION if cfg.demo else input("prompt> ")
     if not prompt.strip() and cfg.demo:
-        prompt = DEMO_DEFAULTS["prompt"]
+        prompt = DEMO_QUESTION
     if not prompt.strip():
         raise UsageError("no prompt: pass --prompt \"...\" or pipe the question on stdin")
     return prompt.strip()
 
 
-def run_infer(cfg: Config) -> dict:
+def run_infer(cfg: InferRun) -> dict:
     prompt = read_prompt(cfg)
     chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
     model, tokenizer = load_for_inference(cfg, chat=chat)
@@ -2500,7 +2617,7 @@ def ctrl_c_sets(event: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
-def chat_turn(cfg: Config, model, tokenizer, session: ChatSession, question: str) -> tuple:
+def chat_turn(cfg: InferRun, model, tokenizer, session: ChatSession, question: str) -> tuple:
     """One question answered (streamed unless --no-stream): (the session, with the turn kept when it has a final
     answer and was not stopped; the printer, which holds the prompt's and the answer's ids)."""
     stop = threading.Event()
@@ -2525,7 +2642,7 @@ def chat_turn(cfg: Config, model, tokenizer, session: ChatSession, question: str
     return session, printer
 
 
-def run_chat(cfg: Config, ask=input) -> ChatSession:
+def run_chat(cfg: InferRun, ask=input) -> ChatSession:
     """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
     if sys.stdin is None:
         raise UsageError("--mode chat reads your questions on stdin, which is closed")
@@ -2781,7 +2898,7 @@ def plot_match_rates(rows: list, path: Path):
     ax.figure.savefig(path, dpi=120)
 
 
-def generate_eval_outputs(cfg: Config, plan: list):
+def generate_eval_outputs(cfg: EvalRun, plan: list):
     """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off)."""
     model, tokenizer = load_for_inference(cfg)
     runs = [("tuned" if cfg.adapter else "base", contextlib.nullcontext())]
@@ -2800,19 +2917,19 @@ def generate_eval_outputs(cfg: Config, plan: list):
     return items, tokenizer
 
 
-def eval_plan_of(cfg: Config) -> list:
+def eval_plan_of(cfg: EvalRun) -> list:
     """The prompts to generate: the questions, languages and rotation the flags ask for."""
-    languages = cfg.reasoning_languages or list(EVAL_REASONING_LANGUAGES)
+    languages = cfg.eval_reasoning_languages or list(EVAL_REASONING_LANGUAGES)
     answer_languages = cfg.answer_languages or [None]
     questions = read_eval_questions(cfg.eval_file)
     question_languages = cfg.question_languages or list(questions[0]["question"])
-    plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.max_samples, cfg.full_grid)
-    print(f"eval: {len(plan)} prompts per model ({min(cfg.max_samples or len(questions), len(questions))} questions x "
+    plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.max_questions, cfg.full_grid)
+    print(f"eval: {len(plan)} prompts per model ({min(cfg.max_questions or len(questions), len(questions))} questions x "
           f"{len(languages)} reasoning languages), questions in {', '.join(question_languages)}")
     return plan
 
 
-def run_eval(cfg: Config) -> dict:
+def run_eval(cfg: EvalRun) -> dict:
     check_output_dir(cfg)
     if cfg.score_file:
         items = read_score_file(cfg.score_file)
@@ -3114,7 +3231,7 @@ def logits_check_skipped(layout: dict, on_cuda: bool) -> str | None:
             f"this machine has {free / 2**30:.1f} GiB free {where}")
 
 
-def merge_logits_check(cfg: Config, staging: Path) -> dict:
+def merge_logits_check(cfg: MergeRun, staging: Path) -> dict:
     """Today's check on the written files: base+adapter (PEFT, in bf16) against the merged directory as transformers
     loads it, on MERGE_CHECK_PROMPTS; one model in memory at a time."""
     import gc
@@ -3372,7 +3489,7 @@ def gguf_reader(path: Path, layout: dict, experts_bf16: bool, layers: int) -> tu
     return read, weight_map
 
 
-def run_merge(cfg: Config) -> dict:
+def run_merge(cfg: MergeRun) -> dict:
     """The adapter folded into its base without loading the model: the base's safetensors are read tensor by tensor,
     the adapted weights rewritten and every other tensor copied (MXFP4 experts byte for byte), so the result has
     the base's format and size; bf16 output dequantizes the experts one tensor at a time."""
@@ -3381,8 +3498,6 @@ def run_merge(cfg: Config) -> dict:
     check_output_dir(cfg)
     if cfg.merge_format == "gguf" and importlib.util.find_spec("gguf") is None:
         raise UsageError("--merge-format gguf needs the gguf package: pip install -r requirements-serve.txt")
-    if cfg.demo:
-        ensure_demo_adapter(cfg)
     out = Path(cfg.output_dir)
     adapter_config, pairs = read_lora_adapter(cfg.adapter)
     config = load_model_config(cfg.model)
@@ -3585,16 +3700,26 @@ def ensure_demo_model(cfg: Config):
 
 
 def ensure_demo_adapter(cfg: Config):
-    """The demo's adapter for infer, eval and merge: trained first, into demo_output, when there is none yet."""
-    if cfg.adapter == DEMO_OUTPUT_DIR and not (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").is_file():
-        run_train(replace(cfg, mode="train", output_dir=DEMO_OUTPUT_DIR, adapter=None, compare_base=False))  # same settings
-        print()
+    """The step before infer, chat, eval or merge runs in the demo: its adapter, trained into demo_output with the
+    demo's own train settings (none of this run's), when there is none yet. The mode's output folder is checked
+    first, so a folder it would refuse is refused before anything is written."""
+    if cfg.adapter != DEMO_OUTPUT_DIR or (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").is_file():
+        return
+    if cfg.output_dir:
+        check_output_dir(cfg)
+    # not tracked: this run's flags cannot reach the step, and it must run where no tracker is installed
+    run_train(parse_config(["--mode", "train", "--demo", "--report_to", "none"]))
+    print()
 
 
-def demo_answer(cfg: Config):
-    """After the demo's training: its adapter answers the demo's question."""
-    print(f"\n> {cfg.prompt}  [reasoning language: {cfg.reasoning_language}]")
-    run_infer(replace(cfg, mode="infer", adapter=cfg.output_dir))  # the run's own settings, asking its adapter
+def demo_answer(cfg: TrainRun):
+    """After the demo's training: its adapter answers the demo's question, with infer's demo settings resolved as
+    infer resolves them, on the model and with the model settings it was trained with."""
+    infer = parse_config(["--mode", "infer", "--demo", "--adapter", cfg.output_dir, "--prompt", DEMO_QUESTION,
+                          "--model", cfg.model, "--attn-implementation", cfg.attn_implementation, "--reasoning-effort",
+                          cfg.reasoning_effort, "--seed", str(cfg.seed)] + ["--use_4bit"] * cfg.use_4bit)
+    print(f"\n> {infer.prompt}  [reasoning language: {infer.reasoning_language}]")
+    run_infer(infer)
     print("\n(The demo model is tiny and random: its words are noise. The point is that every step ran.)")
 
 
@@ -3644,6 +3769,8 @@ def main(argv=None) -> int:
         if cfg.demo:
             ensure_demo_model(cfg)
         with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
+            if cfg.demo and cfg.mode != "train":
+                ensure_demo_adapter(cfg)
             MODES[cfg.mode].run(cfg)
             if cfg.demo and cfg.mode == "train" and is_main_process():
                 demo_answer(cfg)

@@ -50,7 +50,7 @@ CASES = [
     (["--batch_size", "0"], "--batch_size (--per_device_train_batch_size) must be a positive integer, got 0"),
     (["--max_samples", "0"], "--max_samples (--limit) must be a positive integer, got 0"),
     (["--max_seq_length", "abc"], "argument --max_seq_length/--max-seq-length/--max_length/--max-length: invalid int"),
-    (["--temperature", "-1"], "--temperature cannot be negative, got -1.0"),
+    (["--mode", "infer", "--temperature", "-1"], "--temperature cannot be negative, got -1.0"),
     (["--eval_split", "1.5"], "--eval_split must be in [0, 1), got 1.5"),
     (["--attn_implementation", "flash_attention_2"], "invalid choice: 'flash_attention_2'"),
     (["--report_to", "wandb"], "--report_to wandb needs its package: pip install wandb"),
@@ -59,7 +59,7 @@ CASES = [
     (["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type cosine_with_min_lr and --min_lr_rate go together"),
     (["--use_4bit", "--target_parameters", "mlp.experts.down_proj"], "--use_4bit keeps the expert weights in MXFP4"),
     (["--deepspeed", "bogus.json"], "--deepspeed bogus.json: not 'zero3' and not a readable DeepSpeed JSON file"),
-    (["--score_file", "x.jsonl"], "--score-file and --compare-base belong to --mode eval"),
+    (["--score_file", "x.jsonl"], "--score_file is an eval setting; --mode train does not read it"),
     (["--config", "missing.yaml"], "--config missing.yaml: no such file or directory"),
     (["--config", "unknown_key.yaml"], "unknown setting 'learning_rat' (did you mean learning_rate?)"),
     (["--config", "bomb.yaml"], "--config bomb.yaml: b holds nested values; a setting is a number, a string or a list"),
@@ -106,7 +106,8 @@ CASES = [
     (["--mode", "eval", "--compare-base"], "--compare-base needs --adapter"),
     # merge
     (["--mode", "merge"], "--mode merge needs --adapter"),
-    (["--mode", "merge", "--adapter", "adapter", "--use_4bit"], "--use_4bit does not apply to merge"),
+    (["--mode", "merge", "--adapter", "adapter", "--use_4bit"], "--use_4bit is a train, infer, chat and eval setting; "
+                                                                "--mode merge does not read it"),
     (["--mode", "merge", "--adapter", "adapter", "--output_dir", "."], "--output_dir . is the folder you are in"),
     (["--mode", "merge", "--adapter", "adapter", "--output_dir", "src"], "--output_dir src holds files this tool did not"),
 ]

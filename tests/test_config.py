@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -43,6 +44,9 @@ ON_PURPOSE = {
                            "batch_size": 8},  # eval's generation batch is eval_batch_size now, not batch_size
     "--mode infer": {"output_dir": None},  # infer writes nothing
 }
+# Settings split by mode: each mode prints its own groups' fields only, and eval's two fields that meant something
+# else in train have names of their own (--limit, --max_samples and --reasoning-languages still set them in eval)
+SPLIT = {"--mode eval --demo": {"max_samples": "max_questions", "reasoning_languages": "eval_reasoning_languages"}}
 
 
 @pytest.mark.parametrize("command", ["--mode train", "--demo", "--mode eval --demo", "--mode infer"])
@@ -51,8 +55,12 @@ def test_print_config_shows_what_it_showed_before_but_for_the_named_changes(comm
     expected = {RENAMED.get(k, k): v for k, v in before.items() if k != "runtime"}
     expected.update(ADDED, json=True, **{k: v.replace("<CACHE>", str(sft.DEMO_CACHE)) if isinstance(v, str) else v
                                          for k, v in ON_PURPOSE.get(command, {}).items()})
+    expected = {SPLIT.get(command, {}).get(k, k): v for k, v in expected.items()}
+    fields = {f.name for f in dataclasses.fields(sft.RUNS[command.split()[1] if "--mode" in command else "train"])}
+    expected = {k: v for k, v in expected.items() if k in fields}
     expected = json.loads(json.dumps(expected).replace("<ROOT>", str(ROOT)))
     now = printed(*command.split())
+    assert set(now) == fields - {"print_config", "local_rank"} | {"runtime"}  # every field of the mode, no other
     assert {k: v for k, v in now.items() if k != "runtime"} == expected
 
 
@@ -102,14 +110,16 @@ def test_settings_are_frozen_once_resolved():
 @pytest.mark.parametrize("spelling", ["underscore", "hyphen"])
 def test_seed_flags_in_both_spellings(spelling):
     flags = {"batch_size": "4", "max_seq_length": "1536", "learning_rate": "1e-4", "num_train_epochs": "1",
-             "output_dir": "x", "lora_r": "8", "reasoning_language": "Chinese"}
+             "output_dir": "x", "lora_r": "8"}
     argv = []
     for name, value in flags.items():
         argv += [f"--{name if spelling == 'underscore' else name.replace('_', '-')}", value]
     cfg = resolve(*argv, "--gradient_checkpointing" if spelling == "underscore" else "--no-gradient-checkpointing")
     assert (cfg.batch_size, cfg.max_seq_length, cfg.learning_rate, cfg.num_train_epochs) == (4, 1536, 1e-4, 1.0)
-    assert (cfg.output_dir, cfg.lora_r, cfg.reasoning_language) == ("x", 8, "Chinese")
+    assert (cfg.output_dir, cfg.lora_r) == ("x", 8)
     assert cfg.gradient_checkpointing is (spelling == "underscore")
+    language = "--reasoning_language" if spelling == "underscore" else "--reasoning-language"  # infer's setting
+    assert resolve("--mode", "infer", language, "Chinese").reasoning_language == "Chinese"
 
 
 def test_aliases_and_lists():
@@ -141,10 +151,10 @@ def test_layers_mode_then_demo_then_recipe_then_flags(tmp_path):
     (["--learning_rate", "0"], "--learning_rate must be greater than 0, got 0.0"),
     (["--num_train_epochs", "-1"], "--num_train_epochs must be greater than 0, got -1.0"),
     (["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1), got 1.5"),
-    (["--temperature", "-1"], "--temperature cannot be negative, got -1.0"),
+    (["--mode", "infer", "--temperature", "-1"], "--temperature cannot be negative, got -1.0"),
     (["--weight_decay", "-0.1"], "--weight_decay cannot be negative, got -0.1"),
     (["--max_samples", "0"], "--max_samples (--limit) must be a positive integer, got 0"),
-    (["--reasoning-language", " "], "--reasoning-language is empty"),
+    (["--mode", "infer", "--reasoning-language", " "], "--reasoning-language is empty"),
     (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     (["--target_modules", ""], "nothing to train"),
     (["--lr_scheduler_type", "cosine_with_min_lr"], "cosine_with_min_lr and --min_lr_rate go together"),
@@ -181,16 +191,87 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, argv, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_help_lists_every_setting_once_with_its_default():
-    out = run_cli("--help")
+@pytest.mark.parametrize("mode", ["train", "infer", "chat", "eval", "merge"])
+def test_help_lists_every_setting_of_the_mode_once_with_its_default(mode):
+    out = run_cli("--mode", mode, "--help")
     assert out.returncode == 0
-    for f in dataclasses.fields(sft.Config):
+    for f in dataclasses.fields(sft.RUNS[mode]):
         if f.name != "local_rank":
-            assert f"--{f.name}" in out.stdout, f.name
-    assert "--learning_rate X     peak learning rate (default: 2e-05)" in out.stdout
-    assert "(default: 1024)" in run_cli("--mode", "eval", "--help").stdout  # the mode's layer shows
+            assert len(re.findall(rf"^  --{f.name}\b", out.stdout, re.M)) == 1, f.name
+    others = {f.name for run in sft.RUNS.values() for f in dataclasses.fields(run)} - {
+        f.name for f in dataclasses.fields(sft.RUNS[mode])}
+    assert not [name for name in others if re.search(rf"^  --{name}\b", out.stdout, re.M)]  # nor other modes' settings
+    if mode == "train":
+        assert "--learning_rate X     peak learning rate (default: 2e-05)" in out.stdout
+    if mode == "eval":
+        assert "(default: 1024)" in out.stdout  # the mode's layer shows
+
+
+@pytest.mark.parametrize("mode, most", [("merge", 15), ("infer", 25), ("chat", 25), ("eval", 30)])
+def test_each_mode_lists_few_flags(mode, most):
+    """Each mode's --help lists its own settings and the common ones, not every mode's (--help and --config too)."""
+    listed = [line for line in run_cli("--mode", mode, "--help").stdout.splitlines() if line.startswith("  -")]
+    assert len(listed) <= most, listed
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--mode", "merge", "--learning_rate", "1e-4"], "--learning_rate is a train setting; --mode merge does not read it"),
+    (["--mode", "train", "--temperature=0"], "--temperature is an infer, chat and eval setting; --mode train does not"),
+    (["--mode", "infer", "--no-compare-base"], "--no-compare-base is an eval setting; --mode infer does not read it"),
+    (["--mode", "merge", "--limit", "3"], "--limit is a train and eval setting; --mode merge does not read it"),
+    (["--mode", "eval", "--reasoning-language", "German"], "--reasoning-language is an infer and chat setting"),
+])
+def test_a_flag_of_another_mode_names_the_modes_that_read_it(tmp_path, argv, needle):
+    assert_usage_error(run_cli(*argv, "--print-config", cwd=tmp_path), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_has_its_own_row_limit_and_languages_and_takes_the_old_flags():
+    """eval's questions per language and languages to ask are fields of their own; the flags users typed still work."""
+    for limit in ("--limit", "--max_samples", "--max-samples", "--max-questions"):
+        assert resolve("--mode", "eval", limit, "3").max_questions == 3
+    for languages in ("--reasoning-languages", "--reasoning_languages", "--eval-reasoning-languages"):
+        assert resolve("--mode", "eval", languages, "zh,ja").eval_reasoning_languages == ["Chinese", "Japanese"]
+    train = resolve("--limit", "3", "--reasoning-languages", "fr")
+    assert (train.max_samples, train.reasoning_languages) == (3, ["French"])
+
+
+@pytest.mark.parametrize("recipe, needle", [
+    ("mode: eval\nmax_samples: 3\n", "--config r.yaml: max_samples is max_questions in --mode eval: rename it"),
+    ("mode: eval\nreasoning_languages: [German]\n", "reasoning_languages is eval_reasoning_languages in --mode eval"),
+    ("mode: merge\nlearning_rate: 1.0e-4\n", "learning_rate is a train setting; --mode merge does not read it: drop"),
+    ("temperature: 0.3\n", "--config r.yaml: temperature is an infer, chat and eval setting; --mode train does not"),
+])
+def test_an_old_recipe_with_a_moved_field_gets_a_one_line_hint(tmp_path, recipe, needle):
+    (tmp_path / "r.yaml").write_text(recipe)
+    assert_usage_error(run_cli("--config", "r.yaml", "--print-config", cwd=tmp_path), needle)
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(sft.UsageError, match="holds no complete checkpoint"):
         sft.check_output_dir(resolve("--output_dir", str(tmp_path / "empty"), "--resume"))
+
+
+# No mode runs another: the demo's adapter for infer, chat, eval and merge is trained by the demo's own train
+# settings, never by the settings of the mode that needs it (the two bugs below came from that)
+@pytest.mark.slow
+def test_eval_demo_asks_the_languages_given_and_trains_on_every_row(tmp_path):
+    result = run_cli("--mode", "eval", "--demo", "--reasoning-languages", "Chinese,Japanese", "--limit", "1",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]  # was exit 2: "no rows with reasoning language ..."
+    items = json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())["items"]
+    assert sorted({i["reasoning_language"] for i in items}) == ["Chinese", "Japanese"]
+    summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
+    assert summary["data"]["rows_used"] == 45  # every row of the sample, in whichever language it reasons
+    assert summary["reasoning_languages"] == ["English", "French", "German", "Italian", "Spanish"]
+
+
+@pytest.mark.slow
+def test_eval_demo_limit_is_questions_per_language_not_training_rows(tmp_path):
+    result = run_cli("--mode", "eval", "--demo", "--limit", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
+    assert summary["data"]["rows_used"] == 45  # the whole sample, as --demo trains it (was 4: --limit reached training)
+    assert summary["config"]["max_samples"] is None and "max_questions" not in summary["config"]
+    report = json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())
+    assert report["config"]["max_questions"] == 4 and len(report["items"]) == 2 * 8 * 4

@@ -200,9 +200,9 @@ def test_bad_score_files_are_one_line_exit_2(tmp_path, lines, argv, needle):
     (["--mode", "eval", "--reasoning-languages", "Chinese,Elvish"], "--reasoning-languages: unknown language 'Elvish'"),
     (["--mode", "eval", "--answer-language", "Dothraki"], "--answer-language: unknown language 'Dothraki'"),
     (["--mode", "eval", "--compare-base"], "--compare-base needs --adapter"),
-    (["--mode", "train", "--score-file", "x.jsonl"], "--score-file and --compare-base belong to --mode eval"),
+    (["--mode", "train", "--score-file", "x.jsonl"], "--score-file is an eval setting; --mode train does not read it"),
     (["--mode", "eval", "--score-file", "missing.jsonl"], "--score-file missing.jsonl does not exist"),
-    (["--mode", "eval", "--limit", "0"], "--max_samples (--limit) must be a positive integer, got 0"),
+    (["--mode", "eval", "--limit", "0"], "--max_questions (--limit, --max_samples) must be a positive integer, got 0"),
 ])
 def test_bad_eval_flags_are_one_line_exit_2(tmp_path, argv, needle):
     result = run_cli(*argv, "--model", str(tmp_path), cwd=tmp_path)  # a local model: no GPU note on stdout
@@ -213,7 +213,7 @@ def test_bad_eval_flags_are_one_line_exit_2(tmp_path, argv, needle):
 
 @pytest.mark.slow
 def test_eval_demo_end_to_end(tmp_path):
-    result = run_cli("--mode", "eval", "--demo", "--limit", "4", "--report_to", "none", cwd=tmp_path)
+    result = run_cli("--mode", "eval", "--demo", "--limit", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "demo_output" / "eval"
     assert {p.name for p in out.iterdir()} == {"eval_results.json", "eval_summary.md", "eval_summary.png", sft.OWNER_FILE}

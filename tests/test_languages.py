@@ -100,7 +100,7 @@ def test_infer_train_and_eval_share_the_rule():
     assert train.reasoning_languages == ["French", "German"]
     eval_ = resolve("--mode", "eval", "--reasoning-languages", "zh,ja,pt", "--question-languages", "english",
                     "--answer-languages", "français")
-    assert (eval_.reasoning_languages, eval_.question_languages, eval_.answer_languages) == (
+    assert (eval_.eval_reasoning_languages, eval_.question_languages, eval_.answer_languages) == (
         ["Chinese", "Japanese", "Portuguese"], ["English"], ["French"])
     assert resolve("--mode", "infer", "--reasoning-language", "Klingon", "--allow-any-language").reasoning_language \
         == "Klingon"

@@ -62,7 +62,7 @@ def test_a_foreign_file_in_the_demo_output_survives(tmp_path):
 def test_overwrite_replaces_only_the_runs_own_outputs_and_keeps_the_eval_report(tmp_path):
     """An eval report inside the adapter folder is another output of the tool: a later demo run leaves it alone,
     replacing only the adapter, checkpoints and summaries it wrote before."""
-    result = run_cli("--mode", "eval", "--demo", "--limit", "1", "--report_to", "none", cwd=tmp_path)
+    result = run_cli("--mode", "eval", "--demo", "--limit", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "demo_output"
     report = snapshot(out / "eval")

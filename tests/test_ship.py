@@ -69,7 +69,7 @@ def test_merge_check_fails_when_the_adapter_is_lost():
 
 @pytest.mark.slow
 def test_merge_demo_command(tmp_path):
-    result = run_cli("--mode", "merge", "--demo", "--report_to", "none", cwd=tmp_path)
+    result = run_cli("--mode", "merge", "--demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "verified: merged logits equal base+adapter within bf16 tolerance on 3 prompts" in result.stdout
     assert (tmp_path / "demo_output-merged" / "model.safetensors").exists()

@@ -401,10 +401,11 @@ def run_without(packages, *args, cwd, stdin=None):
 @pytest.mark.slow
 def test_train_infer_chat_and_merge_need_nothing_that_only_eval_needs(tmp_path):
     train = run_without(NOT_ON_THE_GPU_NODE, "--demo", "--report_to", "none", "--output_dir", "out",
-                        "--reasoning-language", "deutsch", cwd=tmp_path)
+                        "--reasoning-languages", "deutsch,en,fr,it,es", cwd=tmp_path)
     assert train.returncode == 0 and "Error" not in train.stderr, train.stderr[-3000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["config"]["reasoning_language"] == "German"
+    assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["config"]["reasoning_languages"] == [
+        "German", "English", "French", "Italian", "Spanish"]  # names from the table, without langcodes
     assert "language:\n- en\n- fr\n- de\n- it\n- es\n" in (tmp_path / "out" / "README.md").read_text()  # codes from the table
     chat = run_without(NOT_ON_THE_GPU_NODE, "--mode", "chat", "--demo", "--adapter", "out", "--max_new_tokens", "8",
                        cwd=tmp_path, stdin="What is 7 x 8?\n/lang fr\n/exit\n")
