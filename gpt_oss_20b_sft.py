@@ -50,6 +50,8 @@ from trl import TrlParser  # TRL's copy of transformers' HfArgumentParser: it im
 
 HERE = Path(__file__).resolve().parent
 DEMO_DATASET = HERE / "data" / "demo_sample.jsonl"
+DEMO_PRETRAIN = HERE / "data" / "demo_pretrain.jsonl"
+DEMO_QUESTIONS = HERE / "data" / "demo_eval_questions.jsonl"
 EVAL_QUESTIONS = HERE / "data" / "eval_questions.jsonl"
 LANGUAGES_FILE = HERE / "data" / "languages.tsv"
 DEMO_CACHE = Path(os.environ.get("GPT_OSS_SFT_CACHE", Path.home() / ".cache" / "gpt_oss_20b_sft"))
@@ -486,7 +488,7 @@ class CommonSettings:
     mode: Literal["train", "infer", "chat", "eval", "merge"] = setting(
         "train", "train an adapter, infer (answer one prompt), chat (talk to it), eval (reasoning-language match) or "
                  "merge it into its base; --mode X --help lists X's settings")
-    demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny random gpt-oss and the bundled sample")
+    demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny gpt-oss, the bundled rows, base vs tuned at the end")
     print_config: bool = setting(False, "print the resolved settings as YAML (--json: JSON) and exit; they work as a --config")
     json: bool = setting(False, "print JSON: --print-config's settings, infer's answer ({reasoning_language, analysis, "
                                 "final, complete, tokens})")
@@ -652,12 +654,14 @@ SECTIONS = {"lora_r": "LoRA", "resume": "training",  # headings inside train's g
             "fsdp": "several GPUs: run the script under torchrun, deepspeed or accelerate launch (README)",
             "random_init": "preflight: will this fit my GPU, and how fast is it?"}
 
-# What --demo changes: a tiny random model trained on the bundled sample, so the run fits a CPU in minutes. The
-# larger learning rate lets a randomly initialised model show a falling loss within a few steps. Each mode takes
-# the ones among its settings.
-DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=1e-2, max_new_tokens=48,
+# What --demo changes, each for a reason (each mode takes the ones among its settings): its rows and questions, written
+# for a 2-layer model (data/make_demo_data.py); a learning rate and passes that teach a tiny model the instruction in a
+# minute of CPU (NOTES.md); no gradient checkpointing, which saves memory a tiny model does not need and costs CPU
+# time; room for its two-sentence answers.
+DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=3e-2, num_train_epochs=5,
+                     gradient_checkpointing=False, max_new_tokens=96, eval_file=str(DEMO_QUESTIONS),
                      reasoning_language="German")
-DEMO_QUESTION = "What is the capital of Australia?"  # infer's, where no question is piped in
+DEMO_QUESTION = "What is 23 plus 19?"  # infer's, where no question is piped in (in none of the demo's data files)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -2874,7 +2878,8 @@ def summary_table(rows: list) -> str:
         lines.append(f"| {language} | {r['model']} | {r['n']} | {percent(r['reasoning_language_match'])} | "
                      f"{percent(r['reasoning_language_share'])} | {percent(r['answer_language_match'])} | "
                      f"{percent(r['accuracy'])} | {tokens} | {percent(r['malformed'])} |")
-    lines.append("\n\\* not among Multilingual-Thinking's reasoning languages (unseen in training).")
+    if any(r["reasoning_language"] not in TRAINED_LANGUAGES + ("all",) for r in rows):
+        lines.append("\n\\* not among Multilingual-Thinking's reasoning languages (unseen in training).")
     return "\n".join(lines)
 
 
@@ -2919,7 +2924,8 @@ def generate_eval_outputs(cfg: EvalRun, plan: list):
 
 def eval_plan_of(cfg: EvalRun) -> list:
     """The prompts to generate: the questions, languages and rotation the flags ask for."""
-    languages = cfg.eval_reasoning_languages or list(EVAL_REASONING_LANGUAGES)
+    # the demo's 2-layer model learns the five languages it trains on; an unseen one is not expected of it
+    languages = cfg.eval_reasoning_languages or list(TRAINED_LANGUAGES if cfg.demo else EVAL_REASONING_LANGUAGES)
     answer_languages = cfg.answer_languages or [None]
     questions = read_eval_questions(cfg.eval_file)
     question_languages = cfg.question_languages or list(questions[0]["question"])
@@ -3580,7 +3586,8 @@ def demo_model_dir(use_4bit: bool = False) -> Path:
 
 
 def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
-    """Write (once) a tiny gpt-oss checkpoint: 2 layers, 4 experts, a 1k byte-level BPE trained on the sample."""
+    """Write (once) a tiny gpt-oss checkpoint: 2 layers, 4 experts, a 1k byte-level BPE trained on the demo's texts,
+    pre-trained to think in English whatever language the system prompt names (gpt-oss's own situation)."""
     if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
         return directory
     import torch
@@ -3591,7 +3598,7 @@ def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    texts = [json.dumps(row, ensure_ascii=False) for row in read_rows(str(DEMO_DATASET))]
+    texts = [json.dumps(row, ensure_ascii=False) for row in read_rows(str(DEMO_PRETRAIN))]
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=HARMONY_SPECIAL_TOKENS,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|return|>",
@@ -3619,21 +3626,27 @@ def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
     return directory
 
 
-def pretrain_demo_model(model, tokenizer, steps: int = 60):
-    """A few seconds of full training on the sample, in English reasoning only, so the demo's base model writes
-    harmony-shaped text and its LoRA run starts from a model that already knows the format (as gpt-oss does)."""
+def pretrain_demo_model(model, tokenizer, steps: int = 150, batch_size: int = 32):
+    """Full training on data/demo_pretrain.jsonl: harmony chats that reason in English whatever language their
+    system prompt names, and plain "reasoning language: X" documents in the five languages. The base then writes
+    harmony, knows the languages, and ignores the instruction, as gpt-oss does before the LoRA run."""
     import torch
 
-    rows = [{**row, "reasoning_language": "English"} for row in read_rows(str(DEMO_DATASET))
-            if row["reasoning_language"] == "English"]
-    batch = [tokenize_chat(tokenizer, row_to_messages(row), train_on_all_tokens=True)["input_ids"] for row in rows]
-    width = max(map(len, batch))
-    ids = torch.tensor([b + [tokenizer.pad_token_id] * (width - len(b)) for b in batch])
-    labels = torch.where(ids == tokenizer.pad_token_id, -100, ids)
+    texts = []
+    for row in read_rows(str(DEMO_PRETRAIN)):
+        if "text" in row:  # a plain document
+            texts.append(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+        else:
+            texts.append(tokenize_chat(tokenizer, row_to_messages(row), train_on_all_tokens=True)["input_ids"])
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+    for step in range(steps):
+        batch = [texts[order[(step * batch_size + k) % len(order)]] for k in range(batch_size)]
+        width = max(map(len, batch))
+        ids = torch.tensor([b + [tokenizer.pad_token_id] * (width - len(b)) for b in batch])
+        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=torch.where(mask == 1, ids, -100)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -3713,14 +3726,22 @@ def ensure_demo_adapter(cfg: Config):
 
 
 def demo_answer(cfg: TrainRun):
-    """After the demo's training: its adapter answers the demo's question, with infer's demo settings resolved as
-    infer resolves them, on the model and with the model settings it was trained with."""
-    infer = parse_config(["--mode", "infer", "--demo", "--adapter", cfg.output_dir, "--prompt", DEMO_QUESTION,
-                          "--model", cfg.model, "--attn-implementation", cfg.attn_implementation, "--reasoning-effort",
-                          cfg.reasoning_effort, "--seed", str(cfg.seed)] + ["--use_4bit"] * cfg.use_4bit)
+    """After the demo's training: its adapter answers the demo's question, then the eval code measures base against
+    tuned on questions the run did not train on, into <output_dir>/eval. Infer's and eval's demo settings are resolved
+    as those modes resolve them, on the model and with the model settings the adapter was trained with."""
+    same_model = ["--demo", "--adapter", cfg.output_dir, "--model", cfg.model, "--attn-implementation",
+                  cfg.attn_implementation, "--reasoning-effort", cfg.reasoning_effort, "--seed", str(cfg.seed)
+                  ] + ["--use_4bit"] * cfg.use_4bit
+    infer = parse_config(["--mode", "infer", "--prompt", DEMO_QUESTION, *same_model])
     print(f"\n> {infer.prompt}  [reasoning language: {infer.reasoning_language}]")
     run_infer(infer)
-    print("\n(The demo model is tiny and random: its words are noise. The point is that every step ran.)")
+    if importlib.util.find_spec("lingua") is None:
+        print("\nnote: the base-vs-tuned table detects languages with lingua: pip install lingua-language-detector, "
+              f"then: python gpt_oss_20b_sft.py --mode eval --demo --adapter {cfg.output_dir}")
+        return
+    print("\nDid the LoRA run teach the toy model to reason in the language asked for? Base (adapter off) against "
+          "tuned, on questions it did not train on (a toy: NOTES.md says what it shows and what not):")
+    run_eval(parse_config(["--mode", "eval", *same_model]))
 
 
 # -----------------------------------------------------------------------------
