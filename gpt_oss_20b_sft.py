@@ -661,7 +661,7 @@ SECTIONS = {"lora_r": "LoRA", "resume": "training",  # headings inside train's g
 DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=3e-2, num_train_epochs=5,
                      gradient_checkpointing=False, max_new_tokens=96, eval_file=str(DEMO_QUESTIONS),
                      reasoning_language="German")
-DEMO_QUESTION = "What is 23 plus 19?"  # infer's, where no question is piped in (in none of the demo's data files)
+DEMO_QUESTION = "What is 7 plus 8?"  # infer's, where no question is piped in; none of the demo's data asks it (a test)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -34,6 +34,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs the script in subprocesses or trains (CI runs these too)")
 
 
+# A short demo run for the tests of a run's mechanics: the sample's first 45 rows (9 per language), 3 epochs, 9 steps
+SMALL = ("--limit", "45", "--num_train_epochs", "3")
+
+
 def run_cli(*args, cwd=ROOT, stdin=None, timeout=300, env=None):
     """The script as a user runs it: a new process, its exit code and what it printed."""
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,

@@ -134,7 +134,7 @@ def test_aliases_and_lists():
 
 def test_layers_mode_then_demo_then_recipe_then_flags(tmp_path):
     assert (resolve("--mode", "eval").temperature, resolve("--mode", "infer").temperature) == (0.0, 0.6)
-    assert resolve("--mode", "eval", "--demo").max_new_tokens == 48  # the demo's layer is above the mode's
+    assert resolve("--mode", "eval", "--demo").max_new_tokens == 96  # the demo's layer is above the mode's
     cfg = resolve("--demo")
     assert cfg.dataset.endswith("data/demo_sample.jsonl") and cfg.output_dir == "demo_output"
     recipe = tmp_path / "r.yaml"
@@ -262,7 +262,7 @@ def test_eval_demo_asks_the_languages_given_and_trains_on_every_row(tmp_path):
     items = json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())["items"]
     assert sorted({i["reasoning_language"] for i in items}) == ["Chinese", "Japanese"]
     summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
-    assert summary["data"]["rows_used"] == 45  # every row of the sample, in whichever language it reasons
+    assert summary["data"]["rows_used"] == 480  # every row of the sample, in whichever language it reasons
     assert summary["reasoning_languages"] == ["English", "French", "German", "Italian", "Spanish"]
 
 
@@ -271,7 +271,7 @@ def test_eval_demo_limit_is_questions_per_language_not_training_rows(tmp_path):
     result = run_cli("--mode", "eval", "--demo", "--limit", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
-    assert summary["data"]["rows_used"] == 45  # the whole sample, as --demo trains it (was 4: --limit reached training)
+    assert summary["data"]["rows_used"] == 480  # the whole sample, as --demo trains it (was 4: --limit reached training)
     assert summary["config"]["max_samples"] is None and "max_questions" not in summary["config"]
     report = json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())
-    assert report["config"]["max_questions"] == 4 and len(report["items"]) == 2 * 8 * 4
+    assert report["config"]["max_questions"] == 4 and len(report["items"]) == 2 * 5 * 4  # the demo asks its 5 languages

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SHARED, resolve, run_cli
+from conftest import SHARED, SMALL, resolve, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_logits_loss_and_lora_gradients_equal_the_dequantized_path(mxfp4_model, 
 def test_training_through_the_4bit_path_lowers_the_loss(mxfp4_model, tmp_path):
     out = tmp_path / "adapter"
     trainer = sft.run_train(resolve("--demo", "--use_4bit", "--model", str(mxfp4_model), "--output_dir", str(out),
-                                    "--report_to", "none"))
+                                    "--report_to", "none", *SMALL))
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["train_loss_last"] < summary["train_loss_first"] and summary["optimizer_steps"] == 9
     experts = trainer.model.base_model.model.model.layers[1].mlp.experts

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, assert_usage_error, resolve, run_cli, write_jsonl
+from conftest import SCRIPT, SMALL, assert_usage_error, resolve, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +341,7 @@ def test_batch_rebalance_trains_on_the_same_rows_per_step_as_random(demo_model, 
     for sampler in ("random", "batch_rebalance"):
         out = tmp_path / sampler
         cfg = resolve("--demo", "--model", str(demo_model), "--seed", "7", "--sampler", sampler, "--report_to", "none",
-                      "--output_dir", str(out))
+                      "--output_dir", str(out), *SMALL)
         trainer = sft.run_train(cfg)
         losses[sampler] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         real_share[sampler] = json.loads((out / "run_summary.json").read_text())["speed"]["real_token_share"]

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SHARED, TRACKIO_DIR, resolve, run_cli, snapshot
+from conftest import SHARED, SMALL, TRACKIO_DIR, resolve, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_model):
     out = tmp_path_factory.mktemp("run") / "adapter"
-    cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--run_name", "test-run")
+    cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--run_name", "test-run", *SMALL)
     trainer = sft.run_train(cfg)
     return out, trainer, cfg
 
@@ -129,18 +129,6 @@ def test_expert_lora_through_target_parameters(tmp_path, demo_model):
     assert trainer.state.global_step == 1
 
 
-@pytest.mark.slow
-def test_demo_command_end_to_end(tmp_path):
-    result = run_cli("--demo", "--report_to", "none", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "--- reasoning (German) ---" in result.stdout or "no harmony channels" in result.stdout
-    assert (tmp_path / "demo_output" / "adapter_model.safetensors").exists()
-    # no library deprecation notices or deepspeed's "no GPU found" warning: nothing the user could act on
-    assert not re.search(r"Warning|deprecated|WARNING", result.stdout + result.stderr), result.stderr[-2000:]
-    again = run_cli("--demo", "--report_to", "none", "--num_train_epochs", "1", cwd=tmp_path)  # replaces its own output
-    assert again.returncode == 0, again.stderr[-2000:]
-
-
 def test_adapter_dir_that_is_not_lora(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = run_cli("--mode", "infer", "--adapter", str(tmp_path), "--prompt", "hi")
@@ -190,11 +178,11 @@ def test_hub_offline_is_one_line(tmp_path, monkeypatch):
 def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model):
     out = tmp_path / "out"
     first = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
-                    "--save_steps", "3", "--max_steps", "3")
+                    "--save_steps", "3", "--max_steps", "3", *SMALL)
     assert sft.run_train(first).state.global_step == 3
     assert (out / "checkpoint-3").is_dir()
     resumed = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
-                      "--save_steps", "3", "--resume")
+                      "--save_steps", "3", "--resume", *SMALL)
     trainer = sft.run_train(resumed)
     assert trainer.state.global_step == 9
     before = snapshot(out)
@@ -205,7 +193,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model):
 
 def test_eval_split_holds_out_rows_and_logs_an_evaluation_loss_each_epoch(tmp_path, demo_model):
     cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
-                  "--eval_split", "0.2", "--num_train_epochs", "2")
+                  "--eval_split", "0.2", "--limit", "45", "--num_train_epochs", "2")
     sft.run_train(cfg)
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert (summary["data"]["rows_held_out"], summary["data"]["rows_used"]) == (9, 36)  # 45 rows in the sample
@@ -239,4 +227,4 @@ def test_demo_infer_answers_the_question_piped_to_it(tmp_path):
     assert "<|start|>user<|message|>Wie spät ist es?<|end|>" in piped.stdout
     nothing = run_cli("--mode", "infer", "--demo", "--raw", "--max_new_tokens", "4", cwd=tmp_path, stdin="")
     assert nothing.returncode == 0, nothing.stderr[-2000:]  # nothing piped: the demo's own question
-    assert "<|start|>user<|message|>What is the capital of Australia?<|end|>" in nothing.stdout
+    assert "<|start|>user<|message|>What is 7 plus 8?<|end|>" in nothing.stdout
