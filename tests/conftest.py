@@ -1,8 +1,11 @@
 """Shared set-up and helpers: the tests run offline, on CPU, with a demo cache of their own."""
 
 import datetime
+import inspect
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +34,20 @@ import gpt_oss_20b_sft as sft  # noqa: E402  (after the environment above)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_tokenizer: needs ../shared/gpt-oss-20b (skipped when absent)")
-    config.addinivalue_line("markers", "slow: runs the script in subprocesses or trains (CI runs these too)")
+    config.addinivalue_line("markers", "slow: starts processes (the script, launchers, kills) or runs the whole demo; "
+                                       "-m 'not slow' is the fast tier, CI runs everything")
+
+
+STARTS_A_PROCESS = re.compile(r"\b(run_cli|run_without|subprocess\.|Popen)\(?")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts a process is in the slow tier by that fact, marked or not, so the fast tier stays fast as
+    tests are added."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function and "slow" not in item.keywords and STARTS_A_PROCESS.search(inspect.getsource(function)):
+            item.add_marker(pytest.mark.slow)
 
 
 # A short demo run for the tests of a run's mechanics: the sample's first 45 rows (9 per language), 3 epochs, 9 steps
@@ -93,6 +109,22 @@ def pinned_date(monkeypatch):
 @pytest.fixture(scope="session")
 def demo_model():
     return sft.build_demo_model()
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tmp_path_factory, demo_model):
+    """The demo's adapter, trained once per session by the demo's own settings, for the tests that need one and test
+    something else: each gets a copy in its folder (demo_folder)."""
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
+    sft.run_train(resolve("--demo", "--report_to", "none", "--output_dir", str(out)))
+    return out
+
+
+@pytest.fixture
+def demo_folder(tmp_path, demo_adapter):
+    """A fresh folder holding a copy of the demo's adapter in demo_output/, as a user's demo run leaves it."""
+    shutil.copytree(demo_adapter, tmp_path / "demo_output")  # copy2 keeps the mtimes the folder's record holds
+    return tmp_path
 
 
 class ScriptedModel:

@@ -38,10 +38,13 @@ RENAMED = {"limit": "max_samples", "answer_language": "answer_languages"}  # --l
 ADDED = {"min_lr_rate": None, "eval_batch_size": 32, "eval_split": None, "merge_format": "mxfp4",
          "merge_logits_check": True, "allow_any_language": False, "checkpoint_every": 1, "compile": False,
          "stream": False}  # stream: stdout is no terminal
+DEMO_RUN = {"learning_rate": 0.03, "num_train_epochs": 5, "gradient_checkpointing": False}
 ON_PURPOSE = {
-    "--demo": {"model": "<CACHE>/tiny-gpt-oss"},  # the model the demo runs on, shown instead of set at run time
+    # the model the demo runs on, shown instead of set at run time; the demo's run that teaches the toy its languages
+    "--demo": {"model": "<CACHE>/tiny-gpt-oss", **DEMO_RUN},
     "--mode eval --demo": {"model": "<CACHE>/tiny-gpt-oss", "adapter": "demo_output",  # likewise
-                           "batch_size": 8},  # eval's generation batch is eval_batch_size now, not batch_size
+                           "batch_size": 8,  # eval's generation batch is eval_batch_size now, not batch_size
+                           "max_new_tokens": 96, "eval_file": "<ROOT>/data/demo_eval_questions.jsonl"},
     "--mode infer": {"output_dir": None},  # infer writes nothing
 }
 # Settings split by mode: each mode prints its own groups' fields only, and eval's two fields that meant something

@@ -118,7 +118,7 @@ def test_eval_defaults(tmp_path):
     assert (cfg.temperature, cfg.max_new_tokens, cfg.eval_batch_size) == (0.0, 1024, 32)
     assert (cfg.output_dir, cfg.model) == (str(tmp_path / "a" / "eval"), "some/base")  # next to it; its base
     cfg = resolve("--mode", "eval", "--demo")
-    assert cfg.compare_base and cfg.output_dir == "demo_output/eval" and cfg.max_new_tokens == 48
+    assert cfg.compare_base and cfg.output_dir == "demo_output/eval" and cfg.max_new_tokens == 96
     assert resolve("--mode", "eval", "--temperature", "0.7").temperature == 0.7  # sampling by flag
     assert resolve("--mode", "infer").temperature == 0.6
 
@@ -212,17 +212,17 @@ def test_bad_eval_flags_are_one_line_exit_2(tmp_path, argv, needle):
 
 
 @pytest.mark.slow
-def test_eval_demo_end_to_end(tmp_path):
-    result = run_cli("--mode", "eval", "--demo", "--limit", "4", cwd=tmp_path)
+def test_eval_demo_end_to_end(demo_folder):
+    result = run_cli("--mode", "eval", "--demo", "--limit", "4", cwd=demo_folder)
     assert result.returncode == 0, result.stderr[-2000:]
-    out = tmp_path / "demo_output" / "eval"
+    out = demo_folder / "demo_output" / "eval"
     assert {p.name for p in out.iterdir()} == {"eval_results.json", "eval_summary.md", "eval_summary.png", sft.OWNER_FILE}
     report = json.loads((out / "eval_results.json").read_text())
     items = report["items"]
-    assert len(items) == 2 * 8 * 4 and [i["model"] for i in items[::32]] == ["base", "tuned"]
-    assert [i["reasoning_language"] for i in items[:32:4]] == list(sft.EVAL_REASONING_LANGUAGES)
+    assert len(items) == 2 * 5 * 4 and [i["model"] for i in items[::20]] == ["base", "tuned"]
+    assert [i["reasoning_language"] for i in items[:20:4]] == list(sft.TRAINED_LANGUAGES)  # the demo's five
     assert all(isinstance(i["reasoning_language_match"], bool) and "reasoning_language_detected" in i for i in items)
-    assert all(i["tokens"] <= 48 and isinstance(i["reasoning_tokens"], int) for i in items)
+    assert all(i["tokens"] <= 96 and isinstance(i["reasoning_tokens"], int) for i in items)
     assert "| all | tuned | 32 |" in result.stdout and (out / "eval_summary.md").read_text() in result.stdout + "\n"
 
 

@@ -14,7 +14,7 @@ import gpt_oss_20b_sft as sft
 from conftest import SHARED, assert_usage_error, resolve, run_cli, snapshot
 from test_merge import ATTENTION, EXPERTS, make_adapter
 
-pytestmark = pytest.mark.real_tokenizer
+pytestmark = [pytest.mark.real_tokenizer, pytest.mark.slow]  # slow: a real-vocabulary model, built and merged (a minute)
 
 PROMPTS = [("What is 7 x 8?", "German"), ("Quelle est la capitale de l'Australie ?", "French")]
 TEXTS = ["Hello world! 12345 apples", "Ünïcödé — 日本語のテキスト, emojis 🦙🚀 and\n\n  spaces\ttabs",

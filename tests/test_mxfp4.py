@@ -75,7 +75,7 @@ def test_logits_loss_and_lora_gradients_equal_the_dequantized_path(mxfp4_model, 
     reference, four_bit = reference_and_4bit(mxfp4_model)
     experts = four_bit.model.layers[0].mlp.experts
     assert experts.gate_up_proj_blocks.dtype == torch.uint8 and "gate_up_proj" not in dict(experts.named_parameters())
-    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, reference.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
     results = []
     for model in (reference, four_bit):
         torch.manual_seed(0)

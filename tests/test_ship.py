@@ -24,6 +24,7 @@ def merged_in_memory(demo_model, adapter):
     return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
 
 
+@pytest.mark.slow  # trains, merges and generates: half a minute each
 @pytest.mark.parametrize("targets", [["--target_modules", "q_proj,v_proj"],
                                      ["--target_modules", "q_proj", "--target_parameters",
                                       "mlp.experts.gate_up_proj,mlp.experts.down_proj"]], ids=["attention", "experts"])
@@ -68,7 +69,8 @@ def test_merge_check_fails_when_the_adapter_is_lost():
 
 
 @pytest.mark.slow
-def test_merge_demo_command(tmp_path):
+def test_merge_demo_command(demo_folder):
+    tmp_path = demo_folder
     result = run_cli("--mode", "merge", "--demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "verified: merged logits equal base+adapter within bf16 tolerance on 3 prompts" in result.stdout

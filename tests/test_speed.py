@@ -295,7 +295,7 @@ def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients(tin
     found = {}
     for every in ("1", "2"):
         cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / every), "--report_to", "none",
-                      "--max-steps", "1", "--checkpoint-every", every)
+                      "--max-steps", "1", "--gradient-checkpointing", "--checkpoint-every", every)  # off in the demo
         layers = []
         found[every] = one_step_gradients(cfg, tokenizer, examples, layers)[0], layers
     assert found["1"][1] == [True, True] and found["2"][1] == [True, False]  # the demo's two layers

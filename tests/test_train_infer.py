@@ -220,7 +220,8 @@ def test_the_demo_base_is_the_same_tensors_every_build(tmp_path, demo_model):
 
 
 @pytest.mark.slow
-def test_demo_infer_answers_the_question_piped_to_it(tmp_path):
+def test_demo_infer_answers_the_question_piped_to_it(demo_folder):
+    tmp_path = demo_folder
     piped = run_cli("--mode", "infer", "--demo", "--raw", "--max_new_tokens", "4", cwd=tmp_path,
                     stdin="Wie spät ist es?\n")
     assert piped.returncode == 0, piped.stderr[-2000:]
