@@ -223,7 +223,7 @@ def test_eval_demo_end_to_end(demo_folder):
     assert [i["reasoning_language"] for i in items[:20:4]] == list(sft.TRAINED_LANGUAGES)  # the demo's five
     assert all(isinstance(i["reasoning_language_match"], bool) and "reasoning_language_detected" in i for i in items)
     assert all(i["tokens"] <= 96 and isinstance(i["reasoning_tokens"], int) for i in items)
-    assert "| all | tuned | 32 |" in result.stdout and (out / "eval_summary.md").read_text() in result.stdout + "\n"
+    assert "| all | tuned | 20 |" in result.stdout and (out / "eval_summary.md").read_text() in result.stdout + "\n"
 
 
 def test_score_file_offline_without_a_tokenizer(tmp_path, capsys):

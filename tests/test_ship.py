@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, TRACKIO_DIR, resolve, run_cli, snapshot
+from conftest import SCRIPT, SMALL, TRACKIO_DIR, resolve, run_cli, snapshot
 
 
 def merged_in_memory(demo_model, adapter):
@@ -92,7 +92,7 @@ def test_merge_bad_inputs(tmp_path, argv, needle):
 
 def demo_train(out, *extra, **popen):
     argv = [sys.executable, str(SCRIPT), "--mode", "train", "--demo", "--report_to", "none", "--save_steps", "2",
-            "--output_dir", str(out), *extra]
+            "--output_dir", str(out), *SMALL, *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 

@@ -241,7 +241,7 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
                 "peak_memory_gib"):
         assert key in summary
     assert summary["gpu"] == "cpu" and set(summary["peak_memory_gib"]) == {"allocated", "reserved"}
-    assert summary["optimizer_steps_per_run"] == 3  # ceil(16 / 16) x 3 epochs: projected for the configured run
+    assert summary["optimizer_steps_per_run"] == 5  # ceil(16 / 16) x the demo's 5 epochs: the configured run
     assert summary["tokens_per_second"] > 0 and summary["padded_tokens_per_second"] >= summary["tokens_per_second"]
     assert summary["rows"] == 16 and summary["packing"] is False and summary["sampler"] == "batch_rebalance"
     assert summary["compile"] is False and summary["checkpoint_every"] == 1
