@@ -11,8 +11,8 @@
     python gpt_oss_20b_sft.py --print-config                   # the resolved settings (YAML), loads nothing
     torchrun --nproc_per_node=2 gpt_oss_20b_sft.py             # several GPUs (also deepspeed, accelerate launch)
 
-Reads top to bottom in pipeline order: errors and files, settings, data, model, train, infer, chat, eval, merge, the
-demo, and last the table of modes that main() runs.
+Reads top to bottom: the modes and main(), their settings, train (the recipe), the data and the model it reads and
+loads, infer, chat, eval, merge, the demo, and last the machinery the chapters use: errors, processes and files.
 """
 
 import argparse
@@ -59,414 +59,86 @@ DEFAULT_MODEL = "openai/gpt-oss-20b"
 DEFAULT_OUTPUT_DIR = "gpt-oss-20b-multilingual-reasoner"
 DEMO_OUTPUT_DIR = "demo_output"
 
+
 # -----------------------------------------------------------------------------
-# Errors, processes and files
+# The modes, and main: parse, derive, validate, then print the settings or run
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: one line on stderr, exit code 2, nothing written."""
+@dataclass(frozen=True)
+class Mode:
+    run: object  # the function that runs it
+    during: str  # what the out-of-memory message calls it
+    defaults: dict = field(default_factory=dict)  # settings that differ in this mode (the demo's come on top)
 
 
-class RunFailed(Exception):
-    """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
-
-
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
-
-
-class Interrupted(Exception):
-    """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def end_process_group():
-    """Leave the launcher's process group before exit: a live gloo/NCCL group can abort at interpreter exit
-    ("terminate called without an active exception", seen with torch 2.14.1 under accelerate launch)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def quiet_library_warnings(on_cuda: bool):
-    """Deprecation notices raised inside the libraries, by calls this script does not make: the user cannot act."""
-    for message in (r"`is_gradient_checkpointing` is deprecated",  # read by TRL 1.16 and PEFT 0.21 (transformers 5.23)
-                    r"`gradient_checkpointing_(enable|disable)` is deprecated",  # called by PEFT 0.21
-                    r"_compile flag on create_block_mask",  # transformers 5.23's flex masks (torch >= 2.11)
-                    r"`torch.jit.script_method` is deprecated"):  # torch 2.13, at a library's import
-        warnings.filterwarnings("ignore", message=message)
-    if not on_cuda:  # deepspeed (imported by accelerate) otherwise warns that it found no GPU, at every run
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def write_atomically(path: Path, data: str | bytes):
-    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
-    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(staging, path)
-    except OSError as e:
-        e.filename = e.filename or str(path)  # a failed write names no file: the message should
-        raise
-    finally:
-        staging.unlink(missing_ok=True)  # what a failed write (a full disk) left
-
-
-def read_text_file(path: Path, what: str) -> str:
-    """A text file the user gave, as UTF-8 (a byte-order mark is skipped); every failure is one line naming it."""
-    try:
-        data = Path(path).expanduser().read_bytes()
-    except OSError as e:
-        raise UsageError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UsageError(f"{what} {path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8, "
-                         "e.g. iconv -f latin1 -t utf-8") from None
-
-
-@contextlib.contextmanager
-def staged_directory(target: Path):
-    """A sibling directory to write into; when the block ends without error it becomes target by one rename, or, where
-    target exists, its entries move in one by one (swap_in), so target never holds half of it and a file that
-    appeared in target meanwhile stays."""
-    import psutil  # accelerate's, peft's and trl's dependency
-
-    target = Path(os.path.realpath(target))  # beside the real folder: a link to another disk still renames
-    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
-        pid = stale.name.rsplit(".tmp", 1)[1]
-        if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as e:
-        if e.errno in NO_ROOM:
-            raise
-        raise UsageError(f"{target} cannot be made: {(e.strerror or str(e)).lower()}") from None
-    try:
-        yield staging
-        if owner_of(staging):
-            record(staging, *(p for p in staging.iterdir() if p.name != OWNER_FILE))
-        if target.is_dir():
-            lock_folder(target)
-            swap_in(staging, target, owner_of(staging), replace_all=True)
-            shutil.rmtree(staging)  # left: its marker only
-        else:
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills: its mode and what it wrote there
-KNOWN_OUTPUTS = {  # exact names of what each mode writes: read only in folders of older versions, which kept no record
-    "train": r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
-             r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
-             r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
-             r"trainer_state\.json",  # the last five: what the Trainer writes into a checkpoint
-    "eval": r"eval_results\.json|eval_summary\.md|eval_summary\.png",
-    "merge": r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
-             r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
-             r"merge_check\.json",
+MODES = {  # lambda: each run_* function is looked up when its mode runs (its chapter comes below)
+    "train": Mode(lambda cfg: run_train(cfg), "training"),
+    "infer": Mode(lambda cfg: run_infer(cfg), "inference"),
+    "chat": Mode(lambda cfg: run_chat(cfg), "chat", dict(stream=True)),
+    # greedy (repeatable), with room for the reasoning before the answer
+    "eval": Mode(lambda cfg: run_eval(cfg), "evaluation", dict(temperature=0.0, max_new_tokens=1024)),
+    "merge": Mode(lambda cfg: run_merge(cfg), "merging"),
 }
-_LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this process writes there
 
 
-def read_marker(folder: Path) -> dict | None:
+def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    cfg = None
     try:
-        marker = json.loads((folder / OWNER_FILE).read_text())
-        return marker if isinstance(marker, dict) else None
-    except (OSError, ValueError):
-        return None
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(render_config(cfg))
+            sys.stdout.flush()
+            return 0
+        if not is_main_process():
+            sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
+            if cfg.mode != "train":
+                return 0  # inference, eval and merge run on rank 0 alone
+        decide_offline(cfg)
+        import torch  # imports no Hugging Face library
 
-
-def owner_of(folder: Path) -> str | None:
-    """The mode that filled this folder, from the file it wrote there first; None for a folder the tool did not fill."""
-    return (read_marker(folder) or {}).get("mode")
-
-
-def entry_state(path: Path):
-    """What the record keeps of an entry: "dir", or a file's [size, mtime in ns] (a change to either shows)."""
-    st = path.lstat()
-    return "dir" if stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else "link"
-
-
-def record(folder: Path, *paths: Path, since: int | None = None, pending: bool = False):
-    """Add entries to folder's record as they are now; a folder with the files in it modified since `since` (ns),
-    or, pending, as a folder being written from now on (a run killed meanwhile leaves it so)."""
-    marker = read_marker(folder)
-    if marker is None:  # not a folder this tool marked as its own
-        return
-    written = marker.setdefault("written", {})
-    for path in paths:
-        inside = [] if pending or not path.is_dir() else [p for p in sorted(path.rglob("*"))
-                                                         if since is None or p.lstat().st_mtime_ns >= since]
-        for p in (path, *inside):
-            written[p.relative_to(folder).as_posix()] = ["pending", time.time_ns() - 10**9] if pending else entry_state(p)
-    marker["written"] = {k: v for k, v in written.items() if v[:1] == ["pending"] or os.path.lexists(folder / k)}
-    write_atomically(folder / OWNER_FILE, json.dumps(marker) + "\n")
-
-
-def sort_outputs(folder: Path, mode: str) -> tuple:
-    """(this mode's earlier outputs, entries this tool did not write), as paths, a folder before its contents. Own:
-    in the record and unchanged since; in a folder recorded as being written, or one of an older version, a file of
-    a known name (KNOWN_OUTPUTS) from after it began. Another output folder of the tool inside, e.g. <adapter>/eval,
-    is neither: it stays as it is."""
-    marker = read_marker(folder)
-    written = (marker or {}).get("written", {}) if owner_of(folder) == mode else {}
-    own, foreign = [], []
-
-    def visit(directory: Path, since: int | None):
-        for entry in sorted(directory.iterdir()):
-            if entry.name == OWNER_FILE and directory == folder or entry.is_dir() and owner_of(entry):
-                continue
-            state, was = entry_state(entry), written.get(entry.relative_to(folder).as_posix())
-            if since is not None:
-                mine = state != "link" and bool(re.fullmatch(KNOWN_OUTPUTS[mode], entry.name)) and (
-                    state == "dir" or state[1] >= since)
-            else:
-                mine = was == state or state == "dir" and isinstance(was, list) and was[0] == "pending"
-            (own if mine else foreign).append(entry)
-            if mine and state == "dir":
-                visit(entry, was[1] if isinstance(was, list) else since)
-
-    if folder.is_dir():
-        visit(folder, 0 if marker and "written" not in marker and owner_of(folder) == mode else None)
-    return own, foreign
-
-
-def remove_outputs(folder: Path, entries: list):
-    """Delete entries of sort_outputs' own list, contents before folders; a folder something appeared in stays."""
-    for entry in reversed(entries):
-        with contextlib.suppress(FileNotFoundError, OSError):
-            entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-
-
-def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replace_all: bool = False):
-    """Move the entries of staging into out, `last` at the end, each recorded as it lands. Only entries of out this
-    tool wrote, unchanged, are replaced (with replace_all, the others of them removed); anything else stays, and
-    where it is in the way the run stops with the new files kept in staging."""
-    own, foreign = sort_outputs(out, mode)
-    new = sorted((p for p in staging.iterdir() if p.name != OWNER_FILE), key=lambda p: p.name == last)
-    clash = [p.name for p in new if out / p.name in foreign]
-    if clash:
-        raise RunFailed(f"{out / clash[0]} appeared during the run and is not this tool's, so it was left as it is; "
-                        f"the new outputs are in {staging}: move them in yourself")
-    if replace_all:
-        remove_outputs(out, [p for p in own if p.relative_to(out).parts[0] not in {n.name for n in new}])
-    if last:
-        (out / last).unlink(missing_ok=True)  # a folder holding `last` holds a complete result
-    for path in new:
-        os.replace(path, out / path.name)
-        record(out, out / path.name)
-
-
-def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
-    """The finished files of staging (a folder inside out) moved into out by swap_in, adapter_config.json last: a
-    folder holding it holds a complete adapter (PEFT and infer look for that file)."""
-    swap_in(staging, out, owner_of(out), last)
-    staging.rmdir()
-
-
-def protected_folder(out: Path, cfg) -> str | None:
-    """Why out must never be an output folder, or None: folders that hold the user's work."""
-    target, here = out.expanduser().resolve(), Path.cwd().resolve()
-    if target == here:
-        return "is the folder you are in"
-    if target in here.parents or target == Path.home().resolve():
-        return "holds the folder you are in" if target in here.parents else "is your home folder"
-    inputs = {"the dataset": getattr(cfg, "dataset", None), "this script": __file__,  # the inputs of this mode
-              "--eval-file": getattr(cfg, "eval_file", None), "--score-file": getattr(cfg, "score_file", None),
-              "--adapter": cfg.adapter}
-    for what, path in inputs.items():
-        if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
-            return f"holds {what}"
-    return None
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
-    cut short (e.g. the process was killed while saving) and is skipped."""
-    complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
-                and (c / "trainer_state.json").is_file()]
-    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
-
-
-def trained_steps(out: Path) -> int:
-    """Optimizer steps behind the newest complete checkpoint (0 without one)."""
-    last = latest_checkpoint(out)
-    return json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
-
-
-def lock_folder(folder: Path):
-    """Hold folder while this process writes there: a second run into it is refused. An flock, which the kernel drops
-    when the process ends however it ends, so a killed run leaves no stale lock."""
-    import fcntl
-
-    key = os.path.realpath(folder)
-    if key in _LOCKED:
-        return
-    descriptor = os.open(key, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise UsageError(f"--output_dir {folder} is in use by another run of this tool (pid "
-                         f"{(read_marker(folder) or {}).get('pid', 'unknown')}); wait for it to end or pick another "
-                         "folder") from None
-    _LOCKED[key] = descriptor
-
-
-def release_folders():
-    while _LOCKED:
-        os.close(_LOCKED.popitem()[1])
-
-
-def check_output_dir(cfg):
-    """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
-    files, and hold it. The tool replaces only what its record says it wrote there, unchanged (sort_outputs)."""
-    out = Path(cfg.output_dir)
-    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if os.path.exists(p))
-    longest = max(out.expanduser().parts, key=lambda part: len(os.fsencode(part)), default="")
-    if existing.is_dir() and len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
-        raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
-                         f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
-    reason = protected_folder(out, cfg)
-    if reason:
-        raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
-                         f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {out} is a file; pick a directory")
-    if not existing.is_dir():
-        raise UsageError(f"--output_dir {out}: {existing} is a file, so no folder can be made in it")
-    if not os.access(existing, os.W_OK):
-        raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
-    if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
-        lock_folder(out)
-    own, foreign = sort_outputs(out, cfg.mode)
-    if foreign:
-        names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
-            ", ..." if len(foreign) > 3 else "")
-        raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
-                         "own outputs, unchanged since it wrote them: move them or pick another folder")
-    resume = cfg.mode == "train" and cfg.resume
-    if resume and latest_checkpoint(out) is None:
-        raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
-    if own and not (cfg.overwrite or resume or cfg.demo):  # the demo replaces its own outputs
-        raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
-                         "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
-
-
-def claim_output_dir(out: Path, mode: str, replace_own: bool):
-    """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
-    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+        quiet_library_warnings(torch.cuda.is_available())
+        note = gpu_note(cfg, torch.cuda.is_available())
+        if note and is_main_process():
+            print(f"note: {note}")
+        if cfg.demo:
+            ensure_demo_model(cfg)
+        with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
+            if cfg.demo and cfg.mode != "train":
+                ensure_demo_adapter(cfg)
+            MODES[cfg.mode].run(cfg)
+            if cfg.demo and cfg.mode == "train" and is_main_process():
+                demo_answer(cfg)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:
-        if e.errno in NO_ROOM:
+        if e.errno not in NO_ROOM:
             raise
-        raise UsageError(f"--output_dir {out} cannot be made: {(e.strerror or str(e)).lower()}") from None
-    lock_folder(out)
-    before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
-    if replace_own:
-        remove_outputs(out, own)
-    kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}
-    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py", "pid": os.getpid(),
-                                                   "written": {k: before.get(k) or entry_state(p)
-                                                               for k, p in kept.items()}}) + "\n")
-
-
-def gpu_memory_state() -> tuple:
-    """(peak GiB allocated, GiB on the card, card name) for the out-of-memory message."""
-    import torch
-
-    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30,
-            torch.cuda.get_device_name())
-
-
-def out_of_memory_advice(cfg, during: str, peak_gib: float, total_gib: float, device: str) -> str:
-    """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
-    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
-    if during == "training":
-        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
-                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
-                f"{max(cfg.max_seq_length // 2, 256)}"
-                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
-                + ("" if cfg.chunked_loss else ", --chunked-loss")
-                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
-                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
-                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
-    if during == "merging":
-        return head + ("The merge itself streams the checkpoint; its logits check holds the whole model in bf16 "
-                       "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
-                       "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
-                       "logits check is skipped and the tensor check runs alone).")
-    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
-            + (f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.eval_batch_size > 1
-               else "")
-            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
-
-
-@contextlib.contextmanager
-def out_of_memory_is_a_message(cfg, during: str):
-    """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
-    import torch
-
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def hub_repos(cfg) -> list:
-    """The Hub repos this run reads or writes; local paths (and the demo's files) need no Hub."""
-    needed = [cfg.model] if cfg.model and not Path(cfg.model).expanduser().exists() else []
-    if cfg.mode == "train" and not cfg.synthetic_data and not Path(cfg.dataset).expanduser().exists():
-        needed.append(cfg.dataset)
-    return needed + ([cfg.hub_model_id] if cfg.mode == "train" and cfg.push_to_hub else [])
-
-
-def decide_offline(cfg):
-    """Once, at start-up, before any Hugging Face library is imported (huggingface_hub reads HF_HUB_OFFLINE when
-    imported): when the Hub cannot be reached, go offline, so loading uses the local cache instead of retrying for
-    half a minute. --push_to_hub is checked here too, not after the training it would follow."""
-    if cfg.demo:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    needed = hub_repos(cfg)
-    if needed and not hub_offline():
-        host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
-        try:
-            socket.create_connection((host.split(":")[0], int((host.split(":") + ["443"])[1])), timeout=3).close()
-        except (OSError, ValueError):
-            os.environ["HF_HUB_OFFLINE"] = "1"
-    if cfg.mode == "train" and cfg.push_to_hub:
-        if hub_offline():
-            raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if needed else 'offline'} "
-                             "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
-        from huggingface_hub import get_token
-
-        if not get_token():
-            raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
-
-
-def _hub_error(source: str, error: Exception) -> UsageError:
-    if hub_offline():
-        return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
-                          "offline; connect to the Hub once or pass a local directory")
-    return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
+        where = Path(e.filename or (cfg and cfg.output_dir) or ".").absolute()
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
+        print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
+              "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
+              "is used. Make room and run the same command again" + (", with --resume to continue from the last "
+              "checkpoint" if cfg and cfg.mode == "train" else "") + ".", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
+              file=sys.stderr)
+        return 130
+    finally:
+        release_folders()
+        end_process_group()
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -1036,6 +708,514 @@ def describe_runtime(cfg: Config) -> dict:
                        strategy=distributed_strategy(cfg),
                        effective_batch_size=cfg.batch_size * cfg.gradient_accumulation_steps * world_size())
     return {**runtime, **({"note": note} if (note := gpu_note(cfg, on_cuda)) else {})}
+
+
+# -----------------------------------------------------------------------------
+# Train
+
+
+def build_lora_config(cfg: TrainRun):
+    from peft import LoraConfig
+
+    modules = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules or None  # PEFT's spelling
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=modules, target_parameters=cfg.target_parameters or None,
+                      task_type="CAUSAL_LM")
+
+
+def zero3_config() -> dict:
+    """The built-in --deepspeed zero3 preset; "auto" values come from the Trainer's own arguments."""
+    return {
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "gradient_clipping": "auto", "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # ZeRO takes --optim's optimizer, not only its own tested Adams
+    }
+
+
+def fsdp2_config(cfg: TrainRun) -> dict:
+    """--fsdp: FSDP2 over the decoder layers, full state dict on save, weights loaded once on rank 0's CPU."""
+    return {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["GptOssDecoderLayer"], "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True,
+            "activation_checkpointing": cfg.gradient_checkpointing}
+
+
+def parallel_arguments(cfg: TrainRun) -> dict:
+    """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
+    strategy = distributed_strategy(cfg)
+    if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
+        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "activation_checkpointing": False}
+    if strategy.startswith("deepspeed"):
+        return {"deepspeed": zero3_config() if cfg.deepspeed == "zero3" else cfg.deepspeed}
+    return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
+
+
+def build_sft_config(cfg: TrainRun, on_cuda: bool, sampler: str | None = None):
+    from trl import SFTConfig
+
+    arguments = dict(
+        {name: getattr(cfg, name) for name in (  # the settings SFTConfig takes under the same name
+            "output_dir", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_train_epochs",
+            "optim", "weight_decay", "seed", "logging_steps", "save_steps", "save_total_limit", "hub_model_id",
+            "router_aux_loss_coef")},  # router_aux_loss_coef: TRL's default would read 0.9 from the gpt-oss config
+        per_device_train_batch_size=cfg.batch_size,
+        lr_scheduler_kwargs={} if cfg.min_lr_rate is None else {"min_lr_rate": cfg.min_lr_rate},
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a fraction of all steps
+        max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
+        padding_free=cfg.packing,
+        pad_to_multiple_of=FLEX_BLOCK if not cfg.packing and (cfg.attn_implementation, on_cuda) in (
+            ("flex_attention", True), ("auto", True)) else None,  # length buckets: a flex shape and cached mask each
+        train_sampling_strategy=sampler or cfg.sampler,  # transformers' own; the loss is normalised over the step
+        max_steps=cfg.max_steps or -1,
+        eval_strategy="epoch" if cfg.eval_split else "no",
+        per_device_eval_batch_size=cfg.batch_size,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
+        activation_checkpointing_kwargs={"every_n_layers": cfg.checkpoint_every},
+        bf16=on_cuda,
+        use_cpu=not on_cuda,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it) so the run can stop on it
+        save_strategy="steps",
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        project=cfg.trackio_project,
+        run_name=cfg.run_name or f"{Path(cfg.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        trackio_space_id=None,  # trackio logs stay on this machine
+        trackio_static_space_id=False,
+        push_to_hub=False,  # pushed once, explicitly, after the adapter is saved
+        dataloader_num_workers=0,
+    )
+    return SFTConfig(**{**arguments, **parallel_arguments(cfg)})
+
+
+def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+    from trl import SFTTrainer
+
+    class SeededSFTTrainer(SFTTrainer):
+        def create_model_card(self, *args, **kwargs):
+            """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
+            publishes its own (render_model_card) with the adapter."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
+                sampler.seed = self.args.seed  # seeded as the random sampler is, it draws the same rows for each step
+            return sampler
+
+    class FullLogitsSFTTrainer(SeededSFTTrainer):
+        """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits.
+        TRL 1.16 always fuses the LM head (its loss_type picks nll or dft only), so this needs its own compute_loss."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    trainer_class = SeededSFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
+    return trainer_class(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
+
+
+def make_speed_meter(model, warmup_steps: int = 2):
+    """A Trainer callback timing optimizer steps after warm-up and counting the tokens they processed.
+
+    Real tokens are the non-pad ones (the attention mask's ones, or every token of a padding-free batch); padded
+    tokens are everything the model computed on. Counted by a hook on the model's forward, once per micro-batch.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class SpeedMeter(TrainerCallback):
+        def __init__(self):
+            self.real = self.padded = 0
+            self.steps = []  # (seconds, real tokens, padded tokens) per measured optimizer step
+
+        def count(self, module, args, kwargs):
+            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            if module.training and ids is not None:
+                self.padded += ids.numel()
+                self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start, self.real, self.padded = time.perf_counter(), 0, 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.steps.append((time.perf_counter() - self.start, self.real, self.padded))
+
+        def summary(self, optimizer_steps_per_run: int) -> dict:
+            measured = self.steps[warmup_steps:] if len(self.steps) > warmup_steps else self.steps[-1:]
+            seconds = sum(m[0] for m in measured)  # 0 when no step finished (e.g. out of memory in the first)
+            step_seconds = seconds / len(measured) if measured else None
+            # Counted on this process; the other ranks get batches of the same size, hence x world size.
+            per_second = lambda i: round(sum(m[i] for m in measured) * world_size() / seconds, 1) if seconds else None
+            on_cuda = torch.cuda.is_available()
+            gib = lambda peak: round(peak() / 2**30, 2) if on_cuda else None
+            return {"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "processes": world_size(),
+                    "steps_measured": len(measured),
+                    "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
+                    "tokens_per_second": per_second(1), "padded_tokens_per_second": per_second(2),
+                    "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
+                    "peak_memory_gib": {"allocated": gib(torch.cuda.max_memory_allocated),
+                                        "reserved": gib(torch.cuda.max_memory_reserved)},
+                    "optimizer_steps_per_run": optimizer_steps_per_run,
+                    "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2) if measured else None}
+
+    meter = SpeedMeter()
+    model.register_forward_pre_hook(meter.count, with_kwargs=True)
+    return meter
+
+
+def make_checkpoint_recorder(output_dir: str):
+    """A Trainer callback adding each checkpoint to the output folder's record: as being written when its save is due,
+    with its files once saved (a run killed in between leaves it recorded as cut short)."""
+    from transformers import TrainerCallback
+
+    out = Path(output_dir)
+
+    class RecordCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                record(out, out / f"checkpoint-{state.global_step}", pending=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = out / f"checkpoint-{state.global_step}"
+            was = (read_marker(out) or {}).get("written", {}).get(folder.name)
+            record(out, folder, since=was[1] if isinstance(was, list) and was[0] == "pending" else None)
+
+    return RecordCheckpoints()
+
+
+def make_nonfinite_guard(output_dir: str):
+    """A Trainer callback that stops the run at the first NaN or inf loss or gradient norm, before that step's
+    checkpoint is written, so the checkpoints on disk are all from finite steps."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for name in ("loss", "grad_norm"):
+                value = (logs or {}).get(name)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    last = latest_checkpoint(Path(output_dir))
+                    raise RunFailed(
+                        f"The training {name.replace('_', ' ')} became {value} at step {state.global_step}, so the run "
+                        "stopped there and saved no adapter. "
+                        + (f"The checkpoints before it are kept; the last good one runs with --adapter {last}. "
+                           if last else "No checkpoint was written before it. ")
+                        + f"A loss that blows up usually means the learning rate is too high (now "
+                        f"{args.learning_rate:g}): start again with a lower --learning_rate and --overwrite.")
+
+    return StopOnNonFiniteLoss()
+
+
+def plot_loss(history: list, path: Path, title: str):
+    from matplotlib.figure import Figure  # no pyplot: no backend to pick, no figure to close
+
+    ax = Figure(figsize=(7, 4)).subplots()
+    steps, losses = zip(*history) if history else ((), ())
+    ax.plot(steps, losses, marker="o" if len(steps) < 30 else None)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trackio"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def render_model_card(summary: dict) -> str:
+    """The adapter's README.md: what it is, how it was trained, what training measured, how to run it."""
+    cfg, data = summary["config"], summary["data"]
+    iso = {}
+    for spelling, name in known_languages().items():  # each language's ISO 639-1 code comes first in the table
+        if len(spelling) == 2:
+            iso.setdefault(name, spelling)
+    codes = [iso[name] for name in summary.get("reasoning_languages", []) if name in iso]
+    from huggingface_hub import ModelCardData
+
+    base = cfg["model"]
+    on_hub = lambda source: not Path(source).exists()  # the card's metadata and links name hub ids only
+    repo = cfg["hub_model_id"] or "<this adapter's directory or repo id>"
+    langs = ", ".join(summary.get("reasoning_languages", []))
+    loss = lambda v: "n/a" if v is None else f"{v:.4f}"
+    metadata = ModelCardData(base_model=base if on_hub(base) else None, library_name="peft", license="apache-2.0",
+                             datasets=[cfg["dataset"]] if on_hub(cfg["dataset"]) and not cfg["synthetic_data"] else None,
+                             language=codes or None, tags=["gpt-oss", "lora", "sft", "trl", "multilingual-reasoning"])
+    return f"""---
+{"" if on_hub(base) else f"# base model: local directory {base}{chr(10)}"}{metadata.to_yaml()}
+---
+
+# {Path(cfg["output_dir"]).name}
+
+A LoRA adapter for {f"[{base}](https://huggingface.co/{base})" if on_hub(base) else f"`{base}`"} that makes the model **reason in the language you ask
+for**: with `reasoning language: German` in the system prompt, its analysis channel is written in German.
+Trained with `gpt_oss_20b_sft.py` (TRL `SFTTrainer` + PEFT) on `{cfg["dataset"] if not cfg["synthetic_data"] else "synthetic rows"}`,
+reasoning languages in the training data: {langs or "n/a"}.
+
+## Use it
+
+```bash
+python gpt_oss_20b_sft.py --mode infer --adapter {repo} --reasoning-language German --prompt "What is 7 x 8?"
+python gpt_oss_20b_sft.py --mode eval --adapter {repo} --compare-base
+```
+
+or with transformers and PEFT:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}", dtype="auto", device_map="auto"), "{repo}")
+chat = [{{"role": "system", "content": "reasoning language: German"}}, {{"role": "user", "content": "What is 7 x 8?"}}]
+inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=512)[0]))
+```
+
+## Training
+
+| setting | value |
+|---|---|
+| LoRA | r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, modules {", ".join(cfg["target_modules"]) or "none"}{", expert tensors " + ", ".join(cfg["target_parameters"]) if cfg["target_parameters"] else ""} |
+| batch | {cfg["batch_size"]} per device x {cfg["gradient_accumulation_steps"]} accumulation |
+| optimizer | {cfg["optim"]}, lr {cfg["learning_rate"]:g} {cfg["lr_scheduler_type"]}, warmup {cfg["warmup_ratio"]}, weight decay {cfg["weight_decay"]} |
+| epochs / max length | {cfg["num_train_epochs"]:g} / {cfg["max_seq_length"]} tokens |
+| loss | {"every token" if cfg["train_on_all_tokens"] else "assistant tokens only (analysis, final, <|return|>)"}; router aux loss coef {cfg["router_aux_loss_coef"]} |
+| system prompt | `Reasoning: {cfg["reasoning_effort"]}` (ask with `--reasoning_effort {cfg["reasoning_effort"]}`, `reasoning_effort="{cfg["reasoning_effort"]}"` in `apply_chat_template`) |
+
+## Measured in training
+
+| measurement | value |
+|---|---|
+| device | {summary["device"]} |
+| rows used / cut to max length | {data["rows_used"]} / {data["rows_truncated"]} |
+| tokens per epoch (with loss) | {data["tokens_per_epoch"]:,} ({data["labelled_tokens_per_epoch"]:,}) |
+| optimizer steps | {summary["optimizer_steps"]} |
+| training loss, first / last logged | {loss(summary["train_loss_first"])} / {loss(summary["train_loss_last"])} |
+| runtime | {summary["runtime_seconds"] / 60:.1f} min |
+| peak GPU memory (allocated) | {"n/a" if summary["peak_gpu_memory_gib"] is None else f'{summary["peak_gpu_memory_gib"]} GiB'} |
+| versions | {", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v)} |
+"""
+
+
+def push_adapter(out: Path, repo_id: str):
+    """Upload the adapter, its model card and reports (not the checkpoints); the token comes from the usual login."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(out),
+                             ignore_patterns=["checkpoint-*", "checkpoint-*/**", "eval/**", ".*"])
+    print(f"pushed to {info.commit_url if hasattr(info, 'commit_url') else repo_id}")
+
+
+def sampler_for(cfg: TrainRun, rows: int, processes: int = 1) -> str:
+    """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
+    last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
+    micro_batches = cfg.gradient_accumulation_steps * processes
+    last_step_rows = rows % (cfg.batch_size * micro_batches)
+    return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
+
+
+def optimizer_steps_per_run(cfg: TrainRun, rows: int, world_size: int = 1) -> int:
+    batches = math.ceil(rows / (cfg.batch_size * world_size))
+    return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
+
+
+def training_chats(cfg: TrainRun) -> list:
+    """The conversations to train on, every row checked before anything is loaded."""
+    rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
+    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
+
+
+def training_dataset(cfg: TrainRun, tokenizer, chats: list) -> tuple:
+    """(rows to train on, rows held out by --eval_split or None, statistics): token ids and labels, rows cut at
+    --max_seq_length."""
+    from datasets import Dataset
+
+    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens,
+                                     cfg.reasoning_effort)
+    if not examples:
+        raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
+    print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
+          f"{stats['tokens_per_epoch']:,} tokens per epoch ({stats['labelled_tokens_per_epoch']:,} with loss)")
+    dataset = Dataset.from_list(examples)
+    if not cfg.eval_split:
+        return dataset, None, stats
+    held_out = round(len(dataset) * cfg.eval_split)
+    if not 1 <= held_out < len(dataset):
+        raise UsageError(f"--eval_split {cfg.eval_split} of {len(dataset)} rows holds out {held_out}; it must leave at "
+                         "least one row on each side")
+    split = dataset.train_test_split(test_size=held_out, seed=cfg.seed)
+    print(f"held out {held_out} rows for the evaluation loss")
+    return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
+
+
+def training_model(cfg: TrainRun, config, on_cuda: bool):
+    """The model to train, placed (and under ZeRO-3 partitioned) as the strategy wants it."""
+    strategy = distributed_strategy(cfg)
+    if strategy.startswith("deepspeed"):
+        import deepspeed
+
+        deepspeed.init_distributed()  # accelerate does this on GPUs only; ZeRO-3's loading needs it everywhere
+    model = load_model(cfg, config, on_cuda, training=True)
+    if strategy.startswith("deepspeed"):
+        from deepspeed.utils import set_z3_leaf_modules
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+        set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
+    if cfg.packing or model.config._attn_implementation == "flex_attention":
+        attach_document_masks(model)
+    if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
+        for layer in model.model.layers:
+            layer.mlp.compile(dynamic=True)
+    if on_cuda or cfg.compile:
+        watch_recompiles()
+    return model
+
+
+def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
+    """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
+    end the progress bar first and become RunFailed."""
+    import torch
+
+    checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
+    if checkpoint:
+        cut = [c.name for c in Path(cfg.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+               and int(c.name[11:]) > int(checkpoint.name[11:])]
+        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
+                                               if cut else ""))
+    try:
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as e:
+        print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
+        raise RunFailed(out_of_memory_advice(cfg, "training", *gpu_memory_state())) from e
+    except (RunFailed, KeyboardInterrupt) as e:
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
+        if isinstance(e, RunFailed):
+            raise
+        last = latest_checkpoint(Path(cfg.output_dir))
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
+            f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
+            else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
+
+
+def save_run(cfg: TrainRun, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
+    """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
+    folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
+    gathered); rank 0 writes the rest and returns the summary."""
+    import torch
+
+    out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
+    if is_main_process():
+        record(out, staging, pending=True)
+    trainer.save_model(str(staging))
+    if distributed_strategy(cfg).startswith("deepspeed"):
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
+    if not is_main_process():
+        return {}
+    history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
+             "attn_implementation": trainer.model.config._attn_implementation,
+             "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
+             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing",
+                                                      "checkpoint_every", "compile", "use_4bit", "batch_size",
+                                                      "gradient_accumulation_steps", "max_seq_length")},
+             "rows": stats["rows_used"]}
+    summary = {
+        "config": asdict(cfg),
+        "sampler_used": sampler,
+        "versions": library_versions(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "model_parameters": n_params,
+        "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
+        "distributed": {"world_size": world_size(), "strategy": distributed_strategy(cfg)},
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "data": stats,
+        "train_loss_first": history[0][1] if history else None,
+        "train_loss_last": history[-1][1] if history else None,
+        "eval_loss": [round(e["eval_loss"], 4) for e in trainer.state.log_history if "eval_loss" in e],
+        "optimizer_steps": trainer.state.global_step,
+        "tokens_seen": next((int(e["num_tokens"]) for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0),
+        "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
+        "speed": speed,
+    }
+    plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
+    (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (staging / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    (staging / "README.md").write_text(render_model_card(summary))
+    publish(staging, out)
+    return summary
+
+
+def run_train(cfg: TrainRun):
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    check_output_dir(cfg)
+    chats = training_chats(cfg)
+    config = load_model_config(cfg.model)
+    resolve_attention(cfg.attn_implementation, on_cuda)
+    shape = meta_model(config)
+    n_params = sum(p.numel() for p in shape.parameters())
+    if not on_cuda and n_params > 1e9:
+        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
+                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
+    check_training_names(cfg, shape)
+    tokenizer = load_tokenizer(cfg.model)
+    dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
+    steps_per_run = optimizer_steps_per_run(cfg, len(dataset), world_size())
+    done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
+    if cfg.resume and done >= (cfg.max_steps or steps_per_run):
+        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
+            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
+                  " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
+            return None
+        print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
+              "from the last checkpoint")
+    sampler = sampler_for(cfg, len(dataset), world_size())
+    if sampler != cfg.sampler:
+        print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
+    if is_main_process():
+        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume)
+    args = build_sft_config(cfg, on_cuda, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
+    model = training_model(cfg, config, on_cuda)
+    meter = make_speed_meter(model)
+    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * is_main_process()
+    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
+    trainer.model.print_trainable_parameters()
+    print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg, trainer, meter, steps_per_run)
+    summary = save_run(cfg, trainer, result, meter, chats, stats, n_params, sampler)
+    if not is_main_process():
+        return trainer
+    print(f"saved adapter, model card (README.md), run_summary.json, speed.json and loss_curve.png to {cfg.output_dir}/ "
+          f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
+    if cfg.push_to_hub:
+        push_adapter(Path(cfg.output_dir), cfg.hub_model_id)
+    print(json.dumps(summary["speed"]))  # also in speed.json, which bench/benchmark.sh reads
+    return trainer
 
 
 # -----------------------------------------------------------------------------
@@ -1655,514 +1835,6 @@ def attach_document_masks(model):
         return args, kwargs
 
     return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
-
-
-# -----------------------------------------------------------------------------
-# Train
-
-
-def build_lora_config(cfg: TrainRun):
-    from peft import LoraConfig
-
-    modules = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules or None  # PEFT's spelling
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=modules, target_parameters=cfg.target_parameters or None,
-                      task_type="CAUSAL_LM")
-
-
-def zero3_config() -> dict:
-    """The built-in --deepspeed zero3 preset; "auto" values come from the Trainer's own arguments."""
-    return {
-        "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                              "stage3_param_persistence_threshold": "auto",
-                              "stage3_gather_16bit_weights_on_model_save": True},
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "gradient_clipping": "auto", "steps_per_print": 10**9, "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,  # ZeRO takes --optim's optimizer, not only its own tested Adams
-    }
-
-
-def fsdp2_config(cfg: TrainRun) -> dict:
-    """--fsdp: FSDP2 over the decoder layers, full state dict on save, weights loaded once on rank 0's CPU."""
-    return {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "transformer_layer_cls_to_wrap": ["GptOssDecoderLayer"], "reshard_after_forward": True,
-            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True,
-            "activation_checkpointing": cfg.gradient_checkpointing}
-
-
-def parallel_arguments(cfg: TrainRun) -> dict:
-    """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
-    strategy = distributed_strategy(cfg)
-    if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
-        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "activation_checkpointing": False}
-    if strategy.startswith("deepspeed"):
-        return {"deepspeed": zero3_config() if cfg.deepspeed == "zero3" else cfg.deepspeed}
-    return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
-
-
-def build_sft_config(cfg: TrainRun, on_cuda: bool, sampler: str | None = None):
-    from trl import SFTConfig
-
-    arguments = dict(
-        {name: getattr(cfg, name) for name in (  # the settings SFTConfig takes under the same name
-            "output_dir", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_train_epochs",
-            "optim", "weight_decay", "seed", "logging_steps", "save_steps", "save_total_limit", "hub_model_id",
-            "router_aux_loss_coef")},  # router_aux_loss_coef: TRL's default would read 0.9 from the gpt-oss config
-        per_device_train_batch_size=cfg.batch_size,
-        lr_scheduler_kwargs={} if cfg.min_lr_rate is None else {"min_lr_rate": cfg.min_lr_rate},
-        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a float below 1 as a fraction of all steps
-        max_length=None if cfg.packing else cfg.max_seq_length,  # rows are cut to max_seq_length beforehand
-        padding_free=cfg.packing,
-        pad_to_multiple_of=FLEX_BLOCK if not cfg.packing and (cfg.attn_implementation, on_cuda) in (
-            ("flex_attention", True), ("auto", True)) else None,  # length buckets: a flex shape and cached mask each
-        train_sampling_strategy=sampler or cfg.sampler,  # transformers' own; the loss is normalised over the step
-        max_steps=cfg.max_steps or -1,
-        eval_strategy="epoch" if cfg.eval_split else "no",
-        per_device_eval_batch_size=cfg.batch_size,
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
-        activation_checkpointing_kwargs={"every_n_layers": cfg.checkpoint_every},
-        bf16=on_cuda,
-        use_cpu=not on_cuda,
-        logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it) so the run can stop on it
-        save_strategy="steps",
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        project=cfg.trackio_project,
-        run_name=cfg.run_name or f"{Path(cfg.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        trackio_space_id=None,  # trackio logs stay on this machine
-        trackio_static_space_id=False,
-        push_to_hub=False,  # pushed once, explicitly, after the adapter is saved
-        dataloader_num_workers=0,
-    )
-    return SFTConfig(**{**arguments, **parallel_arguments(cfg)})
-
-
-def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import BatchRebalanceSampler
-    from trl import SFTTrainer
-
-    class SeededSFTTrainer(SFTTrainer):
-        def create_model_card(self, *args, **kwargs):
-            """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
-            publishes its own (render_model_card) with the adapter."""
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
-                sampler.seed = self.args.seed  # seeded as the random sampler is, it draws the same rows for each step
-            return sampler
-
-    class FullLogitsSFTTrainer(SeededSFTTrainer):
-        """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits.
-        TRL 1.16 always fuses the LM head (its loss_type picks nll or dft only), so this needs its own compute_loss."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-    trainer_class = SeededSFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
-    return trainer_class(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
-
-
-def make_speed_meter(model, warmup_steps: int = 2):
-    """A Trainer callback timing optimizer steps after warm-up and counting the tokens they processed.
-
-    Real tokens are the non-pad ones (the attention mask's ones, or every token of a padding-free batch); padded
-    tokens are everything the model computed on. Counted by a hook on the model's forward, once per micro-batch.
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    class SpeedMeter(TrainerCallback):
-        def __init__(self):
-            self.real = self.padded = 0
-            self.steps = []  # (seconds, real tokens, padded tokens) per measured optimizer step
-
-        def count(self, module, args, kwargs):
-            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-            if module.training and ids is not None:
-                self.padded += ids.numel()
-                self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.start, self.real, self.padded = time.perf_counter(), 0, 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.steps.append((time.perf_counter() - self.start, self.real, self.padded))
-
-        def summary(self, optimizer_steps_per_run: int) -> dict:
-            measured = self.steps[warmup_steps:] if len(self.steps) > warmup_steps else self.steps[-1:]
-            seconds = sum(m[0] for m in measured)  # 0 when no step finished (e.g. out of memory in the first)
-            step_seconds = seconds / len(measured) if measured else None
-            # Counted on this process; the other ranks get batches of the same size, hence x world size.
-            per_second = lambda i: round(sum(m[i] for m in measured) * world_size() / seconds, 1) if seconds else None
-            on_cuda = torch.cuda.is_available()
-            gib = lambda peak: round(peak() / 2**30, 2) if on_cuda else None
-            return {"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "processes": world_size(),
-                    "steps_measured": len(measured),
-                    "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
-                    "tokens_per_second": per_second(1), "padded_tokens_per_second": per_second(2),
-                    "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
-                    "peak_memory_gib": {"allocated": gib(torch.cuda.max_memory_allocated),
-                                        "reserved": gib(torch.cuda.max_memory_reserved)},
-                    "optimizer_steps_per_run": optimizer_steps_per_run,
-                    "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2) if measured else None}
-
-    meter = SpeedMeter()
-    model.register_forward_pre_hook(meter.count, with_kwargs=True)
-    return meter
-
-
-def make_checkpoint_recorder(output_dir: str):
-    """A Trainer callback adding each checkpoint to the output folder's record: as being written when its save is due,
-    with its files once saved (a run killed in between leaves it recorded as cut short)."""
-    from transformers import TrainerCallback
-
-    out = Path(output_dir)
-
-    class RecordCheckpoints(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save:
-                record(out, out / f"checkpoint-{state.global_step}", pending=True)
-
-        def on_save(self, args, state, control, **kwargs):
-            folder = out / f"checkpoint-{state.global_step}"
-            was = (read_marker(out) or {}).get("written", {}).get(folder.name)
-            record(out, folder, since=was[1] if isinstance(was, list) and was[0] == "pending" else None)
-
-    return RecordCheckpoints()
-
-
-def make_nonfinite_guard(output_dir: str):
-    """A Trainer callback that stops the run at the first NaN or inf loss or gradient norm, before that step's
-    checkpoint is written, so the checkpoints on disk are all from finite steps."""
-    from transformers import TrainerCallback
-
-    class StopOnNonFiniteLoss(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            for name in ("loss", "grad_norm"):
-                value = (logs or {}).get(name)
-                if isinstance(value, (int, float)) and not math.isfinite(value):
-                    last = latest_checkpoint(Path(output_dir))
-                    raise RunFailed(
-                        f"The training {name.replace('_', ' ')} became {value} at step {state.global_step}, so the run "
-                        "stopped there and saved no adapter. "
-                        + (f"The checkpoints before it are kept; the last good one runs with --adapter {last}. "
-                           if last else "No checkpoint was written before it. ")
-                        + f"A loss that blows up usually means the learning rate is too high (now "
-                        f"{args.learning_rate:g}): start again with a lower --learning_rate and --overwrite.")
-
-    return StopOnNonFiniteLoss()
-
-
-def plot_loss(history: list, path: Path, title: str):
-    from matplotlib.figure import Figure  # no pyplot: no backend to pick, no figure to close
-
-    ax = Figure(figsize=(7, 4)).subplots()
-    steps, losses = zip(*history) if history else ((), ())
-    ax.plot(steps, losses, marker="o" if len(steps) < 30 else None)
-    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
-    ax.grid(alpha=0.3)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
-
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trackio"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def render_model_card(summary: dict) -> str:
-    """The adapter's README.md: what it is, how it was trained, what training measured, how to run it."""
-    cfg, data = summary["config"], summary["data"]
-    iso = {}
-    for spelling, name in known_languages().items():  # each language's ISO 639-1 code comes first in the table
-        if len(spelling) == 2:
-            iso.setdefault(name, spelling)
-    codes = [iso[name] for name in summary.get("reasoning_languages", []) if name in iso]
-    from huggingface_hub import ModelCardData
-
-    base = cfg["model"]
-    on_hub = lambda source: not Path(source).exists()  # the card's metadata and links name hub ids only
-    repo = cfg["hub_model_id"] or "<this adapter's directory or repo id>"
-    langs = ", ".join(summary.get("reasoning_languages", []))
-    loss = lambda v: "n/a" if v is None else f"{v:.4f}"
-    metadata = ModelCardData(base_model=base if on_hub(base) else None, library_name="peft", license="apache-2.0",
-                             datasets=[cfg["dataset"]] if on_hub(cfg["dataset"]) and not cfg["synthetic_data"] else None,
-                             language=codes or None, tags=["gpt-oss", "lora", "sft", "trl", "multilingual-reasoning"])
-    return f"""---
-{"" if on_hub(base) else f"# base model: local directory {base}{chr(10)}"}{metadata.to_yaml()}
----
-
-# {Path(cfg["output_dir"]).name}
-
-A LoRA adapter for {f"[{base}](https://huggingface.co/{base})" if on_hub(base) else f"`{base}`"} that makes the model **reason in the language you ask
-for**: with `reasoning language: German` in the system prompt, its analysis channel is written in German.
-Trained with `gpt_oss_20b_sft.py` (TRL `SFTTrainer` + PEFT) on `{cfg["dataset"] if not cfg["synthetic_data"] else "synthetic rows"}`,
-reasoning languages in the training data: {langs or "n/a"}.
-
-## Use it
-
-```bash
-python gpt_oss_20b_sft.py --mode infer --adapter {repo} --reasoning-language German --prompt "What is 7 x 8?"
-python gpt_oss_20b_sft.py --mode eval --adapter {repo} --compare-base
-```
-
-or with transformers and PEFT:
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}", dtype="auto", device_map="auto"), "{repo}")
-chat = [{{"role": "system", "content": "reasoning language: German"}}, {{"role": "user", "content": "What is 7 x 8?"}}]
-inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=512)[0]))
-```
-
-## Training
-
-| setting | value |
-|---|---|
-| LoRA | r={cfg["lora_r"]}, alpha={cfg["lora_alpha"]}, dropout={cfg["lora_dropout"]}, modules {", ".join(cfg["target_modules"]) or "none"}{", expert tensors " + ", ".join(cfg["target_parameters"]) if cfg["target_parameters"] else ""} |
-| batch | {cfg["batch_size"]} per device x {cfg["gradient_accumulation_steps"]} accumulation |
-| optimizer | {cfg["optim"]}, lr {cfg["learning_rate"]:g} {cfg["lr_scheduler_type"]}, warmup {cfg["warmup_ratio"]}, weight decay {cfg["weight_decay"]} |
-| epochs / max length | {cfg["num_train_epochs"]:g} / {cfg["max_seq_length"]} tokens |
-| loss | {"every token" if cfg["train_on_all_tokens"] else "assistant tokens only (analysis, final, <|return|>)"}; router aux loss coef {cfg["router_aux_loss_coef"]} |
-| system prompt | `Reasoning: {cfg["reasoning_effort"]}` (ask with `--reasoning_effort {cfg["reasoning_effort"]}`, `reasoning_effort="{cfg["reasoning_effort"]}"` in `apply_chat_template`) |
-
-## Measured in training
-
-| measurement | value |
-|---|---|
-| device | {summary["device"]} |
-| rows used / cut to max length | {data["rows_used"]} / {data["rows_truncated"]} |
-| tokens per epoch (with loss) | {data["tokens_per_epoch"]:,} ({data["labelled_tokens_per_epoch"]:,}) |
-| optimizer steps | {summary["optimizer_steps"]} |
-| training loss, first / last logged | {loss(summary["train_loss_first"])} / {loss(summary["train_loss_last"])} |
-| runtime | {summary["runtime_seconds"] / 60:.1f} min |
-| peak GPU memory (allocated) | {"n/a" if summary["peak_gpu_memory_gib"] is None else f'{summary["peak_gpu_memory_gib"]} GiB'} |
-| versions | {", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v)} |
-"""
-
-
-def push_adapter(out: Path, repo_id: str):
-    """Upload the adapter, its model card and reports (not the checkpoints); the token comes from the usual login."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(out),
-                             ignore_patterns=["checkpoint-*", "checkpoint-*/**", "eval/**", ".*"])
-    print(f"pushed to {info.commit_url if hasattr(info, 'commit_url') else repo_id}")
-
-
-def sampler_for(cfg: TrainRun, rows: int, processes: int = 1) -> str:
-    """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
-    last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
-    micro_batches = cfg.gradient_accumulation_steps * processes
-    last_step_rows = rows % (cfg.batch_size * micro_batches)
-    return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
-
-
-def optimizer_steps_per_run(cfg: TrainRun, rows: int, world_size: int = 1) -> int:
-    batches = math.ceil(rows / (cfg.batch_size * world_size))
-    return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
-
-
-def training_chats(cfg: TrainRun) -> list:
-    """The conversations to train on, every row checked before anything is loaded."""
-    rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
-    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
-
-
-def training_dataset(cfg: TrainRun, tokenizer, chats: list) -> tuple:
-    """(rows to train on, rows held out by --eval_split or None, statistics): token ids and labels, rows cut at
-    --max_seq_length."""
-    from datasets import Dataset
-
-    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens,
-                                     cfg.reasoning_effort)
-    if not examples:
-        raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
-    print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
-          f"{stats['tokens_per_epoch']:,} tokens per epoch ({stats['labelled_tokens_per_epoch']:,} with loss)")
-    dataset = Dataset.from_list(examples)
-    if not cfg.eval_split:
-        return dataset, None, stats
-    held_out = round(len(dataset) * cfg.eval_split)
-    if not 1 <= held_out < len(dataset):
-        raise UsageError(f"--eval_split {cfg.eval_split} of {len(dataset)} rows holds out {held_out}; it must leave at "
-                         "least one row on each side")
-    split = dataset.train_test_split(test_size=held_out, seed=cfg.seed)
-    print(f"held out {held_out} rows for the evaluation loss")
-    return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
-
-
-def training_model(cfg: TrainRun, config, on_cuda: bool):
-    """The model to train, placed (and under ZeRO-3 partitioned) as the strategy wants it."""
-    strategy = distributed_strategy(cfg)
-    if strategy.startswith("deepspeed"):
-        import deepspeed
-
-        deepspeed.init_distributed()  # accelerate does this on GPUs only; ZeRO-3's loading needs it everywhere
-    model = load_model(cfg, config, on_cuda, training=True)
-    if strategy.startswith("deepspeed"):
-        from deepspeed.utils import set_z3_leaf_modules
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
-
-        set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
-    if cfg.packing or model.config._attn_implementation == "flex_attention":
-        attach_document_masks(model)
-    if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
-        for layer in model.model.layers:
-            layer.mlp.compile(dynamic=True)
-    if on_cuda or cfg.compile:
-        watch_recompiles()
-    return model
-
-
-def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
-    """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
-    end the progress bar first and become RunFailed."""
-    import torch
-
-    checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
-    if checkpoint:
-        cut = [c.name for c in Path(cfg.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
-               and int(c.name[11:]) > int(checkpoint.name[11:])]
-        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
-                                               if cut else ""))
-    try:
-        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except torch.OutOfMemoryError as e:
-        print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
-        raise RunFailed(out_of_memory_advice(cfg, "training", *gpu_memory_state())) from e
-    except (RunFailed, KeyboardInterrupt) as e:
-        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
-        if isinstance(e, RunFailed):
-            raise
-        last = latest_checkpoint(Path(cfg.output_dir))
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
-            f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
-            else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
-
-
-def save_run(cfg: TrainRun, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
-    """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
-    folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
-    gathered); rank 0 writes the rest and returns the summary."""
-    import torch
-
-    out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
-    if is_main_process():
-        record(out, staging, pending=True)
-    trainer.save_model(str(staging))
-    if distributed_strategy(cfg).startswith("deepspeed"):
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
-    if not is_main_process():
-        return {}
-    history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
-    speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
-             "attn_implementation": trainer.model.config._attn_implementation,
-             "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
-             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing",
-                                                      "checkpoint_every", "compile", "use_4bit", "batch_size",
-                                                      "gradient_accumulation_steps", "max_seq_length")},
-             "rows": stats["rows_used"]}
-    summary = {
-        "config": asdict(cfg),
-        "sampler_used": sampler,
-        "versions": library_versions(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "model_parameters": n_params,
-        "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
-        "distributed": {"world_size": world_size(), "strategy": distributed_strategy(cfg)},
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "data": stats,
-        "train_loss_first": history[0][1] if history else None,
-        "train_loss_last": history[-1][1] if history else None,
-        "eval_loss": [round(e["eval_loss"], 4) for e in trainer.state.log_history if "eval_loss" in e],
-        "optimizer_steps": trainer.state.global_step,
-        "tokens_seen": next((int(e["num_tokens"]) for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0),
-        "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-        "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
-        "speed": speed,
-    }
-    plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
-    (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (staging / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
-    (staging / "README.md").write_text(render_model_card(summary))
-    publish(staging, out)
-    return summary
-
-
-def run_train(cfg: TrainRun):
-    import torch
-
-    on_cuda = torch.cuda.is_available()
-    check_output_dir(cfg)
-    chats = training_chats(cfg)
-    config = load_model_config(cfg.model)
-    resolve_attention(cfg.attn_implementation, on_cuda)
-    shape = meta_model(config)
-    n_params = sum(p.numel() for p in shape.parameters())
-    if not on_cuda and n_params > 1e9:
-        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
-                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
-    check_training_names(cfg, shape)
-    tokenizer = load_tokenizer(cfg.model)
-    dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
-    steps_per_run = optimizer_steps_per_run(cfg, len(dataset), world_size())
-    done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
-    if cfg.resume and done >= (cfg.max_steps or steps_per_run):
-        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
-            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
-                  " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
-            return None
-        print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
-              "from the last checkpoint")
-    sampler = sampler_for(cfg, len(dataset), world_size())
-    if sampler != cfg.sampler:
-        print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
-    if is_main_process():
-        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume)
-    args = build_sft_config(cfg, on_cuda, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
-    model = training_model(cfg, config, on_cuda)
-    meter = make_speed_meter(model)
-    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * is_main_process()
-    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
-    trainer.model.print_trainable_parameters()
-    print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    result = train(cfg, trainer, meter, steps_per_run)
-    summary = save_run(cfg, trainer, result, meter, chats, stats, n_params, sampler)
-    if not is_main_process():
-        return trainer
-    print(f"saved adapter, model card (README.md), run_summary.json, speed.json and loss_curve.png to {cfg.output_dir}/ "
-          f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
-    if cfg.push_to_hub:
-        push_adapter(Path(cfg.output_dir), cfg.hub_model_id)
-    print(json.dumps(summary["speed"]))  # also in speed.json, which bench/benchmark.sh reads
-    return trainer
 # -----------------------------------------------------------------------------
 # Infer
 
@@ -3743,86 +3415,414 @@ def demo_answer(cfg: TrainRun):
           "tuned, on questions it did not train on (a toy: NOTES.md says what it shows and what not):")
     run_eval(parse_config(["--mode", "eval", *same_model]))
 
-
 # -----------------------------------------------------------------------------
-# The modes, and main: parse, derive, validate, then print the settings or run
+# Errors, processes and files
 
 
-@dataclass(frozen=True)
-class Mode:
-    run: object  # the function that runs it
-    during: str  # what the out-of-memory message calls it
-    defaults: dict = field(default_factory=dict)  # settings that differ in this mode (the demo's come on top)
+class UsageError(Exception):
+    """A problem with what the user asked for: one line on stderr, exit code 2, nothing written."""
 
 
-MODES = {
-    "train": Mode(run_train, "training"),
-    "infer": Mode(run_infer, "inference"),
-    "chat": Mode(run_chat, "chat", dict(stream=True)),
-    # greedy (repeatable), with room for the reasoning before the answer
-    "eval": Mode(run_eval, "evaluation", dict(temperature=0.0, max_new_tokens=1024)),
-    "merge": Mode(run_merge, "merging"),
-}
+class RunFailed(Exception):
+    """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
 
 
-def main(argv=None) -> int:
-    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
-    cfg = None
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
+
+
+class Interrupted(Exception):
+    """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def end_process_group():
+    """Leave the launcher's process group before exit: a live gloo/NCCL group can abort at interpreter exit
+    ("terminate called without an active exception", seen with torch 2.14.1 under accelerate launch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def quiet_library_warnings(on_cuda: bool):
+    """Deprecation notices raised inside the libraries, by calls this script does not make: the user cannot act."""
+    for message in (r"`is_gradient_checkpointing` is deprecated",  # read by TRL 1.16 and PEFT 0.21 (transformers 5.23)
+                    r"`gradient_checkpointing_(enable|disable)` is deprecated",  # called by PEFT 0.21
+                    r"_compile flag on create_block_mask",  # transformers 5.23's flex masks (torch >= 2.11)
+                    r"`torch.jit.script_method` is deprecated"):  # torch 2.13, at a library's import
+        warnings.filterwarnings("ignore", message=message)
+    if not on_cuda:  # deepspeed (imported by accelerate) otherwise warns that it found no GPU, at every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def write_atomically(path: Path, data: str | bytes):
+    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        cfg = parse_config(argv)
-        if cfg.print_config:
-            print(render_config(cfg))
-            sys.stdout.flush()
-            return 0
-        if not is_main_process():
-            sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
-            if cfg.mode != "train":
-                return 0  # inference, eval and merge run on rank 0 alone
-        decide_offline(cfg)
-        import torch  # imports no Hugging Face library
-
-        quiet_library_warnings(torch.cuda.is_available())
-        note = gpu_note(cfg, torch.cuda.is_available())
-        if note and is_main_process():
-            print(f"note: {note}")
-        if cfg.demo:
-            ensure_demo_model(cfg)
-        with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
-            if cfg.demo and cfg.mode != "train":
-                ensure_demo_adapter(cfg)
-            MODES[cfg.mode].run(cfg)
-            if cfg.demo and cfg.mode == "train" and is_main_process():
-                demo_answer(cfg)
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(staging, path)
     except OSError as e:
-        if e.errno not in NO_ROOM:
-            raise
-        where = Path(e.filename or (cfg and cfg.output_dir) or ".").absolute()
-        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
-        print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
-              "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
-              "is used. Make room and run the same command again" + (", with --resume to continue from the last "
-              "checkpoint" if cfg and cfg.mode == "train" else "") + ".", file=sys.stderr)
-        return 1
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"\n{e}", file=sys.stderr)
-        return 1
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
-              file=sys.stderr)
-        return 130
+        e.filename = e.filename or str(path)  # a failed write names no file: the message should
+        raise
     finally:
-        release_folders()
-        end_process_group()
-    return 0
+        staging.unlink(missing_ok=True)  # what a failed write (a full disk) left
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file the user gave, as UTF-8 (a byte-order mark is skipped); every failure is one line naming it."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8, "
+                         "e.g. iconv -f latin1 -t utf-8") from None
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path):
+    """A sibling directory to write into; when the block ends without error it becomes target by one rename, or, where
+    target exists, its entries move in one by one (swap_in), so target never holds half of it and a file that
+    appeared in target meanwhile stays."""
+    import psutil  # accelerate's, peft's and trl's dependency
+
+    target = Path(os.path.realpath(target))  # beside the real folder: a link to another disk still renames
+    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"{target} cannot be made: {(e.strerror or str(e)).lower()}") from None
+    try:
+        yield staging
+        if owner_of(staging):
+            record(staging, *(p for p in staging.iterdir() if p.name != OWNER_FILE))
+        if target.is_dir():
+            lock_folder(target)
+            swap_in(staging, target, owner_of(staging), replace_all=True)
+            shutil.rmtree(staging)  # left: its marker only
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills: its mode and what it wrote there
+KNOWN_OUTPUTS = {  # exact names of what each mode writes: read only in folders of older versions, which kept no record
+    "train": r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+             r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
+             r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+             r"trainer_state\.json",  # the last five: what the Trainer writes into a checkpoint
+    "eval": r"eval_results\.json|eval_summary\.md|eval_summary\.png",
+    "merge": r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+             r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
+             r"merge_check\.json",
+}
+_LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this process writes there
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / OWNER_FILE).read_text())
+        return marker if isinstance(marker, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def owner_of(folder: Path) -> str | None:
+    """The mode that filled this folder, from the file it wrote there first; None for a folder the tool did not fill."""
+    return (read_marker(folder) or {}).get("mode")
+
+
+def entry_state(path: Path):
+    """What the record keeps of an entry: "dir", or a file's [size, mtime in ns] (a change to either shows)."""
+    st = path.lstat()
+    return "dir" if stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else "link"
+
+
+def record(folder: Path, *paths: Path, since: int | None = None, pending: bool = False):
+    """Add entries to folder's record as they are now; a folder with the files in it modified since `since` (ns),
+    or, pending, as a folder being written from now on (a run killed meanwhile leaves it so)."""
+    marker = read_marker(folder)
+    if marker is None:  # not a folder this tool marked as its own
+        return
+    written = marker.setdefault("written", {})
+    for path in paths:
+        inside = [] if pending or not path.is_dir() else [p for p in sorted(path.rglob("*"))
+                                                         if since is None or p.lstat().st_mtime_ns >= since]
+        for p in (path, *inside):
+            written[p.relative_to(folder).as_posix()] = ["pending", time.time_ns() - 10**9] if pending else entry_state(p)
+    marker["written"] = {k: v for k, v in written.items() if v[:1] == ["pending"] or os.path.lexists(folder / k)}
+    write_atomically(folder / OWNER_FILE, json.dumps(marker) + "\n")
+
+
+def sort_outputs(folder: Path, mode: str) -> tuple:
+    """(this mode's earlier outputs, entries this tool did not write), as paths, a folder before its contents. Own:
+    in the record and unchanged since; in a folder recorded as being written, or one of an older version, a file of
+    a known name (KNOWN_OUTPUTS) from after it began. Another output folder of the tool inside, e.g. <adapter>/eval,
+    is neither: it stays as it is."""
+    marker = read_marker(folder)
+    written = (marker or {}).get("written", {}) if owner_of(folder) == mode else {}
+    own, foreign = [], []
+
+    def visit(directory: Path, since: int | None):
+        for entry in sorted(directory.iterdir()):
+            if entry.name == OWNER_FILE and directory == folder or entry.is_dir() and owner_of(entry):
+                continue
+            state, was = entry_state(entry), written.get(entry.relative_to(folder).as_posix())
+            if since is not None:
+                mine = state != "link" and bool(re.fullmatch(KNOWN_OUTPUTS[mode], entry.name)) and (
+                    state == "dir" or state[1] >= since)
+            else:
+                mine = was == state or state == "dir" and isinstance(was, list) and was[0] == "pending"
+            (own if mine else foreign).append(entry)
+            if mine and state == "dir":
+                visit(entry, was[1] if isinstance(was, list) else since)
+
+    if folder.is_dir():
+        visit(folder, 0 if marker and "written" not in marker and owner_of(folder) == mode else None)
+    return own, foreign
+
+
+def remove_outputs(folder: Path, entries: list):
+    """Delete entries of sort_outputs' own list, contents before folders; a folder something appeared in stays."""
+    for entry in reversed(entries):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replace_all: bool = False):
+    """Move the entries of staging into out, `last` at the end, each recorded as it lands. Only entries of out this
+    tool wrote, unchanged, are replaced (with replace_all, the others of them removed); anything else stays, and
+    where it is in the way the run stops with the new files kept in staging."""
+    own, foreign = sort_outputs(out, mode)
+    new = sorted((p for p in staging.iterdir() if p.name != OWNER_FILE), key=lambda p: p.name == last)
+    clash = [p.name for p in new if out / p.name in foreign]
+    if clash:
+        raise RunFailed(f"{out / clash[0]} appeared during the run and is not this tool's, so it was left as it is; "
+                        f"the new outputs are in {staging}: move them in yourself")
+    if replace_all:
+        remove_outputs(out, [p for p in own if p.relative_to(out).parts[0] not in {n.name for n in new}])
+    if last:
+        (out / last).unlink(missing_ok=True)  # a folder holding `last` holds a complete result
+    for path in new:
+        os.replace(path, out / path.name)
+        record(out, out / path.name)
+
+
+def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
+    """The finished files of staging (a folder inside out) moved into out by swap_in, adapter_config.json last: a
+    folder holding it holds a complete adapter (PEFT and infer look for that file)."""
+    swap_in(staging, out, owner_of(out), last)
+    staging.rmdir()
+
+
+def protected_folder(out: Path, cfg) -> str | None:
+    """Why out must never be an output folder, or None: folders that hold the user's work."""
+    target, here = out.expanduser().resolve(), Path.cwd().resolve()
+    if target == here:
+        return "is the folder you are in"
+    if target in here.parents or target == Path.home().resolve():
+        return "holds the folder you are in" if target in here.parents else "is your home folder"
+    inputs = {"the dataset": getattr(cfg, "dataset", None), "this script": __file__,  # the inputs of this mode
+              "--eval-file": getattr(cfg, "eval_file", None), "--score-file": getattr(cfg, "score_file", None),
+              "--adapter": cfg.adapter}
+    for what, path in inputs.items():
+        if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
+            return f"holds {what}"
+    return None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
+    cut short (e.g. the process was killed while saving) and is skipped."""
+    complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+                and (c / "trainer_state.json").is_file()]
+    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def trained_steps(out: Path) -> int:
+    """Optimizer steps behind the newest complete checkpoint (0 without one)."""
+    last = latest_checkpoint(out)
+    return json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
+
+
+def lock_folder(folder: Path):
+    """Hold folder while this process writes there: a second run into it is refused. An flock, which the kernel drops
+    when the process ends however it ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    key = os.path.realpath(folder)
+    if key in _LOCKED:
+        return
+    descriptor = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise UsageError(f"--output_dir {folder} is in use by another run of this tool (pid "
+                         f"{(read_marker(folder) or {}).get('pid', 'unknown')}); wait for it to end or pick another "
+                         "folder") from None
+    _LOCKED[key] = descriptor
+
+
+def release_folders():
+    while _LOCKED:
+        os.close(_LOCKED.popitem()[1])
+
+
+def check_output_dir(cfg):
+    """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
+    files, and hold it. The tool replaces only what its record says it wrote there, unchanged (sort_outputs)."""
+    out = Path(cfg.output_dir)
+    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if os.path.exists(p))
+    longest = max(out.expanduser().parts, key=lambda part: len(os.fsencode(part)), default="")
+    if existing.is_dir() and len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
+        raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
+                         f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
+    reason = protected_folder(out, cfg)
+    if reason:
+        raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
+                         f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file; pick a directory")
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {out}: {existing} is a file, so no folder can be made in it")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
+    if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
+        lock_folder(out)
+    own, foreign = sort_outputs(out, cfg.mode)
+    if foreign:
+        names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
+            ", ..." if len(foreign) > 3 else "")
+        raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
+                         "own outputs, unchanged since it wrote them: move them or pick another folder")
+    resume = cfg.mode == "train" and cfg.resume
+    if resume and latest_checkpoint(out) is None:
+        raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
+    if own and not (cfg.overwrite or resume or cfg.demo):  # the demo replaces its own outputs
+        raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
+                         "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
+
+
+def claim_output_dir(out: Path, mode: str, replace_own: bool):
+    """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
+    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"--output_dir {out} cannot be made: {(e.strerror or str(e)).lower()}") from None
+    lock_folder(out)
+    before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
+    if replace_own:
+        remove_outputs(out, own)
+    kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}
+    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py", "pid": os.getpid(),
+                                                   "written": {k: before.get(k) or entry_state(p)
+                                                               for k, p in kept.items()}}) + "\n")
+
+
+def gpu_memory_state() -> tuple:
+    """(peak GiB allocated, GiB on the card, card name) for the out-of-memory message."""
+    import torch
+
+    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30,
+            torch.cuda.get_device_name())
+
+
+def out_of_memory_advice(cfg, during: str, peak_gib: float, total_gib: float, device: str) -> str:
+    """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
+    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
+    if during == "training":
+        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
+                f"{max(cfg.max_seq_length // 2, 256)}"
+                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
+                + ("" if cfg.chunked_loss else ", --chunked-loss")
+                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
+                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
+                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
+    if during == "merging":
+        return head + ("The merge itself streams the checkpoint; its logits check holds the whole model in bf16 "
+                       "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
+                       "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
+                       "logits check is skipped and the tensor check runs alone).")
+    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
+            + (f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.eval_batch_size > 1
+               else "")
+            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
+
+
+@contextlib.contextmanager
+def out_of_memory_is_a_message(cfg, during: str):
+    """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_repos(cfg) -> list:
+    """The Hub repos this run reads or writes; local paths (and the demo's files) need no Hub."""
+    needed = [cfg.model] if cfg.model and not Path(cfg.model).expanduser().exists() else []
+    if cfg.mode == "train" and not cfg.synthetic_data and not Path(cfg.dataset).expanduser().exists():
+        needed.append(cfg.dataset)
+    return needed + ([cfg.hub_model_id] if cfg.mode == "train" and cfg.push_to_hub else [])
+
+
+def decide_offline(cfg):
+    """Once, at start-up, before any Hugging Face library is imported (huggingface_hub reads HF_HUB_OFFLINE when
+    imported): when the Hub cannot be reached, go offline, so loading uses the local cache instead of retrying for
+    half a minute. --push_to_hub is checked here too, not after the training it would follow."""
+    if cfg.demo:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    needed = hub_repos(cfg)
+    if needed and not hub_offline():
+        host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+        try:
+            socket.create_connection((host.split(":")[0], int((host.split(":") + ["443"])[1])), timeout=3).close()
+        except (OSError, ValueError):
+            os.environ["HF_HUB_OFFLINE"] = "1"
+    if cfg.mode == "train" and cfg.push_to_hub:
+        if hub_offline():
+            raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if needed else 'offline'} "
+                             "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+def _hub_error(source: str, error: Exception) -> UsageError:
+    if hub_offline():
+        return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
+                          "offline; connect to the Hub once or pass a local directory")
+    return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
 
 
 if __name__ == "__main__":
