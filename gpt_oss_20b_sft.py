@@ -387,6 +387,7 @@ class Parser(OneLineErrors, TrlParser):
         self.add_argument("--config", metavar="FILE.yaml", help="a recipe: settings in YAML (see recipes/); flags on "
                           "the command line win")
 
+    # private: _add_dataclass_arguments, _parse_dataclass_field (HfArgumentParser); checked against transformers 5.23.0
     def _add_dataclass_arguments(self, dtype):
         group, hints = self.add_argument_group(dtype.__doc__), get_type_hints(dtype)
         for f in fields(dtype):
@@ -402,6 +403,7 @@ class Parser(OneLineErrors, TrlParser):
 
     def knows(self, flag: str) -> str | None:
         """The field a flag (any of its spellings, --no-x included) sets in this mode, or None."""
+        # private: argparse's _option_string_actions; checked against Python 3.11.7
         action = self._option_string_actions.get(flag)
         return action.dest if action and action.dest != "help" else None
 
@@ -801,6 +803,7 @@ def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks
             """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
             publishes its own (render_model_card) with the adapter."""
 
+        # private: Trainer._get_train_sampler, BatchRebalanceSampler; checked against transformers 5.23.0
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
@@ -1079,6 +1082,7 @@ def training_model(cfg: TrainRun, config, on_cuda: bool):
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
         set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
+    # private: config._attn_implementation; checked against transformers 5.23.0
     if cfg.packing or model.config._attn_implementation == "flex_attention":
         attach_document_masks(model)
     if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
@@ -1126,12 +1130,14 @@ def save_run(cfg: TrainRun, trainer, result, meter, chats, stats, n_params: int,
         record(out, staging, pending=True)
     trainer.save_model(str(staging))
     if distributed_strategy(cfg).startswith("deepspeed"):
+        # private: transformers.integrations.deepspeed.unset_hf_deepspeed_config; checked against transformers 5.23.0
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
     if not is_main_process():
         return {}
     history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    # private: config._attn_implementation and _experts_implementation; checked against transformers 5.23.0
     speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
              "attn_implementation": trainer.model.config._attn_implementation,
              "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
@@ -1395,6 +1401,7 @@ def encode_chat(tokenizer, chat: list, chat_template: str | None = None, assista
     By hand because transformers' sanitize_control_tokens encodes such a string apart from the text around it
     (" <|end|>" as " ", "<|"... where harmony has " <|", ...) and cannot return the assistant mask (5.23)."""
     from jinja2 import TemplateError
+    # private: transformers.utils.chat_template_utils' render_jinja_template; checked against transformers 5.23.0
     from transformers.utils.chat_template_utils import render_jinja_template
 
     escaped = [{k: v.replace("<|", ESCAPED_CONTROL) if isinstance(v, str) else v for k, v in m.items() if v is not None}
@@ -1584,6 +1591,7 @@ def dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk: int = MXFP4_ROWS_PER
     transformers' convert_moe_packed_tensors (same lookup table, same ldexp), written straight into the transposed
     layout the expert matmuls read, where it builds [experts, rows, cols] and then copies it transposed."""
     import torch
+    # private: transformers.integrations.mxfp4's FP4_VALUES; checked against transformers 5.23.0
     from transformers.integrations.mxfp4 import FP4_VALUES
 
     experts, rows, groups, _ = blocks.shape
@@ -1607,6 +1615,7 @@ def checkpoint_quantization(config) -> str | None:
 @functools.lru_cache(maxsize=None)
 def mxfp4_experts_class():
     import torch
+    # private: GptOssExperts' weight attributes and forward's arguments; checked against transformers 5.23.0
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     class Mxfp4Experts(GptOssExperts):
@@ -1781,6 +1790,7 @@ def watch_recompiles(limit: int = RECOMPILE_LIMIT):
 
     import torch._dynamo
 
+    # private: torch._dynamo's config.recompile_limit and its convert_frame logger; checked against torch 2.13.0
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
     class RecompileLimitNote(logging.Handler):
@@ -1811,6 +1821,7 @@ def attach_document_masks(model):
 
     def build_masks(module, args, kwargs):
         position_ids, padding = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        # private: config._attn_implementation, GptOssModel.forward's keywords; checked against transformers 5.23.0
         flex = ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask
         if kwargs.get("past_key_values") is not None:
             return None
@@ -2781,6 +2792,7 @@ def merged_tensor(get, name: str, stored: bool, updates: dict, to_bf16: bool):
     """One output tensor: W + s·BA computed in fp32 and rounded once (to bf16, or to the dtype the base stores);
     with to_bf16 an MXFP4 weight is dequantized by transformers' dequantizer first; any other tensor as stored."""
     import torch
+    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     update = updates.get(name)
@@ -2862,6 +2874,7 @@ def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates:
     gives a written tensor in the base's layout (default: from the safetensors shards)."""
     import torch
     from safetensors import safe_open
+    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     missing = [n for n, _ in output_tensors(layout, to_bf16) if n not in weight_map]
@@ -2971,6 +2984,7 @@ GGUF_FILE = "model.gguf"
 def gguf_pre_tokenizer(tokenizer) -> str:
     """The name llama.cpp gives the tokenizer's pre-tokenizer: gpt-4o for gpt-oss's (o200k's split, then byte-level);
     gpt-2 for a plain byte-level one (the demo's). Anything else is one line: llama.cpp would split text differently."""
+    # private: transformers.integrations.gguf's GGUF_PRE_TOKENIZER_SPLITS; checked against transformers 5.23.0
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
@@ -3265,6 +3279,7 @@ def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
+    # private: trl.chat_template_utils' gptoss_chat_template (trl does not export it); checked against trl 1.16.0
     from trl.chat_template_utils import gptoss_chat_template
 
     bpe = Tokenizer(models.BPE())
@@ -3331,6 +3346,7 @@ def quantize_to_mxfp4(weight):
     Written by hand because transformers' quantizer needs triton kernels from the Hub; used to build test and demo
     checkpoints only."""
     import torch
+    # private: transformers.integrations.mxfp4's FP4_VALUES; checked against transformers 5.23.0
     from transformers.integrations.mxfp4 import FP4_VALUES
 
     rows = weight.transpose(1, 2).float()  # [experts, out, in]: the checkpoint stores rows of the transposed weight
