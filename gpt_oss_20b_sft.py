@@ -3260,8 +3260,9 @@ def run_merge(cfg: MergeRun) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# The offline demo: a tiny random gpt-oss with a small tokenizer that has the harmony tokens and the real template,
-# and the same model written as gpt-oss ships (experts in MXFP4) for --demo --use_4bit
+# The offline demo: a tiny gpt-oss with a small tokenizer (the harmony tokens, the real template), pre-trained once to
+# think in English whatever the system prompt names, as gpt-oss does; and the same model written as gpt-oss ships
+# (experts in MXFP4) for --demo --use_4bit
 
 HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
                           "<|start|>", "<|end|>", "<|message|>", "<|call|>", "<|endofprompt|>"]
