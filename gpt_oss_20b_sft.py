@@ -11,8 +11,8 @@
     python gpt_oss_20b_sft.py --print-config                   # the resolved settings (YAML), loads nothing
     torchrun --nproc_per_node=2 gpt_oss_20b_sft.py             # several GPUs (also deepspeed, accelerate launch)
 
-Reads top to bottom in pipeline order: errors and files, settings, data, model, train, infer, chat, eval, merge, the
-demo, and last the table of modes that main() runs.
+Reads top to bottom: the modes and main(), their settings, train (the recipe), the data and the model it reads and
+loads, infer, chat, eval, merge, the demo, and last the machinery the chapters use: errors, processes and files.
 """
 
 import argparse
@@ -59,414 +59,86 @@ DEFAULT_MODEL = "openai/gpt-oss-20b"
 DEFAULT_OUTPUT_DIR = "gpt-oss-20b-multilingual-reasoner"
 DEMO_OUTPUT_DIR = "demo_output"
 
+
 # -----------------------------------------------------------------------------
-# Errors, processes and files
+# The modes, and main: parse, derive, validate, then print the settings or run
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: one line on stderr, exit code 2, nothing written."""
+@dataclass(frozen=True)
+class Mode:
+    run: object  # the function that runs it
+    during: str  # what the out-of-memory message calls it
+    defaults: dict = field(default_factory=dict)  # settings that differ in this mode (the demo's come on top)
 
 
-class RunFailed(Exception):
-    """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
-
-
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
-
-
-class Interrupted(Exception):
-    """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def end_process_group():
-    """Leave the launcher's process group before exit: a live gloo/NCCL group can abort at interpreter exit
-    ("terminate called without an active exception", seen with torch 2.14.1 under accelerate launch)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def quiet_library_warnings(on_cuda: bool):
-    """Deprecation notices raised inside the libraries, by calls this script does not make: the user cannot act."""
-    for message in (r"`is_gradient_checkpointing` is deprecated",  # read by TRL 1.16 and PEFT 0.21 (transformers 5.23)
-                    r"`gradient_checkpointing_(enable|disable)` is deprecated",  # called by PEFT 0.21
-                    r"_compile flag on create_block_mask",  # transformers 5.23's flex masks (torch >= 2.11)
-                    r"`torch.jit.script_method` is deprecated"):  # torch 2.13, at a library's import
-        warnings.filterwarnings("ignore", message=message)
-    if not on_cuda:  # deepspeed (imported by accelerate) otherwise warns that it found no GPU, at every run
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def write_atomically(path: Path, data: str | bytes):
-    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
-    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(staging, path)
-    except OSError as e:
-        e.filename = e.filename or str(path)  # a failed write names no file: the message should
-        raise
-    finally:
-        staging.unlink(missing_ok=True)  # what a failed write (a full disk) left
-
-
-def read_text_file(path: Path, what: str) -> str:
-    """A text file the user gave, as UTF-8 (a byte-order mark is skipped); every failure is one line naming it."""
-    try:
-        data = Path(path).expanduser().read_bytes()
-    except OSError as e:
-        raise UsageError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UsageError(f"{what} {path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8, "
-                         "e.g. iconv -f latin1 -t utf-8") from None
-
-
-@contextlib.contextmanager
-def staged_directory(target: Path):
-    """A sibling directory to write into; when the block ends without error it becomes target by one rename, or, where
-    target exists, its entries move in one by one (swap_in), so target never holds half of it and a file that
-    appeared in target meanwhile stays."""
-    import psutil  # accelerate's, peft's and trl's dependency
-
-    target = Path(os.path.realpath(target))  # beside the real folder: a link to another disk still renames
-    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
-        pid = stale.name.rsplit(".tmp", 1)[1]
-        if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as e:
-        if e.errno in NO_ROOM:
-            raise
-        raise UsageError(f"{target} cannot be made: {(e.strerror or str(e)).lower()}") from None
-    try:
-        yield staging
-        if owner_of(staging):
-            record(staging, *(p for p in staging.iterdir() if p.name != OWNER_FILE))
-        if target.is_dir():
-            lock_folder(target)
-            swap_in(staging, target, owner_of(staging), replace_all=True)
-            shutil.rmtree(staging)  # left: its marker only
-        else:
-            os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills: its mode and what it wrote there
-KNOWN_OUTPUTS = {  # exact names of what each mode writes: read only in folders of older versions, which kept no record
-    "train": r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
-             r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
-             r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
-             r"trainer_state\.json",  # the last five: what the Trainer writes into a checkpoint
-    "eval": r"eval_results\.json|eval_summary\.md|eval_summary\.png",
-    "merge": r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
-             r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
-             r"merge_check\.json",
+MODES = {  # lambda: each run_* function is looked up when its mode runs (its chapter comes below)
+    "train": Mode(lambda cfg: run_train(cfg), "training"),
+    "infer": Mode(lambda cfg: run_infer(cfg), "inference"),
+    "chat": Mode(lambda cfg: run_chat(cfg), "chat", dict(stream=True)),
+    # greedy (repeatable), with room for the reasoning before the answer
+    "eval": Mode(lambda cfg: run_eval(cfg), "evaluation", dict(temperature=0.0, max_new_tokens=1024)),
+    "merge": Mode(lambda cfg: run_merge(cfg), "merging"),
 }
-_LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this process writes there
 
 
-def read_marker(folder: Path) -> dict | None:
+def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    cfg = None
     try:
-        marker = json.loads((folder / OWNER_FILE).read_text())
-        return marker if isinstance(marker, dict) else None
-    except (OSError, ValueError):
-        return None
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(render_config(cfg))
+            sys.stdout.flush()
+            return 0
+        if not is_main_process():
+            sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
+            if cfg.mode != "train":
+                return 0  # inference, eval and merge run on rank 0 alone
+        decide_offline(cfg)
+        import torch  # imports no Hugging Face library
 
-
-def owner_of(folder: Path) -> str | None:
-    """The mode that filled this folder, from the file it wrote there first; None for a folder the tool did not fill."""
-    return (read_marker(folder) or {}).get("mode")
-
-
-def entry_state(path: Path):
-    """What the record keeps of an entry: "dir", or a file's [size, mtime in ns] (a change to either shows)."""
-    st = path.lstat()
-    return "dir" if stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else "link"
-
-
-def record(folder: Path, *paths: Path, since: int | None = None, pending: bool = False):
-    """Add entries to folder's record as they are now; a folder with the files in it modified since `since` (ns),
-    or, pending, as a folder being written from now on (a run killed meanwhile leaves it so)."""
-    marker = read_marker(folder)
-    if marker is None:  # not a folder this tool marked as its own
-        return
-    written = marker.setdefault("written", {})
-    for path in paths:
-        inside = [] if pending or not path.is_dir() else [p for p in sorted(path.rglob("*"))
-                                                         if since is None or p.lstat().st_mtime_ns >= since]
-        for p in (path, *inside):
-            written[p.relative_to(folder).as_posix()] = ["pending", time.time_ns() - 10**9] if pending else entry_state(p)
-    marker["written"] = {k: v for k, v in written.items() if v[:1] == ["pending"] or os.path.lexists(folder / k)}
-    write_atomically(folder / OWNER_FILE, json.dumps(marker) + "\n")
-
-
-def sort_outputs(folder: Path, mode: str) -> tuple:
-    """(this mode's earlier outputs, entries this tool did not write), as paths, a folder before its contents. Own:
-    in the record and unchanged since; in a folder recorded as being written, or one of an older version, a file of
-    a known name (KNOWN_OUTPUTS) from after it began. Another output folder of the tool inside, e.g. <adapter>/eval,
-    is neither: it stays as it is."""
-    marker = read_marker(folder)
-    written = (marker or {}).get("written", {}) if owner_of(folder) == mode else {}
-    own, foreign = [], []
-
-    def visit(directory: Path, since: int | None):
-        for entry in sorted(directory.iterdir()):
-            if entry.name == OWNER_FILE and directory == folder or entry.is_dir() and owner_of(entry):
-                continue
-            state, was = entry_state(entry), written.get(entry.relative_to(folder).as_posix())
-            if since is not None:
-                mine = state != "link" and bool(re.fullmatch(KNOWN_OUTPUTS[mode], entry.name)) and (
-                    state == "dir" or state[1] >= since)
-            else:
-                mine = was == state or state == "dir" and isinstance(was, list) and was[0] == "pending"
-            (own if mine else foreign).append(entry)
-            if mine and state == "dir":
-                visit(entry, was[1] if isinstance(was, list) else since)
-
-    if folder.is_dir():
-        visit(folder, 0 if marker and "written" not in marker and owner_of(folder) == mode else None)
-    return own, foreign
-
-
-def remove_outputs(folder: Path, entries: list):
-    """Delete entries of sort_outputs' own list, contents before folders; a folder something appeared in stays."""
-    for entry in reversed(entries):
-        with contextlib.suppress(FileNotFoundError, OSError):
-            entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-
-
-def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replace_all: bool = False):
-    """Move the entries of staging into out, `last` at the end, each recorded as it lands. Only entries of out this
-    tool wrote, unchanged, are replaced (with replace_all, the others of them removed); anything else stays, and
-    where it is in the way the run stops with the new files kept in staging."""
-    own, foreign = sort_outputs(out, mode)
-    new = sorted((p for p in staging.iterdir() if p.name != OWNER_FILE), key=lambda p: p.name == last)
-    clash = [p.name for p in new if out / p.name in foreign]
-    if clash:
-        raise RunFailed(f"{out / clash[0]} appeared during the run and is not this tool's, so it was left as it is; "
-                        f"the new outputs are in {staging}: move them in yourself")
-    if replace_all:
-        remove_outputs(out, [p for p in own if p.relative_to(out).parts[0] not in {n.name for n in new}])
-    if last:
-        (out / last).unlink(missing_ok=True)  # a folder holding `last` holds a complete result
-    for path in new:
-        os.replace(path, out / path.name)
-        record(out, out / path.name)
-
-
-def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
-    """The finished files of staging (a folder inside out) moved into out by swap_in, adapter_config.json last: a
-    folder holding it holds a complete adapter (PEFT and infer look for that file)."""
-    swap_in(staging, out, owner_of(out), last)
-    staging.rmdir()
-
-
-def protected_folder(out: Path, cfg) -> str | None:
-    """Why out must never be an output folder, or None: folders that hold the user's work."""
-    target, here = out.expanduser().resolve(), Path.cwd().resolve()
-    if target == here:
-        return "is the folder you are in"
-    if target in here.parents or target == Path.home().resolve():
-        return "holds the folder you are in" if target in here.parents else "is your home folder"
-    inputs = {"the dataset": getattr(cfg, "dataset", None), "this script": __file__,  # the inputs of this mode
-              "--eval-file": getattr(cfg, "eval_file", None), "--score-file": getattr(cfg, "score_file", None),
-              "--adapter": cfg.adapter}
-    for what, path in inputs.items():
-        if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
-            return f"holds {what}"
-    return None
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
-    cut short (e.g. the process was killed while saving) and is skipped."""
-    complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
-                and (c / "trainer_state.json").is_file()]
-    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
-
-
-def trained_steps(out: Path) -> int:
-    """Optimizer steps behind the newest complete checkpoint (0 without one)."""
-    last = latest_checkpoint(out)
-    return json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
-
-
-def lock_folder(folder: Path):
-    """Hold folder while this process writes there: a second run into it is refused. An flock, which the kernel drops
-    when the process ends however it ends, so a killed run leaves no stale lock."""
-    import fcntl
-
-    key = os.path.realpath(folder)
-    if key in _LOCKED:
-        return
-    descriptor = os.open(key, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise UsageError(f"--output_dir {folder} is in use by another run of this tool (pid "
-                         f"{(read_marker(folder) or {}).get('pid', 'unknown')}); wait for it to end or pick another "
-                         "folder") from None
-    _LOCKED[key] = descriptor
-
-
-def release_folders():
-    while _LOCKED:
-        os.close(_LOCKED.popitem()[1])
-
-
-def check_output_dir(cfg):
-    """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
-    files, and hold it. The tool replaces only what its record says it wrote there, unchanged (sort_outputs)."""
-    out = Path(cfg.output_dir)
-    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if os.path.exists(p))
-    longest = max(out.expanduser().parts, key=lambda part: len(os.fsencode(part)), default="")
-    if existing.is_dir() and len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
-        raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
-                         f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
-    reason = protected_folder(out, cfg)
-    if reason:
-        raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
-                         f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {out} is a file; pick a directory")
-    if not existing.is_dir():
-        raise UsageError(f"--output_dir {out}: {existing} is a file, so no folder can be made in it")
-    if not os.access(existing, os.W_OK):
-        raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
-    if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
-        lock_folder(out)
-    own, foreign = sort_outputs(out, cfg.mode)
-    if foreign:
-        names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
-            ", ..." if len(foreign) > 3 else "")
-        raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
-                         "own outputs, unchanged since it wrote them: move them or pick another folder")
-    resume = cfg.mode == "train" and cfg.resume
-    if resume and latest_checkpoint(out) is None:
-        raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
-    if own and not (cfg.overwrite or resume or cfg.demo):  # the demo replaces its own outputs
-        raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
-                         "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
-
-
-def claim_output_dir(out: Path, mode: str, replace_own: bool):
-    """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
-    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+        quiet_library_warnings(torch.cuda.is_available())
+        note = gpu_note(cfg, torch.cuda.is_available())
+        if note and is_main_process():
+            print(f"note: {note}")
+        if cfg.demo:
+            ensure_demo_model(cfg)
+        with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
+            if cfg.demo and cfg.mode != "train":
+                ensure_demo_adapter(cfg)
+            MODES[cfg.mode].run(cfg)
+            if cfg.demo and cfg.mode == "train" and is_main_process():
+                demo_answer(cfg)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as e:
-        if e.errno in NO_ROOM:
+        if e.errno not in NO_ROOM:
             raise
-        raise UsageError(f"--output_dir {out} cannot be made: {(e.strerror or str(e)).lower()}") from None
-    lock_folder(out)
-    before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
-    if replace_own:
-        remove_outputs(out, own)
-    kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}
-    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py", "pid": os.getpid(),
-                                                   "written": {k: before.get(k) or entry_state(p)
-                                                               for k, p in kept.items()}}) + "\n")
-
-
-def gpu_memory_state() -> tuple:
-    """(peak GiB allocated, GiB on the card, card name) for the out-of-memory message."""
-    import torch
-
-    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30,
-            torch.cuda.get_device_name())
-
-
-def out_of_memory_advice(cfg, during: str, peak_gib: float, total_gib: float, device: str) -> str:
-    """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
-    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
-    if during == "training":
-        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
-                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
-                f"{max(cfg.max_seq_length // 2, 256)}"
-                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
-                + ("" if cfg.chunked_loss else ", --chunked-loss")
-                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
-                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
-                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
-    if during == "merging":
-        return head + ("The merge itself streams the checkpoint; its logits check holds the whole model in bf16 "
-                       "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
-                       "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
-                       "logits check is skipped and the tensor check runs alone).")
-    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
-            + (f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.eval_batch_size > 1
-               else "")
-            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
-
-
-@contextlib.contextmanager
-def out_of_memory_is_a_message(cfg, during: str):
-    """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
-    import torch
-
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def hub_repos(cfg) -> list:
-    """The Hub repos this run reads or writes; local paths (and the demo's files) need no Hub."""
-    needed = [cfg.model] if cfg.model and not Path(cfg.model).expanduser().exists() else []
-    if cfg.mode == "train" and not cfg.synthetic_data and not Path(cfg.dataset).expanduser().exists():
-        needed.append(cfg.dataset)
-    return needed + ([cfg.hub_model_id] if cfg.mode == "train" and cfg.push_to_hub else [])
-
-
-def decide_offline(cfg):
-    """Once, at start-up, before any Hugging Face library is imported (huggingface_hub reads HF_HUB_OFFLINE when
-    imported): when the Hub cannot be reached, go offline, so loading uses the local cache instead of retrying for
-    half a minute. --push_to_hub is checked here too, not after the training it would follow."""
-    if cfg.demo:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    needed = hub_repos(cfg)
-    if needed and not hub_offline():
-        host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
-        try:
-            socket.create_connection((host.split(":")[0], int((host.split(":") + ["443"])[1])), timeout=3).close()
-        except (OSError, ValueError):
-            os.environ["HF_HUB_OFFLINE"] = "1"
-    if cfg.mode == "train" and cfg.push_to_hub:
-        if hub_offline():
-            raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if needed else 'offline'} "
-                             "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
-        from huggingface_hub import get_token
-
-        if not get_token():
-            raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
-
-
-def _hub_error(source: str, error: Exception) -> UsageError:
-    if hub_offline():
-        return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
-                          "offline; connect to the Hub once or pass a local directory")
-    return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
+        where = Path(e.filename or (cfg and cfg.output_dir) or ".").absolute()
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
+        print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
+              "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
+              "is used. Make room and run the same command again" + (", with --resume to continue from the last "
+              "checkpoint" if cfg and cfg.mode == "train" else "") + ".", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
+              file=sys.stderr)
+        return 130
+    finally:
+        release_folders()
+        end_process_group()
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -715,6 +387,7 @@ class Parser(OneLineErrors, TrlParser):
         self.add_argument("--config", metavar="FILE.yaml", help="a recipe: settings in YAML (see recipes/); flags on "
                           "the command line win")
 
+    # private: _add_dataclass_arguments, _parse_dataclass_field (HfArgumentParser); checked against transformers 5.23.0
     def _add_dataclass_arguments(self, dtype):
         group, hints = self.add_argument_group(dtype.__doc__), get_type_hints(dtype)
         for f in fields(dtype):
@@ -730,6 +403,7 @@ class Parser(OneLineErrors, TrlParser):
 
     def knows(self, flag: str) -> str | None:
         """The field a flag (any of its spellings, --no-x included) sets in this mode, or None."""
+        # private: argparse's _option_string_actions; checked against Python 3.11.7
         action = self._option_string_actions.get(flag)
         return action.dest if action and action.dest != "help" else None
 
@@ -1039,625 +713,6 @@ def describe_runtime(cfg: Config) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Data
-
-REQUIRED_FLAT_COLUMNS = ("reasoning_language", "user", "analysis", "final")
-REASONING_PREFIX = "reasoning language: "
-
-
-def jsonl_lines(path: Path, what: str):
-    """(line number, parsed value) for each non-blank line; a line that is not JSON is a UsageError naming it."""
-    for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
-        if line.strip():
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{what} {path} line {number} is not valid JSON ({e.msg}); one object per line") from e
-
-
-DATA_FILES = (".jsonl", ".json", ".parquet", ".csv")  # what read_rows reads
-
-
-def looks_local(source: str) -> bool:
-    """A path rather than a hub id: a hub id is "name" or "owner/name", without a file suffix."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix.lower() in (
-        *DATA_FILES, ".txt", ".tsv", ".xlsx", ".arrow", ".yaml", ".safetensors")
-
-
-def read_rows(source: str, split: str = "train") -> list:
-    """Rows of a local .jsonl/.json/.parquet/.csv file or of a hub dataset, as plain dicts."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        if looks_local(source):
-            raise UsageError(f"dataset file {source} does not exist; give an existing {'/'.join(DATA_FILES)} file "
-                             "or a hub dataset id")
-        import datasets
-        try:
-            return datasets.load_dataset(source, split=split).to_list()
-        except Exception as e:  # the hub raises many types; the user needs the message only
-            raise _hub_error(source, e) if hub_offline() else UsageError(
-                f"could not load dataset {source!r} split {split!r}: {str(e).splitlines()[0]}") from e
-    suffix = path.suffix.lower()
-    if path.is_dir() or suffix not in DATA_FILES:
-        kind = "a directory" if path.is_dir() else f"a {suffix or 'suffix-less'} file"
-        raise UsageError(f"dataset {source} is {kind}; datasets are read from {', '.join(DATA_FILES)} files")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"dataset file {source} is not readable (permission denied)")
-    if path.stat().st_size == 0:
-        raise UsageError(f"dataset file {source} is empty; it needs rows in the Multilingual-Thinking schema")
-    if suffix == ".parquet":
-        import datasets
-
-        try:
-            rows = datasets.Dataset.from_parquet(str(path)).to_list()
-        except Exception as e:  # pyarrow raises many types
-            raise UsageError(f"dataset file {source} could not be read as parquet: {str(e).splitlines()[0]}") from e
-    elif suffix == ".csv":  # the csv module keeps every value a string ("4" stays "4"); datasets would make it 4
-        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "dataset file"), newline="")))
-    elif suffix == ".json":
-        try:
-            rows = json.loads(read_text_file(path, "dataset file"))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{source} is not valid JSON ({e}); expected a list of rows") from e
-        rows = rows.get("data", rows) if isinstance(rows, dict) else rows
-    else:
-        rows = [row for _, row in jsonl_lines(path, "dataset file")]
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise UsageError(f"{source} must hold a list of objects (rows), one per example")
-    if not rows:
-        raise UsageError(f"dataset {source} has no rows")
-    return rows
-
-
-def row_to_messages(row: dict, where: str = "row") -> list:
-    """The chat of one row: system "reasoning language: X", user, assistant with thinking + content.
-
-    Rows may carry `messages` (as the hub dataset does) or only the flat columns, from which the same messages are
-    built. Raises UsageError naming the row and the field when the schema is wrong.
-    """
-    if row.get("messages") is not None:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        chat = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise UsageError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
-            if m["role"] not in ("system", "developer", "user", "assistant"):
-                raise UsageError(f"{where}: messages[{i}] has unknown role {m['role']!r}")
-            # "reasoning language: X\n\n" with no developer text renders as the flat columns do, without the blank end
-            content = m["content"].rstrip() if m["role"] in ("system", "developer") else m["content"]
-            message = {"role": m["role"], "content": content}
-            if m["role"] == "assistant" and m.get("thinking") is not None:
-                message["thinking"] = m["thinking"]
-            chat.append(message)
-    else:
-        missing = [c for c in REQUIRED_FLAT_COLUMNS if c not in row]
-        if missing:
-            raise UsageError(f"{where}: missing column(s) {', '.join(missing)}; a row needs 'messages' or the "
-                             f"columns {', '.join(REQUIRED_FLAT_COLUMNS)} (and optionally 'developer')")
-        for column in REQUIRED_FLAT_COLUMNS + ("developer",):
-            if column in row and not isinstance(row[column], str) and (row[column] is not None or column not in (
-                    "developer", "analysis")):  # a null analysis gets the message about missing reasoning below
-                raise UsageError(f"{where}: column {column!r} must be a string, got "
-                                 f"{'null' if row[column] is None else type(row[column]).__name__}")
-        system = REASONING_PREFIX + row["reasoning_language"]
-        if row.get("developer"):
-            system += "\n\n" + row["developer"]
-        chat = [{"role": "system", "content": system}, {"role": "user", "content": row["user"]},
-                {"role": "assistant", "content": row["final"], "thinking": row["analysis"]}]
-    if chat[-1]["role"] != "assistant":
-        raise UsageError(f"{where}: the last message must be the assistant's answer")
-    thinking = chat[-1].get("thinking")
-    if not isinstance(thinking, str) or not thinking.strip():
-        raise UsageError(f"{where}: the assistant turn has no 'thinking' (the analysis channel to learn from)")
-    if not any(m["role"] == "user" for m in chat):
-        raise UsageError(f"{where}: no user message")
-    return chat
-
-
-def reasoning_language_of(row: dict, chat: list) -> str | None:
-    if isinstance(row.get("reasoning_language"), str):
-        return row["reasoning_language"]
-    for m in chat:
-        if m["role"] in ("system", "developer") and m["content"].lower().startswith(REASONING_PREFIX):
-            return m["content"][len(REASONING_PREFIX):].split("\n")[0].strip()
-    return None
-
-
-def with_language(chat: list, name: str) -> list:
-    """The chat with its "reasoning language: X" line naming the language as name."""
-    for i, m in enumerate(chat):
-        if m["role"] in ("system", "developer") and m["content"].lower().startswith(REASONING_PREFIX):
-            _, newline, rest = m["content"][len(REASONING_PREFIX):].partition("\n")
-            return [*chat[:i], {**m, "content": REASONING_PREFIX + name + newline + rest}, *chat[i + 1:]]
-    return chat
-
-
-def prepare_chats(rows: list, languages: list | None = None, max_samples: int | None = None,
-                  any_language: bool = False) -> list:
-    """Validate every row, name its reasoning language by the rule of the flags (language_name), keep the requested
-    languages, take the first max_samples."""
-    chats = []
-    for index, row in enumerate(rows):
-        where = f"row {index + 1}"  # counted from 1, as lines are
-        chat = row_to_messages(row, where=where)
-        language = reasoning_language_of(row, chat)
-        if language is not None:
-            try:
-                language = language_name(language, "reasoning_language", any_language)
-            except UsageError as e:
-                raise UsageError(f"{where}: {e}") from None
-            chat = with_language(chat, language)
-        chats.append((language, chat))
-    if languages:
-        wanted = {language_name(lang, "--reasoning-languages", True) for lang in languages}
-        present = sorted({lang for lang, _ in chats if lang})
-        chats = [(lang, chat) for lang, chat in chats if lang in wanted]  # lang went through language_name above
-        if not chats:
-            raise UsageError(f"no rows with reasoning language {', '.join(languages)}; the data has "
-                             f"{', '.join(present) or 'no reasoning_language information'}")
-    return [chat for _, chat in chats[:max_samples]]
-
-
-ESCAPED_CONTROL = "\U000f0000\U000f0001"  # stands for "<|" inside message text while the template renders (same length)
-
-
-@functools.lru_cache(maxsize=None)
-def _added_tokens(tokenizer) -> re.Pattern:
-    return re.compile("(" + "|".join(map(re.escape, sorted(tokenizer.added_tokens_encoder, key=len, reverse=True))) + ")")
-
-
-def encode_chat(tokenizer, chat: list, chat_template: str | None = None, assistant_mask: bool = False,
-                where: str = "row", **template_kwargs) -> dict:
-    """input_ids (and the assistant mask) of one chat, with any "<|end|>", "<|return|>", ... inside its text encoded as
-    plain text, as openai-harmony does, so a question about a token or an answer quoting one cannot end a turn.
-    By hand because transformers' sanitize_control_tokens encodes such a string apart from the text around it
-    (" <|end|>" as " ", "<|"... where harmony has " <|", ...) and cannot return the assistant mask (5.23)."""
-    from jinja2 import TemplateError
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    escaped = [{k: v.replace("<|", ESCAPED_CONTROL) if isinstance(v, str) else v for k, v in m.items() if v is not None}
-               for m in chat]
-    try:
-        rendered, spans = render_jinja_template(
-            [escaped], chat_template=chat_template or tokenizer.chat_template,
-            return_assistant_tokens_mask=assistant_mask, **{**tokenizer.special_tokens_map, **template_kwargs})
-    except TemplateError as e:
-        raise UsageError(f"{where}: the chat template refuses it: {e}") from None
-    text, spans = rendered[0], spans[0] if spans else []
-    ids, starts, position = [], [], 0
-    for piece in _added_tokens(tokenizer).split(text):  # the template's own control tokens, and the text between
-        if piece in tokenizer.added_tokens_encoder:
-            ids.append(tokenizer.added_tokens_encoder[piece])
-            starts.append(position)
-        elif piece:
-            out = tokenizer(piece.replace(ESCAPED_CONTROL, "<|"), add_special_tokens=False, split_special_tokens=True,
-                            return_offsets_mapping=True)
-            ids += out["input_ids"]
-            starts += [position + a for a, _ in out["offset_mapping"]]
-        position += len(piece)
-    mask = [int(any(a <= start < b for a, b in spans)) for start in starts] if assistant_mask else None
-    return {"input_ids": ids, "assistant_masks": mask}
-
-
-def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, where: str = "row",
-                  reasoning_effort: str = "medium") -> dict:
-    """input_ids and labels of one conversation; labels are -100 outside the assistant's turn.
-
-    TRL's training version of the gpt-oss template marks the assistant turn, from its <|start|>assistant through
-    the analysis and final channels to <|return|>; the system preamble (with today's date), the developer message
-    and the user turn get no loss.
-    """
-    from trl.chat_template_utils import get_training_chat_template
-
-    out = encode_chat(tokenizer, chat, get_training_chat_template(tokenizer), assistant_mask=True, where=where,
-                      reasoning_effort=reasoning_effort)
-    ids = out["input_ids"]
-    labels = ids[:] if train_on_all_tokens else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
-    return {"input_ids": ids, "labels": labels}
-
-
-def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False,
-                   reasoning_effort: str = "medium"):
-    """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
-    examples, truncated, dropped = [], 0, 0
-    for index, chat in enumerate(chats):
-        characters = sum(len(m["content"]) + len(m.get("thinking") or "") for m in chat)
-        if characters > 64 * max_length:  # it could only be cut, after tokenizing it whole (GBs for a 50 MB row)
-            raise UsageError(f"training example {index + 1} is {characters:,} characters, far over --max_seq_length "
-                             f"{max_length:,} tokens: shorten or drop it")
-        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, f"training example {index + 1}", reasoning_effort)
-        if len(ex["input_ids"]) > max_length:
-            truncated += 1
-            ex = {k: v[:max_length] for k, v in ex.items()}
-            if all(label == -100 for label in ex["labels"][1:]):
-                dropped += 1
-                continue
-        examples.append(ex)
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    labelled = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples)
-    return examples, {"rows_used": len(examples), "rows_truncated": truncated, "rows_dropped_no_labels_left": dropped,
-                      "tokens_per_epoch": sum(lengths), "labelled_tokens_per_epoch": labelled,
-                      "longest_row_tokens": max(lengths, default=0)}
-
-
-# Multilingual-Thinking's tokens per row, log-normal (mean 1,200); the README says how it was fitted
-LENGTH_PROFILE = {"mu": 6.928, "sigma": 0.57, "min": 256, "max": 8192}
-SYNTHETIC_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
-SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be are from or have an they which one "
-                   "you were all there would their we him been has when who will more no if out so what up its about "
-                   "into than them can only other new some could time these two may then do first any my now such "
-                   "like our over even most made after also did many before must through back years where much way "
-                   "well down should because each just those people how too little state good very make world still "
-                   "own see work long get here between both life being under never day same another know while last "
-                   "might great old year off come since against go came right used take three").split()
-
-
-def synthetic_rows(n: int, seed: int = 0) -> list:
-    """n rows in the dataset's flat schema, about one word per token, lengths drawn from LENGTH_PROFILE."""
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        total = int(min(max(rng.lognormvariate(LENGTH_PROFILE["mu"], LENGTH_PROFILE["sigma"]), LENGTH_PROFILE["min"]),
-                        LENGTH_PROFILE["max"]))
-        body = total - 140  # the template's system preamble, headers, developer and user turns take about 140
-        words = lambda k: " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(max(k, 1)))
-        rows.append({"reasoning_language": SYNTHETIC_LANGUAGES[i % len(SYNTHETIC_LANGUAGES)],
-                     "developer": "You are a helpful assistant.", "user": words(30),
-                     "analysis": words(int(body * 0.65)), "final": words(int(body * 0.35))})
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# Model
-
-
-def load_model_config(source: str):
-    """The model's config; refuses anything that is not gpt-oss before a single weight is read."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from e
-    if config.model_type != "gpt_oss":
-        raise UsageError(f"{source} is a {config.model_type!r} model, not gpt-oss; this script trains gpt-oss "
-                         "(openai/gpt-oss-20b or a directory with a gpt_oss config)")
-    return config
-
-
-def meta_model(config):
-    """The model's modules with no weights behind them: parameter counts and layer names without loading."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(unquantized_config(config))
-
-
-def check_training_names(cfg: TrainRun, model):
-    """What PEFT and transformers would reject after loading, refused before: LoRA targets that are not in the model,
-    optimizer and schedule names transformers does not know."""
-    from torch import nn
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
-
-    for flag, value, known in (("--optim", cfg.optim, [o.value for o in OptimizerNames]),
-                               ("--lr_scheduler_type", cfg.lr_scheduler_type, [t.value for t in SchedulerType])):
-        if value not in known:
-            close = difflib.get_close_matches(value, known, n=3)
-            raise UsageError(f"{flag} {value!r} is not one of transformers' names"
-                             + (f"; did you mean {', '.join(close)}?" if close else ""))
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                     if isinstance(m, nn.Linear) and name != "lm_head"})
-    unknown = [t for t in cfg.target_modules if t != "all-linear" and t not in linear]
-    if unknown:
-        raise UsageError(f"--target_modules {','.join(unknown)}: no such Linear layer in {cfg.model}; it has "
-                         f"{','.join(linear)} (or all-linear)")
-    parameters = [name for name, _ in model.named_parameters()]
-    for target in cfg.target_parameters:
-        if not any(name.endswith("." + target) for name in parameters):
-            raise UsageError(f"--target_parameters {target}: no such parameter in {cfg.model}; e.g. "
-                             "mlp.experts.gate_up_proj,mlp.experts.down_proj")
-
-
-def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise _hub_error(source, e) from e
-    if "<|channel|>" not in tokenizer.get_vocab() or not tokenizer.chat_template:
-        raise UsageError(f"the tokenizer of {source} lacks the harmony tokens or chat template of gpt-oss")
-    return tokenizer
-
-
-def resolve_attention(requested: str, on_cuda: bool) -> str:
-    if requested == "auto":
-        return "flex_attention" if on_cuda else "eager"
-    if requested == "flex_attention" and not on_cuda:
-        raise UsageError("flex_attention applies gpt-oss's attention sinks on CUDA only; use eager on CPU")
-    return requested
-
-
-def unquantized_config(config, **overrides):
-    """A copy of the config without its quantization block (random weights are plain bf16), with overrides."""
-    values = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
-    return type(config).from_dict({**values, **overrides})
-
-
-# The checkpoint stores each expert weight in MXFP4: 4-bit e2m1 values in blocks of 32 sharing one power-of-two
-# scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, to the values
-# Mxfp4Config(dequantize=True) loads (bit for bit, tested); checkpointing recomputes, so it dequantizes again.
-MXFP4_TENSORS = ("gate_up_proj", "down_proj")
-FLEX_BLOCK = 128  # flex attention's block: padded batches are padded to a multiple of it, one compiled shape per bucket
-RECOMPILE_LIMIT = 64  # torch's default 8 < max_seq_length 2048 / 128 buckets
-MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' default, a whole layer, takes GBs of temporaries
-
-
-def dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk: int = MXFP4_ROWS_PER_CHUNK):
-    """[experts, rows, groups, 16] bytes and [experts, rows, groups] scales -> [experts, groups * 32, rows] in dtype:
-    transformers' convert_moe_packed_tensors (same lookup table, same ldexp), written straight into the transposed
-    layout the expert matmuls read, where it builds [experts, rows, cols] and then copies it transposed."""
-    import torch
-    from transformers.integrations.mxfp4 import FP4_VALUES
-
-    experts, rows, groups, _ = blocks.shape
-    out = torch.empty(experts, groups * 32, rows, dtype=dtype, device=blocks.device)
-    codes = torch.arange(256, device=blocks.device).unsqueeze(1)
-    pairs = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)[torch.cat([codes & 15, codes >> 4], 1)]
-    step = max(1, rows_per_chunk // (rows * groups))  # whole experts per step, about rows_per_chunk rows of 32
-    for e0 in range(0, experts, step):
-        e1 = min(e0 + step, experts)
-        values = pairs[blocks[e0:e1].int()].view(e1 - e0, rows, groups, 32)  # byte -> (low, high) nibble values
-        exponents = scales[e0:e1].int().sub_(127).unsqueeze(-1)
-        torch.ldexp(values, exponents, out=out[e0:e1].transpose(1, 2).view(e1 - e0, rows, groups, 32))
-    return out
-
-
-def checkpoint_quantization(config) -> str | None:
-    quant = getattr(config, "quantization_config", None)
-    return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-
-
-@functools.lru_cache(maxsize=None)
-def mxfp4_experts_class():
-    import torch
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-
-    class Mxfp4Experts(GptOssExperts):
-        """GptOssExperts whose two weight tensors stay MXFP4 buffers and are dequantized per forward."""
-
-        def __init__(self, config):
-            super().__init__(config)
-            del self.gate_up_proj, self.down_proj
-            experts, hidden, inner = config.num_local_experts, config.hidden_size, config.intermediate_size
-            for name, rows, cols in (("gate_up_proj", 2 * inner, hidden), ("down_proj", hidden, inner)):
-                self.register_buffer(f"{name}_blocks", torch.zeros(experts, rows, cols // 32, 16, dtype=torch.uint8))
-                self.register_buffer(f"{name}_scales", torch.zeros(experts, rows, cols // 32, dtype=torch.uint8))
-
-        def forward(self, hidden_states, router_indices=None, routing_weights=None):
-            for name in MXFP4_TENSORS:
-                setattr(self, name, dequantize_mxfp4(getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"),
-                                                     self.gate_up_proj_bias.dtype, MXFP4_ROWS_PER_CHUNK))
-            try:
-                return super().forward(hidden_states, router_indices, routing_weights)
-            finally:
-                del self.gate_up_proj, self.down_proj  # the autograd graph keeps what backward needs
-
-    return Mxfp4Experts
-
-
-def checkpoint_dir(source: str) -> Path:
-    """A local directory, or a hub repo's weights and configs (downloaded once into the HF cache)."""
-    directory = Path(source)
-    if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            directory = Path(snapshot_download(source, allow_patterns=["model*.safetensors", "*.json"]))
-        except Exception as e:  # the hub raises many types; the user needs the message only
-            raise _hub_error(source, e) from e
-    return directory
-
-
-def checkpoint_files(source: str) -> list:
-    """The safetensors files of a local directory or of a hub repo."""
-    files = sorted(checkpoint_dir(source).glob("*.safetensors"))
-    if not files:
-        raise UsageError(f"{source} has no .safetensors weights")
-    return files
-
-
-def load_mxfp4_model(cfg: Config, config, device: str, random_init: bool, dtype, attn_implementation: str):
-    """gpt-oss with its experts kept in MXFP4 (--use_4bit); every other weight in dtype."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    experts_class = mxfp4_experts_class()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(unquantized_config(config), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
-        for layer in model.model.layers:
-            layer.mlp.experts = experts_class(model.config)
-    if random_init:  # preflight: random weights of the real shapes, built where they will run
-        model.to_empty(device=device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        for name, tensor in model.state_dict().items():
-            if tensor.dtype == torch.uint8:  # blocks: any nibbles; scales: 2**-5, weights of the usual size
-                tensor.copy_(torch.randint(0, 256, tensor.shape, generator=generator, device=device, dtype=torch.uint8)
-                             if name.endswith("_blocks") else torch.full_like(tensor, 122))
-            elif name.endswith("norm.weight"):
-                tensor.fill_(1.0)
-            elif name.endswith("bias") or name.endswith("sinks"):
-                tensor.zero_()
-            else:
-                tensor.normal_(0.0, 0.02, generator=generator)
-    else:
-        state = {key: tensor if tensor.dtype == torch.uint8 else tensor.to(dtype) for file in
-                 checkpoint_files(cfg.model) for key, tensor in load_file(str(file), device=device).items()}
-        result = model.load_state_dict(state, strict=False, assign=True)
-        if result.missing_keys or result.unexpected_keys:
-            raise UsageError(f"{cfg.model} does not have gpt-oss's MXFP4 layout: missing "
-                             f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
-    with torch.device(device):  # the rotary frequencies are computed, not stored: compute them on the device
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
-    return model
-
-
-def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
-    """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models, unless dtype says otherwise), MXFP4 experts
-    dequantized so LoRA can train on them and merge into them."""
-    import torch
-    from transformers import AutoModelForCausalLM, Mxfp4Config
-
-    # merge's logits check has no model settings: it loads the checkpoint as shipped; --random-init is train's
-    use_4bit, random_init = getattr(cfg, "use_4bit", False), getattr(cfg, "random_init", False)
-    kwargs = dict(dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32),
-                  attn_implementation=resolve_attention(getattr(cfg, "attn_implementation", "auto"), on_cuda))
-    # Each process loads onto its own GPU; under FSDP2 and ZeRO-3 the libraries place (and shard) the weights.
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_cuda else "cpu"
-    sharded = training and distributed_strategy(cfg) not in ("single", "ddp")
-    device_map = device if on_cuda and not sharded else None
-    if use_4bit:
-        if not random_init and checkpoint_quantization(config) != "mxfp4":
-            raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {cfg.model}'s experts "
-                             "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
-        model = load_mxfp4_model(cfg, config, device, random_init, **kwargs)
-    elif random_init:
-        torch.manual_seed(cfg.seed)
-        with torch.device(device_map or "cpu"):
-            model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
-    else:
-        if checkpoint_quantization(config) == "mxfp4":
-            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map=device_map, **kwargs)
-        except OSError as e:
-            raise _hub_error(cfg.model, e) from e
-    model.config.use_cache = not training
-    return model
-
-
-def document_block_mask(position_ids, sliding_window: int | None = None, block: int = 128):
-    """The flex BlockMask of one packed row (documents where position_ids restart), built from the boundaries.
-
-    transformers 5.23 builds it with torch.compile(create_block_mask) over the dense [tokens, tokens] mask, and the
-    compiled argsort of a 70-137-block row can take minutes (pytorch#182060). Each query attends to one interval of
-    keys, [its document's start (or the window's), itself], and the starts only grow, so each pair of 128-token
-    blocks is full or partly visible by comparing block ends: the same tables as create_block_mask, no dense mask.
-    """
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask
-
-    positions = position_ids[0]
-    length, device = len(positions), positions.device
-    index = torch.arange(length, device=device)
-    new_document = torch.diff(positions, prepend=positions[:1] - 1) != 1  # transformers' find_packed_sequence_indices
-    document = new_document.cumsum(0)
-    first_key = torch.where(new_document, index, 0).cummax(0).values
-    if sliding_window is not None:
-        first_key = torch.maximum(first_key, index - sliding_window + 1)
-    starts = torch.arange(0, length, block, device=device)
-    ends = (starts + block).clamp(max=length) - 1
-    q0, q1, k0, k1 = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
-    visible = (q1 >= k0) & (first_key[torch.maximum(q0, k0).clamp(max=length - 1)] <= k1)
-    whole = (ends - starts + 1 == block)
-    full = (first_key[q1] <= k0) & (q0 >= k1) & whole[:, None] & whole[None, :]
-
-    def ordered(blocks):  # create_block_mask's own (count, indices) form, argsort uncompiled on [blocks, blocks]
-        blocks = blocks.to(torch.int32)[None, None]
-        return blocks.sum(-1).to(torch.int32), torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
-
-    def mask_mod(batch, head, q, kv):  # any batch index: one mask for every row
-        same = (document[q] == document[kv]) & (positions[kv] <= positions[q])
-        return same if sliding_window is None else same & (positions[kv] > positions[q] - sliding_window)
-
-    return BlockMask.from_kv_blocks(*ordered(visible & ~full), *ordered(full), BLOCK_SIZE=(block, block),
-                                    mask_mod=mask_mod, seq_lengths=(length, length))
-
-
-@functools.lru_cache(maxsize=64)
-def padded_block_masks(length: int, sliding_window: int, device: str) -> dict:
-    """flex's masks for a right-padded batch of this length: causal, without the padding term, one for every row.
-    No real token attends to a pad after it, so real tokens' outputs and the loss are unchanged; only pads' (labelled
-    -100) see other pads. One mask per length, shared by every batch of it, instead of one compiled build each."""
-    import torch
-
-    positions = torch.arange(length, device=device)[None]
-    return {"full_attention": document_block_mask(positions),
-            "sliding_attention": document_block_mask(positions, sliding_window)}
-
-
-def watch_recompiles(limit: int = RECOMPILE_LIMIT):
-    """flex attention (and --compile) compile per shape: one per length bucket and batch size until torch makes the
-    sizes dynamic. Raise torch's limit of 8 and say in one line when it is hit: past it, that code runs uncompiled."""
-    import logging
-
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-
-    class RecompileLimitNote(logging.Handler):
-        def emit(self, record):
-            if "recompile_limit" in record.getMessage():
-                print(f"note: torch.compile hit its recompile limit ({torch._dynamo.config.recompile_limit}); later "
-                      "shapes of that function run uncompiled, slower (TORCH_LOGS=recompiles shows why)", file=sys.stderr)
-
-    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
-    if not any(type(h).__name__ == "RecompileLimitNote" for h in dynamo_log.handlers):
-        dynamo_log.addHandler(RecompileLimitNote())
-
-
-def attach_document_masks(model):
-    """Give each row of a padding-free batch its own causal and sliding-window mask, and right-padded flex batches
-    masks without the padding term.
-
-    GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
-    before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
-    calls them for eager's block-diagonal masks and builds flex's BlockMasks from the boundaries
-    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks. A
-    right-padded flex batch gets padded_block_masks, cached by length.
-    """
-    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
-                                            create_sliding_window_causal_mask, flex_attention_mask)
-
-    decoder = model.get_decoder()
-
-    def build_masks(module, args, kwargs):
-        position_ids, padding = kwargs.get("position_ids"), kwargs.get("attention_mask")
-        flex = ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask
-        if kwargs.get("past_key_values") is not None:
-            return None
-        if flex and getattr(padding, "ndim", 0) == 2 and bool((padding[:, 1:] <= padding[:, :-1]).all()):  # right-padded
-            kwargs["attention_mask"] = padded_block_masks(padding.shape[1], module.config.sliding_window,
-                                                          str(padding.device))
-            return args, kwargs
-        if position_ids is None or padding is not None:
-            return None
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            embeds = module.embed_tokens(kwargs.pop("input_ids"))
-        mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
-                           position_ids=position_ids)
-        if flex and len(embeds) == 1:
-            masks = {"full_attention": document_block_mask(position_ids),
-                     "sliding_attention": document_block_mask(position_ids, module.config.sliding_window)}
-        else:
-            masks = {"full_attention": create_causal_mask(**mask_kwargs),
-                     "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
-        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask=masks)
-        return args, kwargs
-
-    return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
-
-
-# -----------------------------------------------------------------------------
 # Train
 
 
@@ -1748,6 +803,7 @@ def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks
             """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
             publishes its own (render_model_card) with the adapter."""
 
+        # private: Trainer._get_train_sampler, BatchRebalanceSampler; checked against transformers 5.23.0
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
@@ -2026,6 +1082,7 @@ def training_model(cfg: TrainRun, config, on_cuda: bool):
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
         set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
+    # private: config._attn_implementation; checked against transformers 5.23.0
     if cfg.packing or model.config._attn_implementation == "flex_attention":
         attach_document_masks(model)
     if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
@@ -2073,12 +1130,14 @@ def save_run(cfg: TrainRun, trainer, result, meter, chats, stats, n_params: int,
         record(out, staging, pending=True)
     trainer.save_model(str(staging))
     if distributed_strategy(cfg).startswith("deepspeed"):
+        # private: transformers.integrations.deepspeed.unset_hf_deepspeed_config; checked against transformers 5.23.0
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
     if not is_main_process():
         return {}
     history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    # private: config._attn_implementation and _experts_implementation; checked against transformers 5.23.0
     speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
              "attn_implementation": trainer.model.config._attn_implementation,
              "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
@@ -2163,6 +1222,630 @@ def run_train(cfg: TrainRun):
         push_adapter(Path(cfg.output_dir), cfg.hub_model_id)
     print(json.dumps(summary["speed"]))  # also in speed.json, which bench/benchmark.sh reads
     return trainer
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+REQUIRED_FLAT_COLUMNS = ("reasoning_language", "user", "analysis", "final")
+REASONING_PREFIX = "reasoning language: "
+
+
+def jsonl_lines(path: Path, what: str):
+    """(line number, parsed value) for each non-blank line; a line that is not JSON is a UsageError naming it."""
+    for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{what} {path} line {number} is not valid JSON ({e.msg}); one object per line") from e
+
+
+DATA_FILES = (".jsonl", ".json", ".parquet", ".csv")  # what read_rows reads
+
+
+def looks_local(source: str) -> bool:
+    """A path rather than a hub id: a hub id is "name" or "owner/name", without a file suffix."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix.lower() in (
+        *DATA_FILES, ".txt", ".tsv", ".xlsx", ".arrow", ".yaml", ".safetensors")
+
+
+def read_rows(source: str, split: str = "train") -> list:
+    """Rows of a local .jsonl/.json/.parquet/.csv file or of a hub dataset, as plain dicts."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if looks_local(source):
+            raise UsageError(f"dataset file {source} does not exist; give an existing {'/'.join(DATA_FILES)} file "
+                             "or a hub dataset id")
+        import datasets
+        try:
+            return datasets.load_dataset(source, split=split).to_list()
+        except Exception as e:  # the hub raises many types; the user needs the message only
+            raise _hub_error(source, e) if hub_offline() else UsageError(
+                f"could not load dataset {source!r} split {split!r}: {str(e).splitlines()[0]}") from e
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix not in DATA_FILES:
+        kind = "a directory" if path.is_dir() else f"a {suffix or 'suffix-less'} file"
+        raise UsageError(f"dataset {source} is {kind}; datasets are read from {', '.join(DATA_FILES)} files")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"dataset file {source} is not readable (permission denied)")
+    if path.stat().st_size == 0:
+        raise UsageError(f"dataset file {source} is empty; it needs rows in the Multilingual-Thinking schema")
+    if suffix == ".parquet":
+        import datasets
+
+        try:
+            rows = datasets.Dataset.from_parquet(str(path)).to_list()
+        except Exception as e:  # pyarrow raises many types
+            raise UsageError(f"dataset file {source} could not be read as parquet: {str(e).splitlines()[0]}") from e
+    elif suffix == ".csv":  # the csv module keeps every value a string ("4" stays "4"); datasets would make it 4
+        rows = list(csv.DictReader(io.StringIO(read_text_file(path, "dataset file"), newline="")))
+    elif suffix == ".json":
+        try:
+            rows = json.loads(read_text_file(path, "dataset file"))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{source} is not valid JSON ({e}); expected a list of rows") from e
+        rows = rows.get("data", rows) if isinstance(rows, dict) else rows
+    else:
+        rows = [row for _, row in jsonl_lines(path, "dataset file")]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UsageError(f"{source} must hold a list of objects (rows), one per example")
+    if not rows:
+        raise UsageError(f"dataset {source} has no rows")
+    return rows
+
+
+def row_to_messages(row: dict, where: str = "row") -> list:
+    """The chat of one row: system "reasoning language: X", user, assistant with thinking + content.
+
+    Rows may carry `messages` (as the hub dataset does) or only the flat columns, from which the same messages are
+    built. Raises UsageError naming the row and the field when the schema is wrong.
+    """
+    if row.get("messages") is not None:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        chat = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise UsageError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
+            if m["role"] not in ("system", "developer", "user", "assistant"):
+                raise UsageError(f"{where}: messages[{i}] has unknown role {m['role']!r}")
+            # "reasoning language: X\n\n" with no developer text renders as the flat columns do, without the blank end
+            content = m["content"].rstrip() if m["role"] in ("system", "developer") else m["content"]
+            message = {"role": m["role"], "content": content}
+            if m["role"] == "assistant" and m.get("thinking") is not None:
+                message["thinking"] = m["thinking"]
+            chat.append(message)
+    else:
+        missing = [c for c in REQUIRED_FLAT_COLUMNS if c not in row]
+        if missing:
+            raise UsageError(f"{where}: missing column(s) {', '.join(missing)}; a row needs 'messages' or the "
+                             f"columns {', '.join(REQUIRED_FLAT_COLUMNS)} (and optionally 'developer')")
+        for column in REQUIRED_FLAT_COLUMNS + ("developer",):
+            if column in row and not isinstance(row[column], str) and (row[column] is not None or column not in (
+                    "developer", "analysis")):  # a null analysis gets the message about missing reasoning below
+                raise UsageError(f"{where}: column {column!r} must be a string, got "
+                                 f"{'null' if row[column] is None else type(row[column]).__name__}")
+        system = REASONING_PREFIX + row["reasoning_language"]
+        if row.get("developer"):
+            system += "\n\n" + row["developer"]
+        chat = [{"role": "system", "content": system}, {"role": "user", "content": row["user"]},
+                {"role": "assistant", "content": row["final"], "thinking": row["analysis"]}]
+    if chat[-1]["role"] != "assistant":
+        raise UsageError(f"{where}: the last message must be the assistant's answer")
+    thinking = chat[-1].get("thinking")
+    if not isinstance(thinking, str) or not thinking.strip():
+        raise UsageError(f"{where}: the assistant turn has no 'thinking' (the analysis channel to learn from)")
+    if not any(m["role"] == "user" for m in chat):
+        raise UsageError(f"{where}: no user message")
+    return chat
+
+
+def reasoning_language_of(row: dict, chat: list) -> str | None:
+    if isinstance(row.get("reasoning_language"), str):
+        return row["reasoning_language"]
+    for m in chat:
+        if m["role"] in ("system", "developer") and m["content"].lower().startswith(REASONING_PREFIX):
+            return m["content"][len(REASONING_PREFIX):].split("\n")[0].strip()
+    return None
+
+
+def with_language(chat: list, name: str) -> list:
+    """The chat with its "reasoning language: X" line naming the language as name."""
+    for i, m in enumerate(chat):
+        if m["role"] in ("system", "developer") and m["content"].lower().startswith(REASONING_PREFIX):
+            _, newline, rest = m["content"][len(REASONING_PREFIX):].partition("\n")
+            return [*chat[:i], {**m, "content": REASONING_PREFIX + name + newline + rest}, *chat[i + 1:]]
+    return chat
+
+
+def prepare_chats(rows: list, languages: list | None = None, max_samples: int | None = None,
+                  any_language: bool = False) -> list:
+    """Validate every row, name its reasoning language by the rule of the flags (language_name), keep the requested
+    languages, take the first max_samples."""
+    chats = []
+    for index, row in enumerate(rows):
+        where = f"row {index + 1}"  # counted from 1, as lines are
+        chat = row_to_messages(row, where=where)
+        language = reasoning_language_of(row, chat)
+        if language is not None:
+            try:
+                language = language_name(language, "reasoning_language", any_language)
+            except UsageError as e:
+                raise UsageError(f"{where}: {e}") from None
+            chat = with_language(chat, language)
+        chats.append((language, chat))
+    if languages:
+        wanted = {language_name(lang, "--reasoning-languages", True) for lang in languages}
+        present = sorted({lang for lang, _ in chats if lang})
+        chats = [(lang, chat) for lang, chat in chats if lang in wanted]  # lang went through language_name above
+        if not chats:
+            raise UsageError(f"no rows with reasoning language {', '.join(languages)}; the data has "
+                             f"{', '.join(present) or 'no reasoning_language information'}")
+    return [chat for _, chat in chats[:max_samples]]
+
+
+ESCAPED_CONTROL = "\U000f0000\U000f0001"  # stands for "<|" inside message text while the template renders (same length)
+
+
+@functools.lru_cache(maxsize=None)
+def _added_tokens(tokenizer) -> re.Pattern:
+    return re.compile("(" + "|".join(map(re.escape, sorted(tokenizer.added_tokens_encoder, key=len, reverse=True))) + ")")
+
+
+def encode_chat(tokenizer, chat: list, chat_template: str | None = None, assistant_mask: bool = False,
+                where: str = "row", **template_kwargs) -> dict:
+    """input_ids (and the assistant mask) of one chat, with any "<|end|>", "<|return|>", ... inside its text encoded as
+    plain text, as openai-harmony does, so a question about a token or an answer quoting one cannot end a turn.
+    By hand because transformers' sanitize_control_tokens encodes such a string apart from the text around it
+    (" <|end|>" as " ", "<|"... where harmony has " <|", ...) and cannot return the assistant mask (5.23)."""
+    from jinja2 import TemplateError
+    # private: transformers.utils.chat_template_utils' render_jinja_template; checked against transformers 5.23.0
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    escaped = [{k: v.replace("<|", ESCAPED_CONTROL) if isinstance(v, str) else v for k, v in m.items() if v is not None}
+               for m in chat]
+    try:
+        rendered, spans = render_jinja_template(
+            [escaped], chat_template=chat_template or tokenizer.chat_template,
+            return_assistant_tokens_mask=assistant_mask, **{**tokenizer.special_tokens_map, **template_kwargs})
+    except TemplateError as e:
+        raise UsageError(f"{where}: the chat template refuses it: {e}") from None
+    text, spans = rendered[0], spans[0] if spans else []
+    ids, starts, position = [], [], 0
+    for piece in _added_tokens(tokenizer).split(text):  # the template's own control tokens, and the text between
+        if piece in tokenizer.added_tokens_encoder:
+            ids.append(tokenizer.added_tokens_encoder[piece])
+            starts.append(position)
+        elif piece:
+            out = tokenizer(piece.replace(ESCAPED_CONTROL, "<|"), add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            ids += out["input_ids"]
+            starts += [position + a for a, _ in out["offset_mapping"]]
+        position += len(piece)
+    mask = [int(any(a <= start < b for a, b in spans)) for start in starts] if assistant_mask else None
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, where: str = "row",
+                  reasoning_effort: str = "medium") -> dict:
+    """input_ids and labels of one conversation; labels are -100 outside the assistant's turn.
+
+    TRL's training version of the gpt-oss template marks the assistant turn, from its <|start|>assistant through
+    the analysis and final channels to <|return|>; the system preamble (with today's date), the developer message
+    and the user turn get no loss.
+    """
+    from trl.chat_template_utils import get_training_chat_template
+
+    out = encode_chat(tokenizer, chat, get_training_chat_template(tokenizer), assistant_mask=True, where=where,
+                      reasoning_effort=reasoning_effort)
+    ids = out["input_ids"]
+    labels = ids[:] if train_on_all_tokens else [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False,
+                   reasoning_effort: str = "medium"):
+    """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
+    examples, truncated, dropped = [], 0, 0
+    for index, chat in enumerate(chats):
+        characters = sum(len(m["content"]) + len(m.get("thinking") or "") for m in chat)
+        if characters > 64 * max_length:  # it could only be cut, after tokenizing it whole (GBs for a 50 MB row)
+            raise UsageError(f"training example {index + 1} is {characters:,} characters, far over --max_seq_length "
+                             f"{max_length:,} tokens: shorten or drop it")
+        ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, f"training example {index + 1}", reasoning_effort)
+        if len(ex["input_ids"]) > max_length:
+            truncated += 1
+            ex = {k: v[:max_length] for k, v in ex.items()}
+            if all(label == -100 for label in ex["labels"][1:]):
+                dropped += 1
+                continue
+        examples.append(ex)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    labelled = sum(sum(label != -100 for label in ex["labels"][1:]) for ex in examples)
+    return examples, {"rows_used": len(examples), "rows_truncated": truncated, "rows_dropped_no_labels_left": dropped,
+                      "tokens_per_epoch": sum(lengths), "labelled_tokens_per_epoch": labelled,
+                      "longest_row_tokens": max(lengths, default=0)}
+
+
+# Multilingual-Thinking's tokens per row, log-normal (mean 1,200); the README says how it was fitted
+LENGTH_PROFILE = {"mu": 6.928, "sigma": 0.57, "min": 256, "max": 8192}
+SYNTHETIC_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
+SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be are from or have an they which one "
+                   "you were all there would their we him been has when who will more no if out so what up its about "
+                   "into than them can only other new some could time these two may then do first any my now such "
+                   "like our over even most made after also did many before must through back years where much way "
+                   "well down should because each just those people how too little state good very make world still "
+                   "own see work long get here between both life being under never day same another know while last "
+                   "might great old year off come since against go came right used take three").split()
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list:
+    """n rows in the dataset's flat schema, about one word per token, lengths drawn from LENGTH_PROFILE."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        total = int(min(max(rng.lognormvariate(LENGTH_PROFILE["mu"], LENGTH_PROFILE["sigma"]), LENGTH_PROFILE["min"]),
+                        LENGTH_PROFILE["max"]))
+        body = total - 140  # the template's system preamble, headers, developer and user turns take about 140
+        words = lambda k: " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(max(k, 1)))
+        rows.append({"reasoning_language": SYNTHETIC_LANGUAGES[i % len(SYNTHETIC_LANGUAGES)],
+                     "developer": "You are a helpful assistant.", "user": words(30),
+                     "analysis": words(int(body * 0.65)), "final": words(int(body * 0.35))})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def load_model_config(source: str):
+    """The model's config; refuses anything that is not gpt-oss before a single weight is read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from e
+    if config.model_type != "gpt_oss":
+        raise UsageError(f"{source} is a {config.model_type!r} model, not gpt-oss; this script trains gpt-oss "
+                         "(openai/gpt-oss-20b or a directory with a gpt_oss config)")
+    return config
+
+
+def meta_model(config):
+    """The model's modules with no weights behind them: parameter counts and layer names without loading."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(unquantized_config(config))
+
+
+def check_training_names(cfg: TrainRun, model):
+    """What PEFT and transformers would reject after loading, refused before: LoRA targets that are not in the model,
+    optimizer and schedule names transformers does not know."""
+    from torch import nn
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for flag, value, known in (("--optim", cfg.optim, [o.value for o in OptimizerNames]),
+                               ("--lr_scheduler_type", cfg.lr_scheduler_type, [t.value for t in SchedulerType])):
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=3)
+            raise UsageError(f"{flag} {value!r} is not one of transformers' names"
+                             + (f"; did you mean {', '.join(close)}?" if close else ""))
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and name != "lm_head"})
+    unknown = [t for t in cfg.target_modules if t != "all-linear" and t not in linear]
+    if unknown:
+        raise UsageError(f"--target_modules {','.join(unknown)}: no such Linear layer in {cfg.model}; it has "
+                         f"{','.join(linear)} (or all-linear)")
+    parameters = [name for name, _ in model.named_parameters()]
+    for target in cfg.target_parameters:
+        if not any(name.endswith("." + target) for name in parameters):
+            raise UsageError(f"--target_parameters {target}: no such parameter in {cfg.model}; e.g. "
+                             "mlp.experts.gate_up_proj,mlp.experts.down_proj")
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise _hub_error(source, e) from e
+    if "<|channel|>" not in tokenizer.get_vocab() or not tokenizer.chat_template:
+        raise UsageError(f"the tokenizer of {source} lacks the harmony tokens or chat template of gpt-oss")
+    return tokenizer
+
+
+def resolve_attention(requested: str, on_cuda: bool) -> str:
+    if requested == "auto":
+        return "flex_attention" if on_cuda else "eager"
+    if requested == "flex_attention" and not on_cuda:
+        raise UsageError("flex_attention applies gpt-oss's attention sinks on CUDA only; use eager on CPU")
+    return requested
+
+
+def unquantized_config(config, **overrides):
+    """A copy of the config without its quantization block (random weights are plain bf16), with overrides."""
+    values = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    return type(config).from_dict({**values, **overrides})
+
+
+# The checkpoint stores each expert weight in MXFP4: 4-bit e2m1 values in blocks of 32 sharing one power-of-two
+# scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, to the values
+# Mxfp4Config(dequantize=True) loads (bit for bit, tested); checkpointing recomputes, so it dequantizes again.
+MXFP4_TENSORS = ("gate_up_proj", "down_proj")
+FLEX_BLOCK = 128  # flex attention's block: padded batches are padded to a multiple of it, one compiled shape per bucket
+RECOMPILE_LIMIT = 64  # torch's default 8 < max_seq_length 2048 / 128 buckets
+MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' default, a whole layer, takes GBs of temporaries
+
+
+def dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk: int = MXFP4_ROWS_PER_CHUNK):
+    """[experts, rows, groups, 16] bytes and [experts, rows, groups] scales -> [experts, groups * 32, rows] in dtype:
+    transformers' convert_moe_packed_tensors (same lookup table, same ldexp), written straight into the transposed
+    layout the expert matmuls read, where it builds [experts, rows, cols] and then copies it transposed."""
+    import torch
+    # private: transformers.integrations.mxfp4's FP4_VALUES; checked against transformers 5.23.0
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    experts, rows, groups, _ = blocks.shape
+    out = torch.empty(experts, groups * 32, rows, dtype=dtype, device=blocks.device)
+    codes = torch.arange(256, device=blocks.device).unsqueeze(1)
+    pairs = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)[torch.cat([codes & 15, codes >> 4], 1)]
+    step = max(1, rows_per_chunk // (rows * groups))  # whole experts per step, about rows_per_chunk rows of 32
+    for e0 in range(0, experts, step):
+        e1 = min(e0 + step, experts)
+        values = pairs[blocks[e0:e1].int()].view(e1 - e0, rows, groups, 32)  # byte -> (low, high) nibble values
+        exponents = scales[e0:e1].int().sub_(127).unsqueeze(-1)
+        torch.ldexp(values, exponents, out=out[e0:e1].transpose(1, 2).view(e1 - e0, rows, groups, 32))
+    return out
+
+
+def checkpoint_quantization(config) -> str | None:
+    quant = getattr(config, "quantization_config", None)
+    return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+
+
+@functools.lru_cache(maxsize=None)
+def mxfp4_experts_class():
+    import torch
+    # private: GptOssExperts' weight attributes and forward's arguments; checked against transformers 5.23.0
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    class Mxfp4Experts(GptOssExperts):
+        """GptOssExperts whose two weight tensors stay MXFP4 buffers and are dequantized per forward."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            del self.gate_up_proj, self.down_proj
+            experts, hidden, inner = config.num_local_experts, config.hidden_size, config.intermediate_size
+            for name, rows, cols in (("gate_up_proj", 2 * inner, hidden), ("down_proj", hidden, inner)):
+                self.register_buffer(f"{name}_blocks", torch.zeros(experts, rows, cols // 32, 16, dtype=torch.uint8))
+                self.register_buffer(f"{name}_scales", torch.zeros(experts, rows, cols // 32, dtype=torch.uint8))
+
+        def forward(self, hidden_states, router_indices=None, routing_weights=None):
+            for name in MXFP4_TENSORS:
+                setattr(self, name, dequantize_mxfp4(getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales"),
+                                                     self.gate_up_proj_bias.dtype, MXFP4_ROWS_PER_CHUNK))
+            try:
+                return super().forward(hidden_states, router_indices, routing_weights)
+            finally:
+                del self.gate_up_proj, self.down_proj  # the autograd graph keeps what backward needs
+
+    return Mxfp4Experts
+
+
+def checkpoint_dir(source: str) -> Path:
+    """A local directory, or a hub repo's weights and configs (downloaded once into the HF cache)."""
+    directory = Path(source)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(source, allow_patterns=["model*.safetensors", "*.json"]))
+        except Exception as e:  # the hub raises many types; the user needs the message only
+            raise _hub_error(source, e) from e
+    return directory
+
+
+def checkpoint_files(source: str) -> list:
+    """The safetensors files of a local directory or of a hub repo."""
+    files = sorted(checkpoint_dir(source).glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{source} has no .safetensors weights")
+    return files
+
+
+def load_mxfp4_model(cfg: Config, config, device: str, random_init: bool, dtype, attn_implementation: str):
+    """gpt-oss with its experts kept in MXFP4 (--use_4bit); every other weight in dtype."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    experts_class = mxfp4_experts_class()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(unquantized_config(config), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+        for layer in model.model.layers:
+            layer.mlp.experts = experts_class(model.config)
+    if random_init:  # preflight: random weights of the real shapes, built where they will run
+        model.to_empty(device=device)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        for name, tensor in model.state_dict().items():
+            if tensor.dtype == torch.uint8:  # blocks: any nibbles; scales: 2**-5, weights of the usual size
+                tensor.copy_(torch.randint(0, 256, tensor.shape, generator=generator, device=device, dtype=torch.uint8)
+                             if name.endswith("_blocks") else torch.full_like(tensor, 122))
+            elif name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            elif name.endswith("bias") or name.endswith("sinks"):
+                tensor.zero_()
+            else:
+                tensor.normal_(0.0, 0.02, generator=generator)
+    else:
+        state = {key: tensor if tensor.dtype == torch.uint8 else tensor.to(dtype) for file in
+                 checkpoint_files(cfg.model) for key, tensor in load_file(str(file), device=device).items()}
+        result = model.load_state_dict(state, strict=False, assign=True)
+        if result.missing_keys or result.unexpected_keys:
+            raise UsageError(f"{cfg.model} does not have gpt-oss's MXFP4 layout: missing "
+                             f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    with torch.device(device):  # the rotary frequencies are computed, not stored: compute them on the device
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    return model
+
+
+def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
+    """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models, unless dtype says otherwise), MXFP4 experts
+    dequantized so LoRA can train on them and merge into them."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    # merge's logits check has no model settings: it loads the checkpoint as shipped; --random-init is train's
+    use_4bit, random_init = getattr(cfg, "use_4bit", False), getattr(cfg, "random_init", False)
+    kwargs = dict(dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32),
+                  attn_implementation=resolve_attention(getattr(cfg, "attn_implementation", "auto"), on_cuda))
+    # Each process loads onto its own GPU; under FSDP2 and ZeRO-3 the libraries place (and shard) the weights.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_cuda else "cpu"
+    sharded = training and distributed_strategy(cfg) not in ("single", "ddp")
+    device_map = device if on_cuda and not sharded else None
+    if use_4bit:
+        if not random_init and checkpoint_quantization(config) != "mxfp4":
+            raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {cfg.model}'s experts "
+                             "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
+        model = load_mxfp4_model(cfg, config, device, random_init, **kwargs)
+    elif random_init:
+        torch.manual_seed(cfg.seed)
+        with torch.device(device_map or "cpu"):
+            model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
+    else:
+        if checkpoint_quantization(config) == "mxfp4":
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map=device_map, **kwargs)
+        except OSError as e:
+            raise _hub_error(cfg.model, e) from e
+    model.config.use_cache = not training
+    return model
+
+
+def document_block_mask(position_ids, sliding_window: int | None = None, block: int = 128):
+    """The flex BlockMask of one packed row (documents where position_ids restart), built from the boundaries.
+
+    transformers 5.23 builds it with torch.compile(create_block_mask) over the dense [tokens, tokens] mask, and the
+    compiled argsort of a 70-137-block row can take minutes (pytorch#182060). Each query attends to one interval of
+    keys, [its document's start (or the window's), itself], and the starts only grow, so each pair of 128-token
+    blocks is full or partly visible by comparing block ends: the same tables as create_block_mask, no dense mask.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    positions = position_ids[0]
+    length, device = len(positions), positions.device
+    index = torch.arange(length, device=device)
+    new_document = torch.diff(positions, prepend=positions[:1] - 1) != 1  # transformers' find_packed_sequence_indices
+    document = new_document.cumsum(0)
+    first_key = torch.where(new_document, index, 0).cummax(0).values
+    if sliding_window is not None:
+        first_key = torch.maximum(first_key, index - sliding_window + 1)
+    starts = torch.arange(0, length, block, device=device)
+    ends = (starts + block).clamp(max=length) - 1
+    q0, q1, k0, k1 = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    visible = (q1 >= k0) & (first_key[torch.maximum(q0, k0).clamp(max=length - 1)] <= k1)
+    whole = (ends - starts + 1 == block)
+    full = (first_key[q1] <= k0) & (q0 >= k1) & whole[:, None] & whole[None, :]
+
+    def ordered(blocks):  # create_block_mask's own (count, indices) form, argsort uncompiled on [blocks, blocks]
+        blocks = blocks.to(torch.int32)[None, None]
+        return blocks.sum(-1).to(torch.int32), torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    def mask_mod(batch, head, q, kv):  # any batch index: one mask for every row
+        same = (document[q] == document[kv]) & (positions[kv] <= positions[q])
+        return same if sliding_window is None else same & (positions[kv] > positions[q] - sliding_window)
+
+    return BlockMask.from_kv_blocks(*ordered(visible & ~full), *ordered(full), BLOCK_SIZE=(block, block),
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
+
+
+@functools.lru_cache(maxsize=64)
+def padded_block_masks(length: int, sliding_window: int, device: str) -> dict:
+    """flex's masks for a right-padded batch of this length: causal, without the padding term, one for every row.
+    No real token attends to a pad after it, so real tokens' outputs and the loss are unchanged; only pads' (labelled
+    -100) see other pads. One mask per length, shared by every batch of it, instead of one compiled build each."""
+    import torch
+
+    positions = torch.arange(length, device=device)[None]
+    return {"full_attention": document_block_mask(positions),
+            "sliding_attention": document_block_mask(positions, sliding_window)}
+
+
+def watch_recompiles(limit: int = RECOMPILE_LIMIT):
+    """flex attention (and --compile) compile per shape: one per length bucket and batch size until torch makes the
+    sizes dynamic. Raise torch's limit of 8 and say in one line when it is hit: past it, that code runs uncompiled."""
+    import logging
+
+    import torch._dynamo
+
+    # private: torch._dynamo's config.recompile_limit and its convert_frame logger; checked against torch 2.13.0
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+    class RecompileLimitNote(logging.Handler):
+        def emit(self, record):
+            if "recompile_limit" in record.getMessage():
+                print(f"note: torch.compile hit its recompile limit ({torch._dynamo.config.recompile_limit}); later "
+                      "shapes of that function run uncompiled, slower (TORCH_LOGS=recompiles shows why)", file=sys.stderr)
+
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(type(h).__name__ == "RecompileLimitNote" for h in dynamo_log.handlers):
+        dynamo_log.addHandler(RecompileLimitNote())
+
+
+def attach_document_masks(model):
+    """Give each row of a padding-free batch its own causal and sliding-window mask, and right-padded flex batches
+    masks without the padding term.
+
+    GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
+    before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
+    calls them for eager's block-diagonal masks and builds flex's BlockMasks from the boundaries
+    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks. A
+    right-padded flex batch gets padded_block_masks, cached by length.
+    """
+    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
+                                            create_sliding_window_causal_mask, flex_attention_mask)
+
+    decoder = model.get_decoder()
+
+    def build_masks(module, args, kwargs):
+        position_ids, padding = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        # private: config._attn_implementation, GptOssModel.forward's keywords; checked against transformers 5.23.0
+        flex = ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask
+        if kwargs.get("past_key_values") is not None:
+            return None
+        if flex and getattr(padding, "ndim", 0) == 2 and bool((padding[:, 1:] <= padding[:, :-1]).all()):  # right-padded
+            kwargs["attention_mask"] = padded_block_masks(padding.shape[1], module.config.sliding_window,
+                                                          str(padding.device))
+            return args, kwargs
+        if position_ids is None or padding is not None:
+            return None
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = module.embed_tokens(kwargs.pop("input_ids"))
+        mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+                           position_ids=position_ids)
+        if flex and len(embeds) == 1:
+            masks = {"full_attention": document_block_mask(position_ids),
+                     "sliding_attention": document_block_mask(position_ids, module.config.sliding_window)}
+        else:
+            masks = {"full_attention": create_causal_mask(**mask_kwargs),
+                     "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask=masks)
+        return args, kwargs
+
+    return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
 # -----------------------------------------------------------------------------
 # Infer
 
@@ -3109,6 +2792,7 @@ def merged_tensor(get, name: str, stored: bool, updates: dict, to_bf16: bool):
     """One output tensor: W + s·BA computed in fp32 and rounded once (to bf16, or to the dtype the base stores);
     with to_bf16 an MXFP4 weight is dequantized by transformers' dequantizer first; any other tensor as stored."""
     import torch
+    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     update = updates.get(name)
@@ -3190,6 +2874,7 @@ def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates:
     gives a written tensor in the base's layout (default: from the safetensors shards)."""
     import torch
     from safetensors import safe_open
+    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     missing = [n for n, _ in output_tensors(layout, to_bf16) if n not in weight_map]
@@ -3299,6 +2984,7 @@ GGUF_FILE = "model.gguf"
 def gguf_pre_tokenizer(tokenizer) -> str:
     """The name llama.cpp gives the tokenizer's pre-tokenizer: gpt-4o for gpt-oss's (o200k's split, then byte-level);
     gpt-2 for a plain byte-level one (the demo's). Anything else is one line: llama.cpp would split text differently."""
+    # private: transformers.integrations.gguf's GGUF_PRE_TOKENIZER_SPLITS; checked against transformers 5.23.0
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
@@ -3574,8 +3260,9 @@ def run_merge(cfg: MergeRun) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# The offline demo: a tiny random gpt-oss with a small tokenizer that has the harmony tokens and the real template,
-# and the same model written as gpt-oss ships (experts in MXFP4) for --demo --use_4bit
+# The offline demo: a tiny gpt-oss with a small tokenizer (the harmony tokens, the real template), pre-trained once to
+# think in English whatever the system prompt names, as gpt-oss does; and the same model written as gpt-oss ships
+# (experts in MXFP4) for --demo --use_4bit
 
 HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
                           "<|start|>", "<|end|>", "<|message|>", "<|call|>", "<|endofprompt|>"]
@@ -3593,6 +3280,7 @@ def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
+    # private: trl.chat_template_utils' gptoss_chat_template (trl does not export it); checked against trl 1.16.0
     from trl.chat_template_utils import gptoss_chat_template
 
     bpe = Tokenizer(models.BPE())
@@ -3659,6 +3347,7 @@ def quantize_to_mxfp4(weight):
     Written by hand because transformers' quantizer needs triton kernels from the Hub; used to build test and demo
     checkpoints only."""
     import torch
+    # private: transformers.integrations.mxfp4's FP4_VALUES; checked against transformers 5.23.0
     from transformers.integrations.mxfp4 import FP4_VALUES
 
     rows = weight.transpose(1, 2).float()  # [experts, out, in]: the checkpoint stores rows of the transposed weight
@@ -3743,86 +3432,414 @@ def demo_answer(cfg: TrainRun):
           "tuned, on questions it did not train on (a toy: NOTES.md says what it shows and what not):")
     run_eval(parse_config(["--mode", "eval", *same_model]))
 
-
 # -----------------------------------------------------------------------------
-# The modes, and main: parse, derive, validate, then print the settings or run
+# Errors, processes and files
 
 
-@dataclass(frozen=True)
-class Mode:
-    run: object  # the function that runs it
-    during: str  # what the out-of-memory message calls it
-    defaults: dict = field(default_factory=dict)  # settings that differ in this mode (the demo's come on top)
+class UsageError(Exception):
+    """A problem with what the user asked for: one line on stderr, exit code 2, nothing written."""
 
 
-MODES = {
-    "train": Mode(run_train, "training"),
-    "infer": Mode(run_infer, "inference"),
-    "chat": Mode(run_chat, "chat", dict(stream=True)),
-    # greedy (repeatable), with room for the reasoning before the answer
-    "eval": Mode(run_eval, "evaluation", dict(temperature=0.0, max_new_tokens=1024)),
-    "merge": Mode(run_merge, "merging"),
-}
+class RunFailed(Exception):
+    """The run started and could not finish (out of memory, NaN loss, a failed merge check): a paragraph, exit 1."""
 
 
-def main(argv=None) -> int:
-    for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
-    cfg = None
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
+
+
+class Interrupted(Exception):
+    """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def end_process_group():
+    """Leave the launcher's process group before exit: a live gloo/NCCL group can abort at interpreter exit
+    ("terminate called without an active exception", seen with torch 2.14.1 under accelerate launch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def quiet_library_warnings(on_cuda: bool):
+    """Deprecation notices raised inside the libraries, by calls this script does not make: the user cannot act."""
+    for message in (r"`is_gradient_checkpointing` is deprecated",  # read by TRL 1.16 and PEFT 0.21 (transformers 5.23)
+                    r"`gradient_checkpointing_(enable|disable)` is deprecated",  # called by PEFT 0.21
+                    r"_compile flag on create_block_mask",  # transformers 5.23's flex masks (torch >= 2.11)
+                    r"`torch.jit.script_method` is deprecated"):  # torch 2.13, at a library's import
+        warnings.filterwarnings("ignore", message=message)
+    if not on_cuda:  # deepspeed (imported by accelerate) otherwise warns that it found no GPU, at every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def write_atomically(path: Path, data: str | bytes):
+    """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        cfg = parse_config(argv)
-        if cfg.print_config:
-            print(render_config(cfg))
-            sys.stdout.flush()
-            return 0
-        if not is_main_process():
-            sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
-            if cfg.mode != "train":
-                return 0  # inference, eval and merge run on rank 0 alone
-        decide_offline(cfg)
-        import torch  # imports no Hugging Face library
-
-        quiet_library_warnings(torch.cuda.is_available())
-        note = gpu_note(cfg, torch.cuda.is_available())
-        if note and is_main_process():
-            print(f"note: {note}")
-        if cfg.demo:
-            ensure_demo_model(cfg)
-        with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
-            if cfg.demo and cfg.mode != "train":
-                ensure_demo_adapter(cfg)
-            MODES[cfg.mode].run(cfg)
-            if cfg.demo and cfg.mode == "train" and is_main_process():
-                demo_answer(cfg)
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(staging, path)
     except OSError as e:
-        if e.errno not in NO_ROOM:
-            raise
-        where = Path(e.filename or (cfg and cfg.output_dir) or ".").absolute()
-        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
-        print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
-              "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
-              "is used. Make room and run the same command again" + (", with --resume to continue from the last "
-              "checkpoint" if cfg and cfg.mode == "train" else "") + ".", file=sys.stderr)
-        return 1
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"\n{e}", file=sys.stderr)
-        return 1
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
-              file=sys.stderr)
-        return 130
+        e.filename = e.filename or str(path)  # a failed write names no file: the message should
+        raise
     finally:
-        release_folders()
-        end_process_group()
-    return 0
+        staging.unlink(missing_ok=True)  # what a failed write (a full disk) left
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file the user gave, as UTF-8 (a byte-order mark is skipped); every failure is one line naming it."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {(e.strerror or str(e)).lower()}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"{what} {path} line {line} is not UTF-8 (byte 0x{data[e.start]:02x}); save it as UTF-8, "
+                         "e.g. iconv -f latin1 -t utf-8") from None
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path):
+    """A sibling directory to write into; when the block ends without error it becomes target by one rename, or, where
+    target exists, its entries move in one by one (swap_in), so target never holds half of it and a file that
+    appeared in target meanwhile stays."""
+    import psutil  # accelerate's, peft's and trl's dependency
+
+    target = Path(os.path.realpath(target))  # beside the real folder: a link to another disk still renames
+    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"{target} cannot be made: {(e.strerror or str(e)).lower()}") from None
+    try:
+        yield staging
+        if owner_of(staging):
+            record(staging, *(p for p in staging.iterdir() if p.name != OWNER_FILE))
+        if target.is_dir():
+            lock_folder(target)
+            swap_in(staging, target, owner_of(staging), replace_all=True)
+            shutil.rmtree(staging)  # left: its marker only
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills: its mode and what it wrote there
+KNOWN_OUTPUTS = {  # exact names of what each mode writes: read only in folders of older versions, which kept no record
+    "train": r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+             r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
+             r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+             r"trainer_state\.json",  # the last five: what the Trainer writes into a checkpoint
+    "eval": r"eval_results\.json|eval_summary\.md|eval_summary\.png",
+    "merge": r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+             r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
+             r"merge_check\.json",
+}
+_LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this process writes there
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / OWNER_FILE).read_text())
+        return marker if isinstance(marker, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def owner_of(folder: Path) -> str | None:
+    """The mode that filled this folder, from the file it wrote there first; None for a folder the tool did not fill."""
+    return (read_marker(folder) or {}).get("mode")
+
+
+def entry_state(path: Path):
+    """What the record keeps of an entry: "dir", or a file's [size, mtime in ns] (a change to either shows)."""
+    st = path.lstat()
+    return "dir" if stat.S_ISDIR(st.st_mode) else [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else "link"
+
+
+def record(folder: Path, *paths: Path, since: int | None = None, pending: bool = False):
+    """Add entries to folder's record as they are now; a folder with the files in it modified since `since` (ns),
+    or, pending, as a folder being written from now on (a run killed meanwhile leaves it so)."""
+    marker = read_marker(folder)
+    if marker is None:  # not a folder this tool marked as its own
+        return
+    written = marker.setdefault("written", {})
+    for path in paths:
+        inside = [] if pending or not path.is_dir() else [p for p in sorted(path.rglob("*"))
+                                                         if since is None or p.lstat().st_mtime_ns >= since]
+        for p in (path, *inside):
+            written[p.relative_to(folder).as_posix()] = ["pending", time.time_ns() - 10**9] if pending else entry_state(p)
+    marker["written"] = {k: v for k, v in written.items() if v[:1] == ["pending"] or os.path.lexists(folder / k)}
+    write_atomically(folder / OWNER_FILE, json.dumps(marker) + "\n")
+
+
+def sort_outputs(folder: Path, mode: str) -> tuple:
+    """(this mode's earlier outputs, entries this tool did not write), as paths, a folder before its contents. Own:
+    in the record and unchanged since; in a folder recorded as being written, or one of an older version, a file of
+    a known name (KNOWN_OUTPUTS) from after it began. Another output folder of the tool inside, e.g. <adapter>/eval,
+    is neither: it stays as it is."""
+    marker = read_marker(folder)
+    written = (marker or {}).get("written", {}) if owner_of(folder) == mode else {}
+    own, foreign = [], []
+
+    def visit(directory: Path, since: int | None):
+        for entry in sorted(directory.iterdir()):
+            if entry.name == OWNER_FILE and directory == folder or entry.is_dir() and owner_of(entry):
+                continue
+            state, was = entry_state(entry), written.get(entry.relative_to(folder).as_posix())
+            if since is not None:
+                mine = state != "link" and bool(re.fullmatch(KNOWN_OUTPUTS[mode], entry.name)) and (
+                    state == "dir" or state[1] >= since)
+            else:
+                mine = was == state or state == "dir" and isinstance(was, list) and was[0] == "pending"
+            (own if mine else foreign).append(entry)
+            if mine and state == "dir":
+                visit(entry, was[1] if isinstance(was, list) else since)
+
+    if folder.is_dir():
+        visit(folder, 0 if marker and "written" not in marker and owner_of(folder) == mode else None)
+    return own, foreign
+
+
+def remove_outputs(folder: Path, entries: list):
+    """Delete entries of sort_outputs' own list, contents before folders; a folder something appeared in stays."""
+    for entry in reversed(entries):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replace_all: bool = False):
+    """Move the entries of staging into out, `last` at the end, each recorded as it lands. Only entries of out this
+    tool wrote, unchanged, are replaced (with replace_all, the others of them removed); anything else stays, and
+    where it is in the way the run stops with the new files kept in staging."""
+    own, foreign = sort_outputs(out, mode)
+    new = sorted((p for p in staging.iterdir() if p.name != OWNER_FILE), key=lambda p: p.name == last)
+    clash = [p.name for p in new if out / p.name in foreign]
+    if clash:
+        raise RunFailed(f"{out / clash[0]} appeared during the run and is not this tool's, so it was left as it is; "
+                        f"the new outputs are in {staging}: move them in yourself")
+    if replace_all:
+        remove_outputs(out, [p for p in own if p.relative_to(out).parts[0] not in {n.name for n in new}])
+    if last:
+        (out / last).unlink(missing_ok=True)  # a folder holding `last` holds a complete result
+    for path in new:
+        os.replace(path, out / path.name)
+        record(out, out / path.name)
+
+
+def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
+    """The finished files of staging (a folder inside out) moved into out by swap_in, adapter_config.json last: a
+    folder holding it holds a complete adapter (PEFT and infer look for that file)."""
+    swap_in(staging, out, owner_of(out), last)
+    staging.rmdir()
+
+
+def protected_folder(out: Path, cfg) -> str | None:
+    """Why out must never be an output folder, or None: folders that hold the user's work."""
+    target, here = out.expanduser().resolve(), Path.cwd().resolve()
+    if target == here:
+        return "is the folder you are in"
+    if target in here.parents or target == Path.home().resolve():
+        return "holds the folder you are in" if target in here.parents else "is your home folder"
+    inputs = {"the dataset": getattr(cfg, "dataset", None), "this script": __file__,  # the inputs of this mode
+              "--eval-file": getattr(cfg, "eval_file", None), "--score-file": getattr(cfg, "score_file", None),
+              "--adapter": cfg.adapter}
+    for what, path in inputs.items():
+        if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
+            return f"holds {what}"
+    return None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
+    cut short (e.g. the process was killed while saving) and is skipped."""
+    complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+                and (c / "trainer_state.json").is_file()]
+    return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def trained_steps(out: Path) -> int:
+    """Optimizer steps behind the newest complete checkpoint (0 without one)."""
+    last = latest_checkpoint(out)
+    return json.loads((last / "trainer_state.json").read_text())["global_step"] if last else 0
+
+
+def lock_folder(folder: Path):
+    """Hold folder while this process writes there: a second run into it is refused. An flock, which the kernel drops
+    when the process ends however it ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    key = os.path.realpath(folder)
+    if key in _LOCKED:
+        return
+    descriptor = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise UsageError(f"--output_dir {folder} is in use by another run of this tool (pid "
+                         f"{(read_marker(folder) or {}).get('pid', 'unknown')}); wait for it to end or pick another "
+                         "folder") from None
+    _LOCKED[key] = descriptor
+
+
+def release_folders():
+    while _LOCKED:
+        os.close(_LOCKED.popitem()[1])
+
+
+def check_output_dir(cfg):
+    """Refuse, before anything is loaded, an output folder this run could not fill without touching the user's
+    files, and hold it. The tool replaces only what its record says it wrote there, unchanged (sort_outputs)."""
+    out = Path(cfg.output_dir)
+    existing = next(p for p in (out.expanduser().absolute(), *out.expanduser().absolute().parents) if os.path.exists(p))
+    longest = max(out.expanduser().parts, key=lambda part: len(os.fsencode(part)), default="")
+    if existing.is_dir() and len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
+        raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
+                         f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
+    reason = protected_folder(out, cfg)
+    if reason:
+        raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
+                         f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file; pick a directory")
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {out}: {existing} is a file, so no folder can be made in it")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
+    if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
+        lock_folder(out)
+    own, foreign = sort_outputs(out, cfg.mode)
+    if foreign:
+        names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
+            ", ..." if len(foreign) > 3 else "")
+        raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
+                         "own outputs, unchanged since it wrote them: move them or pick another folder")
+    resume = cfg.mode == "train" and cfg.resume
+    if resume and latest_checkpoint(out) is None:
+        raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
+    if own and not (cfg.overwrite or resume or cfg.demo):  # the demo replaces its own outputs
+        raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
+                         "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
+
+
+def claim_output_dir(out: Path, mode: str, replace_own: bool):
+    """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
+    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in NO_ROOM:
+            raise
+        raise UsageError(f"--output_dir {out} cannot be made: {(e.strerror or str(e)).lower()}") from None
+    lock_folder(out)
+    before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
+    if replace_own:
+        remove_outputs(out, own)
+    kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}
+    write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py", "pid": os.getpid(),
+                                                   "written": {k: before.get(k) or entry_state(p)
+                                                               for k, p in kept.items()}}) + "\n")
+
+
+def gpu_memory_state() -> tuple:
+    """(peak GiB allocated, GiB on the card, card name) for the out-of-memory message."""
+    import torch
+
+    return (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30,
+            torch.cuda.get_device_name())
+
+
+def out_of_memory_advice(cfg, during: str, peak_gib: float, total_gib: float, device: str) -> str:
+    """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
+    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
+    if during == "training":
+        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
+                f"{max(cfg.max_seq_length // 2, 256)}"
+                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
+                + ("" if cfg.chunked_loss else ", --chunked-loss")
+                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
+                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
+                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
+    if during == "merging":
+        return head + ("The merge itself streams the checkpoint; its logits check holds the whole model in bf16 "
+                       "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
+                       "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
+                       "logits check is skipped and the tensor check runs alone).")
+    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
+            + (f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.eval_batch_size > 1
+               else "")
+            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
+
+
+@contextlib.contextmanager
+def out_of_memory_is_a_message(cfg, during: str):
+    """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_repos(cfg) -> list:
+    """The Hub repos this run reads or writes; local paths (and the demo's files) need no Hub."""
+    needed = [cfg.model] if cfg.model and not Path(cfg.model).expanduser().exists() else []
+    if cfg.mode == "train" and not cfg.synthetic_data and not Path(cfg.dataset).expanduser().exists():
+        needed.append(cfg.dataset)
+    return needed + ([cfg.hub_model_id] if cfg.mode == "train" and cfg.push_to_hub else [])
+
+
+def decide_offline(cfg):
+    """Once, at start-up, before any Hugging Face library is imported (huggingface_hub reads HF_HUB_OFFLINE when
+    imported): when the Hub cannot be reached, go offline, so loading uses the local cache instead of retrying for
+    half a minute. --push_to_hub is checked here too, not after the training it would follow."""
+    if cfg.demo:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    needed = hub_repos(cfg)
+    if needed and not hub_offline():
+        host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+        try:
+            socket.create_connection((host.split(":")[0], int((host.split(":") + ["443"])[1])), timeout=3).close()
+        except (OSError, ValueError):
+            os.environ["HF_HUB_OFFLINE"] = "1"
+    if cfg.mode == "train" and cfg.push_to_hub:
+        if hub_offline():
+            raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if needed else 'offline'} "
+                             "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+def _hub_error(source: str, error: Exception) -> UsageError:
+    if hub_offline():
+        return UsageError(f"{source!r} is not a local directory and not in the Hugging Face cache, and the Hub is "
+                          "offline; connect to the Hub once or pass a local directory")
+    return UsageError(f"could not load {source!r}: {str(error).splitlines()[0]}")
 
 
 if __name__ == "__main__":
