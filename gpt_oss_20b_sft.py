@@ -3432,6 +3432,7 @@ def demo_answer(cfg: TrainRun):
           "tuned, on questions it did not train on (a toy: NOTES.md says what it shows and what not):")
     run_eval(parse_config(["--mode", "eval", *same_model]))
 
+
 # -----------------------------------------------------------------------------
 # Errors, processes and files
 
