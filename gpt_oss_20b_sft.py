@@ -3275,8 +3275,19 @@ def demo_model_dir(use_4bit: bool = False) -> Path:
 def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
     """Write (once) a tiny gpt-oss checkpoint: 2 layers, 4 experts, a 1k byte-level BPE trained on the demo's texts,
     pre-trained to think in English whatever language the system prompt names (gpt-oss's own situation)."""
-    if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
+    built = lambda: (directory / "config.json").exists() and (directory / "tokenizer.json").exists()  # noqa: E731
+    if built():
         return directory
+    from filelock import FileLock  # huggingface_hub's dependency
+
+    with FileLock(f"{directory}.lock"):  # two demos started at once on an empty cache: one builds, the other waits
+        if not built():
+            write_demo_model(directory)
+    return directory
+
+
+def write_demo_model(directory: Path):
+    """The build itself, seeded and on one thread, written into directory by one rename."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
@@ -3311,7 +3322,6 @@ def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
     with staged_directory(directory) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return directory
 
 
 def pretrain_demo_model(model, tokenizer, steps: int = 150, batch_size: int = 32):
