@@ -54,6 +54,13 @@ def pytest_collection_modifyitems(items):
 SMALL = ("--limit", "45", "--num_train_epochs", "3")
 
 
+def demo_training(*extra) -> list:
+    """The demo's training as plain flags, without the answer and the table --demo ends with (a quarter of a short
+    demo run's time): for the tests of a run's mechanics. test_config checks these resolve to --demo's settings."""
+    return ["--model", str(sft.build_demo_model()), "--dataset", str(sft.DEMO_DATASET), "--max_seq_length", "512",
+            "--learning_rate", "3e-2", "--num_train_epochs", "5", "--no-gradient-checkpointing", *extra]
+
+
 def run_cli(*args, cwd=ROOT, stdin=None, timeout=300, env=None):
     """The script as a user runs it: a new process, its exit code and what it printed."""
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
@@ -106,25 +113,47 @@ def pinned_date(monkeypatch):
     return "2025-06-28"
 
 
+def once_per_session(tmp_path_factory, name, make) -> Path:
+    """make(folder) once per test session, by whichever worker (pytest-xdist's -n) asks first; the others wait for it
+    and reuse the folder."""
+    from filelock import FileLock  # huggingface_hub's dependency
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist's workers share the parent
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_model():
     return sft.build_demo_model()
 
 
 @pytest.fixture(scope="session")
-def demo_adapter(tmp_path_factory, demo_model):
-    """The demo's adapter, trained once per session by the demo's own settings, for the tests that need one and test
-    something else: each gets a copy in its folder (demo_folder)."""
-    out = tmp_path_factory.mktemp("demo") / "demo_output"
-    sft.run_train(resolve("--demo", "--report_to", "none", "--output_dir", str(out)))
-    return out
+def demo_run(tmp_path_factory, demo_model):
+    """The demo command as a user runs it, once per session in a fresh folder: the folder it leaves (the adapter in
+    demo_output/, its table in demo_output/eval/) and what it printed (stdout.txt, stderr.txt beside it)."""
+    def run(folder):
+        (folder / "user").mkdir()
+        result = run_cli("--demo", "--report_to", "none", cwd=folder / "user", timeout=900)
+        (folder / "stdout.txt").write_text(result.stdout)
+        (folder / "stderr.txt").write_text(result.stderr)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    return once_per_session(tmp_path_factory, "demo_run", run)
 
 
 @pytest.fixture
-def demo_folder(tmp_path, demo_adapter):
+def demo_folder(tmp_path, demo_run):
     """A fresh folder holding a copy of the demo's adapter in demo_output/, as a user's demo run leaves it."""
-    shutil.copytree(demo_adapter, tmp_path / "demo_output")  # copy2 keeps the mtimes the folder's record holds
-    return tmp_path
+    shutil.copytree(demo_run / "user" / "demo_output", tmp_path / "demo_output")  # copy2 keeps the mtimes the
+    return tmp_path  # folder's record holds
 
 
 class ScriptedModel:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import gpt_oss_20b_sft as sft
-from conftest import ROOT, assert_usage_error, resolve, run_cli
+from conftest import ROOT, assert_usage_error, demo_training, resolve, run_cli
 
 
 def printed(*argv, cwd=ROOT):
@@ -147,6 +147,13 @@ def test_layers_mode_then_demo_then_recipe_then_flags(tmp_path):
     assert resolve("--config", str(recipe), "--max_new_tokens", "9", "--no-compare-base").max_new_tokens == 9
 
 
+
+def test_the_tests_plain_demo_training_is_the_demos_training():
+    """conftest's demo_training(), which the tests of a run's mechanics use, trains as --demo trains."""
+    demo = dataclasses.asdict(resolve("--demo", "--output_dir", "x"))
+    plain = dataclasses.asdict(resolve(*demo_training("--output_dir", "x")))
+    assert {k: v for k, v in plain.items() if demo[k] != v} == {"demo": False}
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch_size", "0"], "--batch_size (--per_device_train_batch_size) must be a positive integer, got 0"),
     (["--max-seq-length", "-5"], "--max_seq_length (--max_length) must be a positive integer, got -5"),
@@ -252,23 +259,16 @@ def test_resume_needs_a_checkpoint(tmp_path):
 # No mode runs another: the demo's adapter for infer, chat, eval and merge is trained by the demo's own train
 # settings, never by the settings of the mode that needs it (the two bugs below came from that)
 @pytest.mark.slow
-def test_eval_demo_asks_the_languages_given_and_trains_on_every_row(tmp_path):
-    result = run_cli("--mode", "eval", "--demo", "--reasoning-languages", "Chinese,Japanese", "--limit", "1",
+def test_eval_demo_asks_the_languages_and_questions_given_and_trains_on_every_row(tmp_path):
+    """Both bugs in one fresh folder: eval's languages and question limit reach eval and not the demo's training."""
+    result = run_cli("--mode", "eval", "--demo", "--reasoning-languages", "Chinese,Japanese", "--limit", "2",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]  # was exit 2: "no rows with reasoning language ..."
-    items = json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())["items"]
-    assert sorted({i["reasoning_language"] for i in items}) == ["Chinese", "Japanese"]
-    summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
-    assert summary["data"]["rows_used"] == 480  # every row of the sample, in whichever language it reasons
-    assert summary["reasoning_languages"] == ["English", "French", "German", "Italian", "Spanish"]
-
-
-@pytest.mark.slow
-def test_eval_demo_limit_is_questions_per_language_not_training_rows(tmp_path):
-    result = run_cli("--mode", "eval", "--demo", "--limit", "4", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
-    assert summary["data"]["rows_used"] == 480  # the whole sample, as --demo trains it (was 4: --limit reached training)
-    assert summary["config"]["max_samples"] is None and "max_questions" not in summary["config"]
     report = json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())
-    assert report["config"]["max_questions"] == 4 and len(report["items"]) == 2 * 5 * 4  # the demo asks its 5 languages
+    assert sorted({i["reasoning_language"] for i in report["items"]}) == ["Chinese", "Japanese"]
+    assert report["config"]["max_questions"] == 2 and len(report["items"]) == 2 * 2 * 2  # base and tuned, 2 x 2
+    summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
+    # every row of the sample, in each of its languages, as --demo trains it (was 2 rows: --limit reached training)
+    assert summary["data"]["rows_used"] == 480
+    assert summary["reasoning_languages"] == ["English", "French", "German", "Italian", "Spanish"]
+    assert summary["config"]["max_samples"] is None and "max_questions" not in summary["config"]

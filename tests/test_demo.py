@@ -33,22 +33,23 @@ def test_the_demo_questions_are_in_none_of_its_training_texts():
 
 
 @pytest.mark.slow
-def test_the_demo_teaches_the_tiny_model_to_reason_in_the_language_asked_for(tmp_path):
+def test_the_demo_teaches_the_tiny_model_to_reason_in_the_language_asked_for(demo_run, demo_folder):
     """Issue 26's targets, on the 12 held-out questions per language: tuned >= 80% in each trained language other
-    than English, base <= 25%, a final answer in >= 80% of the tuned outputs; the table printed and saved."""
-    result = run_cli("--demo", "--report_to", "none", cwd=tmp_path, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
+    than English, base <= 25%, a final answer in >= 80% of the tuned outputs; the table printed and saved. (The demo
+    command ran once for the session in a fresh folder: conftest's demo_run.)"""
+    stdout, stderr = (demo_run / "stdout.txt").read_text(), (demo_run / "stderr.txt").read_text()
     # no library deprecation notices or deepspeed's "no GPU found" warning: nothing the user could act on
-    assert not re.search(r"Warning|deprecated|WARNING", result.stdout + result.stderr), result.stderr[-2000:]
-    assert "--- reasoning (German) ---" in result.stdout and "\n--- final answer ---\n" in result.stdout
-    table = (tmp_path / "demo_output" / "eval" / "eval_summary.md").read_text()
-    assert table in result.stdout
+    assert not re.search(r"Warning|deprecated|WARNING", stdout + stderr), stderr[-2000:]
+    assert "--- reasoning (German) ---" in stdout and "\n--- final answer ---\n" in stdout
+    eval_folder = demo_run / "user" / "demo_output" / "eval"
+    table = (eval_folder / "eval_summary.md").read_text()
+    assert table in stdout
     rows = {(r["model"], r["reasoning_language"]): r
-            for r in json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())["summary"]}
+            for r in json.loads((eval_folder / "eval_results.json").read_text())["summary"]}
     for language in ("French", "German", "Spanish", "Italian"):
         assert rows["tuned", language]["n"] == 12
         assert rows["tuned", language]["reasoning_language_match"] >= 0.8, (language, table)
         assert rows["base", language]["reasoning_language_match"] <= 0.25, (language, table)
     assert rows["tuned", "all"]["malformed"] <= 0.2, table
-    again = run_cli("--demo", "--report_to", "none", "--max-steps", "1", cwd=tmp_path)  # replaces its own output
+    again = run_cli("--demo", "--report_to", "none", "--max-steps", "1", cwd=demo_folder)  # replaces its own output
     assert again.returncode == 0, again.stderr[-2000:]

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, resolve
+from conftest import SCRIPT, demo_training, resolve
 
 # SGD: the step moves the adapter by the gradient itself, so any gradient difference shows. Adam's first step is
 # about lr x sign(gradient): it would hide a gradient off by a factor and blow float noise in near-zero entries up.
-ONE_STEP = ["--mode", "train", "--demo", "--report_to", "none", "--max_steps", "1", "--warmup_ratio", "0",
-            "--optim", "sgd", "--learning_rate", "1"]
+ONE_STEP = ["--mode", "train", "--report_to", "none", "--max_steps", "1", "--warmup_ratio", "0", "--optim", "sgd",
+            "--learning_rate", "1"]
 
 
 def free_port() -> int:
@@ -30,15 +30,16 @@ def free_port() -> int:
 def launch(launcher, out, *extra):
     """Run one optimizer step of the demo; two processes x batch 8 = one process x batch 16 (x 2 accumulation)."""
     port = free_port()  # not the launchers' shared default 29500, which the previous launch may still hold
+    step = demo_training(*ONE_STEP)
     commands = {
-        "single": [sys.executable, str(SCRIPT), *ONE_STEP, "--batch_size", "16"],
+        "single": [sys.executable, str(SCRIPT), *step, "--batch_size", "16"],
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                     str(SCRIPT), *ONE_STEP],
+                     str(SCRIPT), *step],
         "deepspeed": [shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed",
-                      "--num_gpus=2", f"--master_port={port}", str(SCRIPT), *ONE_STEP],
+                      "--num_gpus=2", f"--master_port={port}", str(SCRIPT), *step],
         "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
                        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}",
-                       str(SCRIPT), *ONE_STEP],
+                       str(SCRIPT), *step],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run([*commands[launcher], "--output_dir", str(out), *extra], capture_output=True, text=True,

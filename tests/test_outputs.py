@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import gpt_oss_20b_sft as sft
-from conftest import assert_usage_error, resolve, run_cli, snapshot
+from conftest import assert_usage_error, demo_training, resolve, run_cli, snapshot
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_overwrite_replaces_only_the_runs_own_outputs_and_keeps_the_eval_report(
 @pytest.mark.slow
 def test_overwrite_refuses_a_run_folder_with_a_users_file_and_deletes_nothing(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("--demo", "--report_to", "none", "--max-steps", "1", "--output_dir", str(out), cwd=tmp_path)
+    result = run_cli(*demo_training("--report_to", "none", "--max-steps", "1", "--output_dir", str(out)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     (out / "notes.md").write_text("my notes on this run")
     before = snapshot(tmp_path)
@@ -91,11 +91,9 @@ def test_overwrite_refuses_a_run_folder_with_a_users_file_and_deletes_nothing(tm
                      cwd=tmp_path)
     assert_usage_error(result, f"--output_dir {out} holds files this tool did not write (notes.md)")
     assert snapshot(tmp_path) == before
-    result = run_cli("--mode", "train", "--demo", "--output_dir", str(tmp_path / "other"), cwd=tmp_path)
+    result = run_cli(*demo_training("--report_to", "none", "--output_dir", str(tmp_path / "other"), "--max-steps",
+                                    "1"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]  # a fresh folder beside it is fine
-    result = run_cli("--mode", "train", "--demo", "--output_dir", str(tmp_path / "other"), "--max-steps", "1",
-                     "--dataset", str(sft.DEMO_DATASET), cwd=tmp_path)
-    assert result.returncode == 0  # the demo replaces its own earlier outputs without --overwrite
 
 
 def test_a_non_demo_run_needs_overwrite_to_replace_its_earlier_outputs(tmp_path):
@@ -112,11 +110,11 @@ def test_a_non_demo_run_needs_overwrite_to_replace_its_earlier_outputs(tmp_path)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished demo run with two checkpoints, made once; each test works on a copy (mtimes kept, so the copy's
-    record still matches it)."""
+    """A finished run of the demo's training with two checkpoints, made once; each test works on a copy (mtimes kept,
+    so the copy's record still matches it)."""
     folder = tmp_path_factory.mktemp("trained")
-    result = run_cli("--demo", "--report_to", "none", "--max-steps", "2", "--save_steps", "1", "--output_dir", "run",
-                     cwd=folder)
+    result = run_cli(*demo_training("--report_to", "none", "--max-steps", "2", "--save_steps", "1", "--output_dir",
+                                    "run"), cwd=folder)
     assert result.returncode == 0, result.stderr[-2000:]
     return folder / "run"
 
@@ -284,7 +282,8 @@ def test_resume_skips_a_checkpoint_cut_short_and_a_run_killed_while_saving_is_no
     sft.record(out, out / "checkpoint-3", pending=True)  # as a run killed while saving checkpoint-3 leaves it
     (out / "checkpoint-3").mkdir()
     (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"half")
-    argv = ("--demo", "--report_to", "none", "--max-steps", "3", "--save_steps", "1", "--output_dir", "run", "--resume")
+    argv = demo_training("--report_to", "none", "--max-steps", "3", "--save_steps", "1", "--output_dir", "run",
+                         "--resume")
     result = run_cli(*argv, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming from run/checkpoint-2 (skipping checkpoint-3: cut short while being saved)" in result.stdout

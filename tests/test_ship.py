@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, SMALL, TRACKIO_DIR, resolve, run_cli, snapshot
+from conftest import SCRIPT, SMALL, TRACKIO_DIR, demo_training, resolve, run_cli, snapshot
 
 
 def merged_in_memory(demo_model, adapter):
@@ -91,8 +91,8 @@ def test_merge_bad_inputs(tmp_path, argv, needle):
 
 
 def demo_train(out, *extra, **popen):
-    argv = [sys.executable, str(SCRIPT), "--mode", "train", "--demo", "--report_to", "none", "--save_steps", "2",
-            "--output_dir", str(out), *SMALL, *extra]
+    argv = [sys.executable, str(SCRIPT), "--mode", "train", *demo_training(), "--report_to", "none", "--save_steps",
+            "2", "--output_dir", str(out), *SMALL, *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -194,7 +194,7 @@ def test_training_writes_the_model_card_and_never_the_hub_token(tmp_path):
     secret = "hf_NotARealTokenButSecret0123456789"
     env = {**os.environ, "HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret}
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--mode", "train", "--demo", "--max_steps", "2",
+    result = subprocess.run([sys.executable, str(SCRIPT), "--mode", "train", *demo_training(), "--max_steps", "2",
                              "--output_dir", str(out), "--run_name", "token-check"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -401,7 +401,7 @@ def run_without(packages, *args, cwd, stdin=None):
 @pytest.mark.slow
 def test_train_infer_chat_and_merge_need_nothing_that_only_eval_needs(tmp_path):
     train = run_without(NOT_ON_THE_GPU_NODE, "--demo", "--report_to", "none", "--output_dir", "out",
-                        "--reasoning-languages", "deutsch,en,fr,it,es", cwd=tmp_path)
+                        "--reasoning-languages", "deutsch,en,fr,it,es", "--max-steps", "1", cwd=tmp_path)
     assert train.returncode == 0 and "Error" not in train.stderr, train.stderr[-3000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["config"]["reasoning_languages"] == [
