@@ -77,7 +77,8 @@ def llama_logits(model, ids):
 
 
 def transformers_logits(base, adapter, prompts, truncate=True):
-    """The exact reference: base (experts dequantized) + adapter unmerged, in fp32, and the base alone. YaRN with
+    """The exact reference: base (experts dequantized) + adapter unmerged, in fp32, and the base alone; and per position
+    the smallest router margin over layers (the k-th expert's router logit minus the next one's). YaRN with
     truncate=True, as llama.cpp computes it: it always rounds the correction range, which gpt-oss's truncate=False
     leaves unrounded."""
     from peft import PeftModel
@@ -89,11 +90,15 @@ def transformers_logits(base, adapter, prompts, truncate=True):
                                                  quantization_config=Mxfp4Config(dequantize=True),
                                                  attn_implementation="eager")
     model = PeftModel.from_pretrained(model, adapter).eval()
+    k = config.num_experts_per_tok
     with torch.no_grad():
-        tuned = [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
+        outputs = [model(torch.tensor([ids]), output_router_logits=True) for ids in prompts]
+        tuned = [out.logits[0].float() for out in outputs]
+        margins = [torch.stack([r.topk(k + 1).values[:, k - 1] - r.topk(k + 1).values[:, k] for r in out.router_logits])
+                   .min(dim=0).values for out in outputs]
         with model.disable_adapter():
             plain = [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
-    return tuned, plain
+    return tuned, plain, margins
 
 
 def prompt_ids(tokenizer):
@@ -155,27 +160,29 @@ def test_llama_cpp_tokenizes_as_transformers(merges, real_tokenizer):
 
 
 @pytest.mark.parametrize("kind", ["attention", "experts"])
-def test_llama_cpp_logits_match_transformers(kind, merges, base, real_tokenizer):
+def test_llama_cpp_logits_match_transformers(kind, merges, base, real_tokenizer, pinned_date):
     """llama.cpp's logits against transformers' fp32 forward of base + adapter, unmerged. What separates them is
     rounding: the merged weights stored in bf16 (2^-9 relative), and llama.cpp's CPU kernels rounding activations to
     bf16 before bf16 matmuls and to 8-bit blocks (Q8_0) before MXFP4 ones, a few 0.1% per layer. Bound: 3% relative
-    L2 error at every position, 1.5% in the median. Only a router's near-tie flipped by that rounding could move one
-    position more (a different expert); none does on these prompts. The adapter moves the logits several times the
-    bound (asserted), so an export that dropped it, or mixed up gate and up, fails."""
+    L2 error at every position, 1.5% in the median. Only a router's near-tie flipped by that rounding moves a position
+    more (a different expert: 0.1 to 0.3 seen at margins of 0.004 and less), so positions whose router margin is under
+    0.02 are left out of the 3% bound: 18 and 12 of the 178 here, a fifth at most. The adapter moves the logits several times the bound
+    (asserted), so an export that dropped it, or mixed up gate and up, fails."""
     adapter, out, _ = merges[kind]
     model = llama(out / "model.gguf")
-    errors, effects, agree = [], [], []
+    errors, effects, agree, margins = [], [], [], []
     prompts = prompt_ids(real_tokenizer)
-    for ids, want, without in zip(prompts, *transformers_logits(base, adapter, prompts)):
+    for ids, want, without, margin in zip(prompts, *transformers_logits(base, adapter, prompts)):
         got = llama_logits(model, ids)
         errors += ((got - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
         effects += ((without - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
-        margin = want.topk(2).values.diff(dim=-1).abs().squeeze(-1)
-        agree += ((got.argmax(-1) == want.argmax(-1)) | (margin < 0.2)).tolist()
-    errors, effects = torch.tensor(errors), torch.tensor(effects)
-    print(f"{kind}: relative error median {errors.median():.4f} max {errors.max():.4f}; adapter effect median "
-          f"{effects.median():.3f}; positions {len(errors)}")
-    assert errors.max() <= 0.03 and errors.median() <= 0.015
+        top_two = want.topk(2).values.diff(dim=-1).abs().squeeze(-1)
+        agree += ((got.argmax(-1) == want.argmax(-1)) | (top_two < 0.2) | (margin < 0.02)).tolist()
+        margins += margin.tolist()
+    errors, effects, tie = torch.tensor(errors), torch.tensor(effects), torch.tensor(margins) < 0.02
+    print(f"{kind}: relative error median {errors.median():.4f} max {errors[~tie].max():.4f} ({errors.max():.4f} with "
+          f"the {tie.sum()} router near-ties); adapter effect median {effects.median():.3f}; positions {len(errors)}")
+    assert errors[~tie].max() <= 0.03 and errors.median() <= 0.015 and tie.sum() <= len(errors) // 5
     assert effects.min() >= 2 * 0.03
     assert all(agree)  # the top token is the same wherever transformers' top two are not within 0.2
 
