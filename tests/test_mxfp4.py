@@ -110,7 +110,8 @@ def test_training_through_the_4bit_path_lowers_the_loss(mxfp4_model, tmp_path):
     result = run_cli("--mode", "infer", "--use_4bit", "--adapter", str(out), "--prompt", "What is 7 x 8?", "--json",
                      "--max_new_tokens", "16", "--temperature", "0")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["tokens"] == 16
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 < answer["tokens"] <= 16 and answer["reasoning_language"] == "English"  # a stop token may end it sooner
 
 
 def test_random_init_builds_mxfp4_experts_from_the_config(demo_model):
