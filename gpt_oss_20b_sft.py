@@ -16,6 +16,7 @@ loads, infer, chat, eval, merge, the demo, and last the machinery the chapters u
 """
 
 import argparse
+import atexit
 import contextlib
 import copy
 import csv
@@ -3478,6 +3479,18 @@ def end_process_group():
         dist.destroy_process_group()
 
 
+def leave(code: int):
+    """Exit with code. A process of a multi-process run leaves without the interpreter's teardown: DDP's reducer keeps
+    the process group and its gloo/NCCL threads alive past destroy_process_group (pytorch issue 72366, torch 2.13), and
+    freeing them in that teardown aborts one rank now and then ("terminate called without an active exception")."""
+    if world_size() > 1:
+        atexit._run_exitfuncs()  # the exit handlers the teardown would run (CPython's private name, 3.11)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def quiet_library_warnings(on_cuda: bool):
     """Deprecation notices raised inside the libraries, by calls this script does not make: the user cannot act."""
     for message in (r"`is_gradient_checkpointing` is deprecated",  # read by TRL 1.16 and PEFT 0.21 (transformers 5.23)
@@ -3854,4 +3867,4 @@ def _hub_error(source: str, error: Exception) -> UsageError:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, demo_training, resolve
+from conftest import ROOT, SCRIPT, demo_training, resolve
 
 # SGD: the step moves the adapter by the gradient itself, so any gradient difference shows. Adam's first step is
 # about lr x sign(gradient): it would hide a gradient off by a factor and blow float noise in near-zero entries up.
@@ -152,3 +152,16 @@ def test_launchers_exit_cleanly_every_time(tmp_path, launcher):
         result = launch(launcher, tmp_path / f"run{attempt}")
         assert "terminate called" not in result.stderr
         assert (tmp_path / f"run{attempt}" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_process_leaves_with_its_exit_code_after_the_exit_handlers(tmp_path, world_size):
+    """leave(): a rank of a multi-process run skips the interpreter's teardown (where a process group kept alive by
+    DDP can abort) but still runs the exit handlers, prints what it buffered and keeps its exit code."""
+    marker = tmp_path / "handlers_ran"
+    program = (f"import atexit, sys; sys.path.insert(0, {str(ROOT)!r}); import gpt_oss_20b_sft as sft; "
+               f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes')); "
+               "print('buffered', end=''); sft.leave(3)")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "WORLD_SIZE": world_size})
+    assert (result.returncode, result.stdout, marker.read_text()) == (3, "buffered", "yes"), result.stderr[-2000:]
