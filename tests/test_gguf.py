@@ -224,16 +224,26 @@ def test_a_tokenizer_llama_cpp_cannot_split_is_one_line_exit_2_nothing_written(m
     assert snapshot(tmp_path) == before
 
 
-def test_the_demo_model_exports_too_with_its_byte_level_tokenizer(demo_model, tmp_path):
+@pytest.fixture(scope="module")
+def demo_merge(demo_model, tmp_path_factory):
+    """The demo's model in MXFP4 (its own 1k BPE), an attention adapter and their GGUF merge: (base, adapter, folder).
+    Its small vocabulary reads back in a second where the real one takes twenty."""
+    folder = tmp_path_factory.mktemp("gguf_demo")
+    base = sft.write_mxfp4_checkpoint(demo_model, folder / "tiny-gpt-oss-mxfp4")
+    adapter = make_adapter(base, folder / "adapter", **ATTENTION)
+    record = sft.run_merge(resolve("--mode", "merge", "--merge-format", "gguf", "--adapter", str(adapter), "--model",
+                                   str(base), "--output", str(folder / "merged")))
+    assert record["passed"] and record["checks_run"] == ["tensors"]
+    return base, adapter, folder / "merged"
+
+
+def test_the_demo_model_exports_too_with_its_byte_level_tokenizer(demo_merge):
     """The demo's own 1k BPE (plain byte-level, llama.cpp's gpt-2 pre-tokenizer): the GGUF loads and llama.cpp
     splits the demo's training rows into the same ids as transformers."""
     from transformers import AutoTokenizer
 
-    base = sft.write_mxfp4_checkpoint(demo_model, tmp_path / "tiny-gpt-oss-mxfp4")
-    adapter = make_adapter(base, tmp_path / "adapter", **ATTENTION)
-    sft.run_merge(resolve("--mode", "merge", "--merge-format", "gguf", "--adapter", str(adapter), "--model", str(base),
-                          "--output", str(tmp_path / "merged")))
-    model = llama(tmp_path / "merged" / "model.gguf")
+    base, _, merged = demo_merge
+    model = llama(merged / "model.gguf")
     tokenizer = AutoTokenizer.from_pretrained(base)
     assert model.metadata["tokenizer.ggml.pre"] == "gpt-2"
     for row in sft.read_rows(str(sft.DEMO_DATASET))[:10]:
@@ -242,15 +252,14 @@ def test_the_demo_model_exports_too_with_its_byte_level_tokenizer(demo_model, tm
             text, add_special_tokens=False)["input_ids"]
 
 
-def test_tensor_check_reads_the_gguf_back_and_catches_a_wrong_or_missing_tensor(merges, base, attention_gguf,
-                                                                                tmp_path):
-    adapter, out, _ = merges["attention"]
+def test_tensor_check_reads_the_gguf_back_and_catches_a_wrong_or_missing_tensor(demo_merge, tmp_path):
+    base, adapter, merged = demo_merge
     config, pairs = sft.read_lora_adapter(str(adapter))
     layout = sft.checkpoint_layout([base / "model.safetensors"])
     updates = sft.plan_updates(layout, config, pairs, str(adapter), str(base))
-    # (on the file as written it passed: the merge's record.) A copy with one merged weight's bytes changed and layer 0's router renamed in the header (llama.cpp would lack it)
-    data = bytearray((out / "model.gguf").read_bytes())
-    v = next(t for t in attention_gguf.tensors if t.name == "blk.1.attn_v.weight")
+    # (on the file as written it passed: demo_merge.) A copy with one merged weight's bytes changed and layer 0's router renamed in the header (llama.cpp would lack it)
+    data = bytearray((merged / "model.gguf").read_bytes())
+    v = next(t for t in gguf.GGUFReader(merged / "model.gguf").tensors if t.name == "blk.1.attn_v.weight")
     data[v.data_offset:v.data_offset + 64] = bytes(b ^ 0x40 for b in data[v.data_offset:v.data_offset + 64])
     assert data.count(b"blk.0.ffn_gate_inp.weight") == 1
     (tmp_path / "model.gguf").write_bytes(data.replace(b"blk.0.ffn_gate_inp.weight", b"blk.0.ffn_gate_inX.weight"))

@@ -146,12 +146,11 @@ def test_bad_parallel_flags(argv, needle):
 @pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
 @pytest.mark.slow
 def test_launchers_exit_cleanly_every_time(tmp_path, launcher):
-    # An abort at exit (SIGABRT on one rank after training had finished) showed up once in three accelerate
-    # launches while the process group was left alive. With the test above, every launcher runs three times.
-    for attempt in range(2):
-        result = launch(launcher, tmp_path / f"run{attempt}")
-        assert "terminate called" not in result.stderr
-        assert (tmp_path / f"run{attempt}" / "adapter_model.safetensors").is_file()
+    # An abort at exit (SIGABRT on one rank after training had finished) showed up in about one launch in 60 while
+    # ranks went through the interpreter's teardown; leave() now skips it. With the test above, each runs twice.
+    result = launch(launcher, tmp_path / "run")
+    assert "terminate called" not in result.stderr
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])

@@ -39,13 +39,13 @@ def packed_inputs(examples):
     return ids, positions
 
 
-def assert_packed_rows_see_only_themselves(model, examples):
+def assert_packed_rows_see_only_themselves(model, examples, show_the_leak=True):
     """Packed with the hook's per-row masks, each row's logits equal the row run alone; without them the rows after
     the first attend to the rows before them (the leak the hook closes)."""
     ids, positions = packed_inputs(examples)
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
-        leaky = model(input_ids=ids, position_ids=positions).logits[0]
+        leaky = model(input_ids=ids, position_ids=positions).logits[0] if show_the_leak else None
         hook = sft.attach_document_masks(model)
         try:
             packed = model(input_ids=ids, position_ids=positions).logits[0]
@@ -55,7 +55,7 @@ def assert_packed_rows_see_only_themselves(model, examples):
     for i, logits in enumerate(alone):
         n = len(logits)
         torch.testing.assert_close(packed[start:start + n], logits, atol=1e-5, rtol=1e-5)
-        if i > 0:
+        if i > 0 and show_the_leak:
             assert (leaky[start:start + n] - logits).abs().max() > 1e-2
         start += n
 
@@ -85,7 +85,8 @@ def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_mo
     AttentionInterface.register("flex_without_sinks", flex_without_sinks)
     ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
     model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
-    assert_packed_rows_see_only_themselves(model, tiny[2])
+    # Two rows, and the leak left to the eager test above (same rows): on CPU each new length or mask is a compile.
+    assert_packed_rows_see_only_themselves(model, tiny[2][:2], show_the_leak=False)
     assert masks_seen == {"BlockMask"}
 
 
