@@ -24,6 +24,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("GPT_OSS_SFT_CACHE", str(Path(os.environ.get("PYTEST_CACHE_ROOT", "/tmp")) / "gpt_oss_sft_test_cache"))
 os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(SHARED)
 os.environ["TRACKIO_DIR"] = TRACKIO_DIR = tempfile.mkdtemp(prefix="trackio_test_")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (pytest -n 2): a core each, for them and what they start
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Ctrl-C as in a shell's foreground job, for the tests that send SIGINT to the script: a script's background job
 # (`pytest &`) starts with SIGINT ignored, children inherit that, and Python keeps an ignored SIGINT ignored.
@@ -41,13 +43,22 @@ def pytest_configure(config):
 STARTS_A_PROCESS = re.compile(r"\b(run_cli|run_without|subprocess\.|Popen)\(?")
 
 
+# The order `pytest -n 2 --dist loadfile --no-loadscope-reorder` hands whole files to the two workers: the longest
+# first, so that both end together; test_gguf second, as it builds its own model while the first file's tests build
+# the demo's base, which nearly every other file needs. Files not named follow, in their usual order.
+LONGEST_FIRST = ["test_multi", "test_gguf", "test_outputs", "test_config", "test_bad_inputs", "test_eval", "test_speed",
+                 "test_train_infer", "test_ship", "test_merge"]
+
+
 def pytest_collection_modifyitems(items):
     """A test that starts a process is in the slow tier by that fact, marked or not, so the fast tier stays fast as
-    tests are added."""
+    tests are added. Files in LONGEST_FIRST's order, each file's tests in theirs."""
     for item in items:
         function = getattr(item, "function", None)
         if function and "slow" not in item.keywords and STARTS_A_PROCESS.search(inspect.getsource(function)):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
 # A short demo run for the tests of a run's mechanics: the sample's first 45 rows (9 per language), 3 epochs, 9 steps

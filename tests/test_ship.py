@@ -251,7 +251,8 @@ def test_staged_directory_writes_whole_or_not_at_all_and_keeps_what_it_did_not_w
 README = SCRIPT.parent / "README.md"
 # Flags the README shows for other tools (launchers, servers), not for the script.
 OTHER_TOOLS_FLAGS = {"nproc_per_node", "num_gpus", "multi_gpu", "num_processes", "nnodes", "hostfile",
-                     "num_machines", "jinja", "enable_lora", "max_lora_rank", "lora_modules", "project"}
+                     "num_machines", "jinja", "enable_lora", "max_lora_rank", "lora_modules", "project", "dist",
+                     "no_loadscope_reorder"}
 
 
 def test_readme_is_a_user_guide_of_at_most_300_lines_that_links_the_notes_once():
@@ -269,7 +270,8 @@ def test_readme_installs_what_ci_installs_and_runs_its_tests():
     for prefix, file in installs:  # the same command, but for CI's own pip settings (PIP_RETRIES: no network)
         prefix = re.sub(r"PIP_\w+=\S+ ", "", prefix)
         assert f"{prefix}pip install -r {file}" in readme, (prefix, file)
-    assert "python -m pytest -q tests" in readme and re.search(r"^python -m pytest -q tests\b", ci, re.M)
+    command = "python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests"
+    assert command in readme and re.search(rf"^{re.escape(command)}\b", ci, re.M)
 
 
 @pytest.mark.slow
