@@ -3480,9 +3480,10 @@ def end_process_group():
 
 
 def leave(code: int):
-    """Exit with code. A process of a multi-process run leaves without the interpreter's teardown: DDP's reducer keeps
-    the process group and its gloo/NCCL threads alive past destroy_process_group (pytorch issue 72366, torch 2.13), and
-    freeing them in that teardown aborts one rank now and then ("terminate called without an active exception")."""
+    """Exit with code. A process of a multi-process run leaves without the interpreter's teardown: a model wrapped in
+    DDP keeps the process group and its threads alive past destroy_process_group (pytorch issue 72366; gloo, torch
+    2.13), and freeing them in that teardown aborts one rank now and then ("terminate called without an active
+    exception")."""
     if world_size() > 1:
         atexit._run_exitfuncs()  # the exit handlers the teardown would run (CPython's private name, 3.11)
         sys.stdout.flush()
