@@ -17,6 +17,7 @@ from test_merge import ATTENTION, EXPERTS, make_adapter
 pytestmark = [pytest.mark.real_tokenizer, pytest.mark.slow]  # slow: a real-vocabulary model, built and merged (a minute)
 
 PROMPTS = [("What is 7 x 8?", "German"), ("Quelle est la capitale de l'Australie ?", "French")]
+NEAR_TIE = 0.02  # a router margin under which llama.cpp's rounding may pick the other expert
 TEXTS = ["Hello world! 12345 apples", "Ünïcödé — 日本語のテキスト, emojis 🦙🚀 and\n\n  spaces\ttabs",
          "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>analysis<|message|>"]
 
@@ -94,8 +95,8 @@ def transformers_logits(base, adapter, prompts, truncate=True):
     with torch.no_grad():
         outputs = [model(torch.tensor([ids]), output_router_logits=True) for ids in prompts]
         tuned = [out.logits[0].float() for out in outputs]
-        margins = [torch.stack([r.topk(k + 1).values[:, k - 1] - r.topk(k + 1).values[:, k] for r in out.router_logits])
-                   .min(dim=0).values for out in outputs]
+        tops = [[r.topk(k + 1).values for r in out.router_logits] for out in outputs]  # per prompt, per layer
+        margins = [torch.stack([top[:, k - 1] - top[:, k] for top in layers]).min(dim=0).values for layers in tops]
         with model.disable_adapter():
             plain = [model(torch.tensor([ids])).logits[0].float() for ids in prompts]
     return tuned, plain, margins
@@ -166,8 +167,8 @@ def test_llama_cpp_logits_match_transformers(kind, merges, base, real_tokenizer,
     bf16 before bf16 matmuls and to 8-bit blocks (Q8_0) before MXFP4 ones, a few 0.1% per layer. Bound: 3% relative
     L2 error at every position, 1.5% in the median. Only a router's near-tie flipped by that rounding moves a position
     more (a different expert: 0.1 to 0.3 seen at margins of 0.004 and less), so positions whose router margin is under
-    0.02 are left out of the 3% bound: 18 and 12 of the 178 here, a fifth at most. The adapter moves the logits several times the bound
-    (asserted), so an export that dropped it, or mixed up gate and up, fails."""
+    NEAR_TIE are left out of the 3% bound: 18 and 12 of the 178 here, a fifth at most. The adapter moves the logits
+    several times the bound (asserted), so an export that dropped it, or mixed up gate and up, fails."""
     adapter, out, _ = merges[kind]
     model = llama(out / "model.gguf")
     errors, effects, agree, margins = [], [], [], []
@@ -177,9 +178,9 @@ def test_llama_cpp_logits_match_transformers(kind, merges, base, real_tokenizer,
         errors += ((got - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
         effects += ((without - want).norm(dim=-1) / want.norm(dim=-1)).tolist()
         top_two = want.topk(2).values.diff(dim=-1).abs().squeeze(-1)
-        agree += ((got.argmax(-1) == want.argmax(-1)) | (top_two < 0.2) | (margin < 0.02)).tolist()
+        agree += ((got.argmax(-1) == want.argmax(-1)) | (top_two < 0.2) | (margin < NEAR_TIE)).tolist()
         margins += margin.tolist()
-    errors, effects, tie = torch.tensor(errors), torch.tensor(effects), torch.tensor(margins) < 0.02
+    errors, effects, tie = torch.tensor(errors), torch.tensor(effects), torch.tensor(margins) < NEAR_TIE
     print(f"{kind}: relative error median {errors.median():.4f} max {errors[~tie].max():.4f} ({errors.max():.4f} with "
           f"the {tie.sum()} router near-ties); adapter effect median {effects.median():.3f}; positions {len(errors)}")
     assert errors[~tie].max() <= 0.03 and errors.median() <= 0.015 and tie.sum() <= len(errors) // 5
