@@ -44,6 +44,7 @@ def launch(launcher, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run([*commands[launcher], "--output_dir", str(out), *extra], capture_output=True, text=True,
                             env=env, timeout=600)
+    # no rank aborted at exit (about one launch in 60 did in the interpreter's teardown before leave())
     assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-3000:]
     return result
 
@@ -141,16 +142,6 @@ def test_bad_parallel_flags(argv, needle):
     with pytest.raises(sft.UsageError, match=None) as e:
         resolve(*argv)
     assert needle in str(e.value)
-
-
-@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
-@pytest.mark.slow
-def test_launchers_exit_cleanly_every_time(tmp_path, launcher):
-    # An abort at exit (SIGABRT on one rank after training had finished) showed up in about one launch in 60 while
-    # ranks went through the interpreter's teardown; leave() now skips it. With the test above, each runs twice.
-    result = launch(launcher, tmp_path / "run")
-    assert "terminate called" not in result.stderr
-    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
