@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("make_demo_data", ROOT / "data" / "make_demo_data.py")
 make_demo_data = importlib.util.module_from_spec(spec)
@@ -33,7 +33,7 @@ def test_the_demo_questions_are_in_none_of_its_training_texts():
 
 
 @pytest.mark.slow
-def test_the_demo_teaches_the_tiny_model_to_reason_in_the_language_asked_for(demo_run, demo_folder):
+def test_the_demo_teaches_the_tiny_model_to_reason_in_the_language_asked_for(demo_run):
     """Issue 26's targets, on the 12 held-out questions per language: tuned >= 80% in each trained language other
     than English, base <= 25%, a final answer in >= 80% of the tuned outputs; the table printed and saved. (The demo
     command ran once for the session in a fresh folder: conftest's demo_run.)"""
@@ -51,5 +51,5 @@ def test_the_demo_teaches_the_tiny_model_to_reason_in_the_language_asked_for(dem
         assert rows["tuned", language]["reasoning_language_match"] >= 0.8, (language, table)
         assert rows["base", language]["reasoning_language_match"] <= 0.25, (language, table)
     assert rows["tuned", "all"]["malformed"] <= 0.2, table
-    again = run_cli("--demo", "--report_to", "none", "--max-steps", "1", cwd=demo_folder)  # replaces its own output
-    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((demo_run / "user" / "demo_output" / "run_summary.json").read_text())
+    assert summary["data"]["rows_used"] == 480  # the whole sample, all five languages
