@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 
@@ -259,16 +260,25 @@ def test_resume_needs_a_checkpoint(tmp_path):
 # No mode runs another: the demo's adapter for infer, chat, eval and merge is trained by the demo's own train
 # settings, never by the settings of the mode that needs it (the two bugs below came from that)
 @pytest.mark.slow
-def test_eval_demo_asks_the_languages_and_questions_given_and_trains_on_every_row(tmp_path):
-    """Both bugs in one fresh folder: eval's languages and question limit reach eval and not the demo's training."""
-    result = run_cli("--mode", "eval", "--demo", "--reasoning-languages", "Chinese,Japanese", "--limit", "2",
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]  # was exit 2: "no rows with reasoning language ..."
+def test_eval_demo_asks_the_languages_and_questions_given_and_trains_with_the_demos_own_settings(demo_run, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """Both bugs in one fresh folder: eval's languages and question limit reach eval and not the demo's training.
+    The step hands training exactly what `--demo` trains with (whose run of every row test_demo checks); here that
+    run's adapter is copied in where the step's training would write it, instead of training it a second time."""
+    trained_with = []
+
+    def train(cfg):
+        trained_with.append(cfg)
+        shutil.copytree(demo_run / "user" / "demo_output", cfg.output_dir)  # copy2 keeps the mtimes its record holds
+
+    monkeypatch.setattr(sft, "run_train", train)
+    monkeypatch.chdir(tmp_path)
+    # was exit 2, "no rows with reasoning language ...": the languages reached the demo's training
+    assert sft.main(["--mode", "eval", "--demo", "--reasoning-languages", "Chinese,Japanese", "--limit", "2"]) == 0
+    assert trained_with == [resolve("--mode", "train", "--demo", "--report_to", "none")]
+    # every row in each of the sample's languages (was 2 rows: --limit reached training)
+    assert trained_with[0].max_samples is None and trained_with[0].reasoning_languages is None
     report = json.loads((tmp_path / "demo_output" / "eval" / "eval_results.json").read_text())
     assert sorted({i["reasoning_language"] for i in report["items"]}) == ["Chinese", "Japanese"]
     assert report["config"]["max_questions"] == 2 and len(report["items"]) == 2 * 2 * 2  # base and tuned, 2 x 2
-    summary = json.loads((tmp_path / "demo_output" / "run_summary.json").read_text())
-    # every row of the sample, in each of its languages, as --demo trains it (was 2 rows: --limit reached training)
-    assert summary["data"]["rows_used"] == 480
-    assert summary["reasoning_languages"] == ["English", "French", "German", "Italian", "Spanish"]
-    assert summary["config"]["max_samples"] is None and "max_questions" not in summary["config"]
+    assert "| all | tuned | 4 |" in capsys.readouterr().out
