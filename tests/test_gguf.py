@@ -62,9 +62,16 @@ def merges(base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def attention_gguf(merges):
-    """gguf's reader on the attention merge (it parses all 201,088 tokens and the merges: read once)."""
-    return gguf.GGUFReader(merges["attention"][1] / "model.gguf")
+def demo_merge(demo_model, tmp_path_factory):
+    """The demo's model in MXFP4 (its own 1k BPE), an attention adapter and their GGUF merge: (base, adapter, folder).
+    Its small vocabulary reads back in a second where the real one takes twenty."""
+    folder = tmp_path_factory.mktemp("gguf_demo")
+    base = sft.write_mxfp4_checkpoint(demo_model, folder / "tiny-gpt-oss-mxfp4")
+    adapter = make_adapter(base, folder / "adapter", **ATTENTION)
+    record = sft.run_merge(resolve("--mode", "merge", "--merge-format", "gguf", "--adapter", str(adapter), "--model",
+                                   str(base), "--output", str(folder / "merged")))
+    assert record["passed"] and record["checks_run"] == ["tensors"]
+    return base, adapter, folder / "merged"
 
 
 def llama(path):
@@ -107,23 +114,34 @@ def prompt_ids(tokenizer):
                                           return_dict=False) for p, lang in PROMPTS]
 
 
-def test_gguf_has_llama_cpps_gpt_oss_layout_and_metadata(merges, base, attention_gguf):
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-    from safetensors.torch import load_file
-
+def test_gguf_has_llama_cpps_gpt_oss_metadata(merges):
+    """The real 201,088-token vocabulary's GGUF, as llama.cpp reads it (gguf's own reader takes about 17 s over those
+    tokens; the tensors are checked with it on the demo's GGUF below)."""
     _, out, record = merges["attention"]
     assert record["passed"] and record["format"] == "gguf (mxfp4 experts)" and record["checks_run"] == ["tensors"]
     assert sorted(p.name for p in out.iterdir()) == [".gpt_oss_sft.json", "merge_check.json", "model.gguf"]
     assert sft.sort_outputs(out, "merge") == ([out / "merge_check.json", out / "model.gguf"], [])  # --overwrite may
-    reader = attention_gguf
-    field = lambda key: reader.fields[key].contents()
+    model = llama(out / "model.gguf")
+    field = model.metadata.get
     assert field("general.architecture") == "gpt-oss" and field("tokenizer.ggml.pre") == "gpt-4o"
-    assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == 201088
+    assert field("tokenizer.ggml.model") == "gpt2" and model.n_vocab() == 201088
     assert field("tokenizer.chat_template") == (SHARED / "chat_template.jinja").read_text()
-    assert field("gpt-oss.rope.scaling.type") == "yarn" and field("gpt-oss.rope.scaling.factor") == 32
-    assert field("gpt-oss.rope.scaling.original_context_length") == 4096 and field("gpt-oss.context_length") == 131072
-    assert field("gpt-oss.attention.sliding_window") == 16 and field("gpt-oss.expert_count") == 4
-    assert field("gpt-oss.expert_used_count") == 2 and field("gpt-oss.expert_feed_forward_length") == 64
+    assert field("gpt-oss.rope.scaling.type") == "yarn" and float(field("gpt-oss.rope.scaling.factor")) == 32
+    assert field("gpt-oss.rope.scaling.original_context_length") == "4096"
+    assert field("gpt-oss.context_length") == "131072"
+    assert field("gpt-oss.attention.sliding_window") == "16" and field("gpt-oss.expert_count") == "4"
+    assert field("gpt-oss.expert_used_count") == "2" and field("gpt-oss.expert_feed_forward_length") == "64"
+    assert field("general.file_type") == str(gguf.LlamaFileType.MOSTLY_MXFP4_MOE.value)
+
+
+def test_gguf_tensors_have_llama_cpps_layout_and_the_experts_decode_to_the_base(demo_merge):
+    """The tensors, on the demo model's GGUF (the same writer; gguf's reader parses its 1k vocabulary in a second)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from safetensors.torch import load_file
+
+    base, _, merged = demo_merge
+    reader = gguf.GGUFReader(merged / "model.gguf")
+    assert reader.fields["gpt-oss.block_count"].contents() == 2
     tensors = {t.name: t for t in reader.tensors}
     types = {name: t.tensor_type.name for name, t in tensors.items()}
     assert types["blk.0.ffn_gate_exps.weight"] == types["blk.1.ffn_down_exps.weight"] == "MXFP4"
@@ -137,14 +155,16 @@ def test_gguf_has_llama_cpps_gpt_oss_layout_and_metadata(merges, base, attention
     state = load_file(base / "model.safetensors")
     for layer in (0, 1):
         prefix = f"model.layers.{layer}.mlp.experts."
-        gate_up = convert_moe_packed_tensors(state[prefix + "gate_up_proj_blocks"], state[prefix + "gate_up_proj_scales"],
+        gate_up = convert_moe_packed_tensors(state[prefix + "gate_up_proj_blocks"],
+                                             state[prefix + "gate_up_proj_scales"],
                                              dtype=torch.float32).transpose(1, 2)  # [E, 2 * inner, hidden]
         down = convert_moe_packed_tensors(state[prefix + "down_proj_blocks"], state[prefix + "down_proj_scales"],
                                           dtype=torch.float32).transpose(1, 2)
         decoded = {n: torch.from_numpy(gguf.quants.dequantize(tensors[f"blk.{layer}.{n}.weight"].data,
                                                               gguf.GGMLQuantizationType.MXFP4))
                    for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
-        assert torch.equal(decoded["ffn_gate_exps"], gate_up[:, 0::2]) and torch.equal(decoded["ffn_up_exps"], gate_up[:, 1::2])
+        assert torch.equal(decoded["ffn_gate_exps"], gate_up[:, 0::2])
+        assert torch.equal(decoded["ffn_up_exps"], gate_up[:, 1::2])
         assert torch.equal(decoded["ffn_down_exps"], down)
         bias = state[prefix + "gate_up_proj_bias"].float()
         assert torch.equal(torch.from_numpy(tensors[f"blk.{layer}.ffn_gate_exps.bias"].data.copy()), bias[:, 0::2])
@@ -225,19 +245,6 @@ def test_a_tokenizer_llama_cpp_cannot_split_is_one_line_exit_2_nothing_written(m
     assert snapshot(tmp_path) == before
 
 
-@pytest.fixture(scope="module")
-def demo_merge(demo_model, tmp_path_factory):
-    """The demo's model in MXFP4 (its own 1k BPE), an attention adapter and their GGUF merge: (base, adapter, folder).
-    Its small vocabulary reads back in a second where the real one takes twenty."""
-    folder = tmp_path_factory.mktemp("gguf_demo")
-    base = sft.write_mxfp4_checkpoint(demo_model, folder / "tiny-gpt-oss-mxfp4")
-    adapter = make_adapter(base, folder / "adapter", **ATTENTION)
-    record = sft.run_merge(resolve("--mode", "merge", "--merge-format", "gguf", "--adapter", str(adapter), "--model",
-                                   str(base), "--output", str(folder / "merged")))
-    assert record["passed"] and record["checks_run"] == ["tensors"]
-    return base, adapter, folder / "merged"
-
-
 def test_the_demo_model_exports_too_with_its_byte_level_tokenizer(demo_merge):
     """The demo's own 1k BPE (plain byte-level, llama.cpp's gpt-2 pre-tokenizer): the GGUF loads and llama.cpp
     splits the demo's training rows into the same ids as transformers."""
@@ -258,7 +265,8 @@ def test_tensor_check_reads_the_gguf_back_and_catches_a_wrong_or_missing_tensor(
     config, pairs = sft.read_lora_adapter(str(adapter))
     layout = sft.checkpoint_layout([base / "model.safetensors"])
     updates = sft.plan_updates(layout, config, pairs, str(adapter), str(base))
-    # (on the file as written it passed: demo_merge.) A copy with one merged weight's bytes changed and layer 0's router renamed in the header (llama.cpp would lack it)
+    # (on the file as written it passed: demo_merge.) A copy with one merged weight's bytes changed and layer 0's
+    # router renamed in the header (llama.cpp would lack it)
     data = bytearray((merged / "model.gguf").read_bytes())
     v = next(t for t in gguf.GGUFReader(merged / "model.gguf").tensors if t.name == "blk.1.attn_v.weight")
     data[v.data_offset:v.data_offset + 64] = bytes(b ^ 0x40 for b in data[v.data_offset:v.data_offset + 64])
