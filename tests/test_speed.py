@@ -39,12 +39,12 @@ def packed_inputs(examples):
     return ids, positions
 
 
-def assert_packed_rows_see_only_themselves(model, examples, show_the_leak=True):
-    """Packed with the hook's per-row masks, each row's logits equal the row run alone; without them the rows after
-    the first attend to the rows before them (the leak the hook closes)."""
+def assert_packed_rows_see_only_themselves(model, examples, show_the_leak=True, alone_by=None):
+    """Packed with the hook's per-row masks, each row's logits equal the row run alone (by alone_by, default the same
+    model); without them the rows after the first attend to the rows before them (the leak the hook closes)."""
     ids, positions = packed_inputs(examples)
     with torch.no_grad():
-        alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
+        alone = [(alone_by or model)(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]
         leaky = model(input_ids=ids, position_ids=positions).logits[0] if show_the_leak else None
         hook = sft.attach_document_masks(model)
         try:
@@ -70,8 +70,9 @@ def test_packed_rows_see_only_themselves(tiny):
 @pytest.mark.slow
 def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model, static_flex_compile):
     """The mask the GPU default uses: the hook hands flex_attention a BlockMask. On CPU torch compiles flex for
-    inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out; they
-    rescale each query's output by its own log-sum-exp, which no mask changes."""
+    inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out, and the
+    rows alone are run by the eager attention with the sinks at -inf (they add exp(-inf) = 0): flex compiles for the
+    packed row's two masks only, as each new length or mask is a compile on CPU. The leak: the eager test above."""
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.integrations.flex_attention import flex_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
@@ -85,8 +86,11 @@ def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_mo
     AttentionInterface.register("flex_without_sinks", flex_without_sinks)
     ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
     model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
-    # Two rows, and the leak left to the eager test above (same rows): on CPU each new length or mask is a compile.
-    assert_packed_rows_see_only_themselves(model, tiny[2][:2], show_the_leak=False)
+    without_sinks = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in without_sinks.model.layers:
+            layer.self_attn.sinks.fill_(float("-inf"))
+    assert_packed_rows_see_only_themselves(model, tiny[2], show_the_leak=False, alone_by=without_sinks)
     assert masks_seen == {"BlockMask"}
 
 
@@ -98,7 +102,8 @@ def test_document_block_mask_equals_transformers_builder(demo_model):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     config = AutoConfig.from_pretrained(demo_model, attn_implementation="flex_attention")
-    for lengths in ([300, 57, 400, 13], [1, 128, 256, 5, 130], [700]):  # ragged ends, rows on block edges, one row
+    # ragged ends, rows on block edges, one row; 700 tokens each, as transformers' builder compiles per length
+    for lengths in ([300, 57, 330, 13], [1, 128, 256, 5, 310], [700]):
         positions = torch.cat([torch.arange(n) for n in lengths])[None]
         kwargs = dict(config=config, inputs_embeds=torch.zeros(1, positions.shape[1], 4), attention_mask=None,
                       past_key_values=None, position_ids=positions)
