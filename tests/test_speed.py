@@ -67,31 +67,40 @@ def test_packed_rows_see_only_themselves(tiny):
     assert_packed_rows_see_only_themselves(model, examples)
 
 
-@pytest.mark.slow
-def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, demo_model, static_flex_compile):
-    """The mask the GPU default uses: the hook hands flex_attention a BlockMask. On CPU torch compiles flex for
-    inference only and transformers refuses gpt-oss's sinks there, so this attention leaves the sinks out, and the
-    rows alone are run by the eager attention with the sinks at -inf (they add exp(-inf) = 0): flex compiles for the
-    packed row's two masks only, as each new length or mask is a compile on CPU. The leak: the eager test above."""
+@pytest.fixture(scope="module")
+def without_sinks(demo_model):
+    """The demo model under flex attention, as the GPU default runs it but without gpt-oss's sinks (on CPU torch
+    compiles flex for inference only, and transformers refuses the sinks there), and its eager twin with the sinks at
+    -inf (each adds exp(-inf) = 0 to its softmax): the same maths, the reference. Each flex call's mask is kept."""
     from transformers import AttentionInterface, AutoModelForCausalLM
     from transformers.integrations.flex_attention import flex_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
 
-    masks_seen = set()
+    masks_seen = []
 
     def flex_without_sinks(module, query, key, value, attention_mask, s_aux=None, **kwargs):
-        masks_seen.add(type(attention_mask).__name__)
+        masks_seen.append(attention_mask)
         return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("flex_without_sinks", flex_without_sinks)
     ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
-    model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
-    without_sinks = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="eager").eval()
+    flex = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
+    eager = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="eager").eval()
     with torch.no_grad():
-        for layer in without_sinks.model.layers:
+        for layer in eager.model.layers:
             layer.self_attn.sinks.fill_(float("-inf"))
-    assert_packed_rows_see_only_themselves(model, tiny[2], show_the_leak=False, alone_by=without_sinks)
-    assert masks_seen == {"BlockMask"}
+    return flex, eager, masks_seen
+
+
+@pytest.mark.slow
+def test_packed_rows_see_only_themselves_under_the_flex_block_mask(tiny, without_sinks, static_flex_compile):
+    """The mask the GPU default uses: the hook hands flex_attention a BlockMask, and each packed row's logits equal
+    the row's alone (eager, the reference): flex compiles for the packed row's two masks only, as each new length or
+    mask is a compile on CPU. The leak without the hook: the eager test above, on the same rows."""
+    flex, eager, masks_seen = without_sinks
+    masks_seen.clear()
+    assert_packed_rows_see_only_themselves(flex, tiny[2], show_the_leak=False, alone_by=eager)
+    assert masks_seen and {type(mask).__name__ for mask in masks_seen} == {"BlockMask"}
 
 
 def test_document_block_mask_equals_transformers_builder(demo_model):
@@ -121,36 +130,25 @@ def test_document_block_mask_equals_transformers_builder(demo_model):
 
 
 @pytest.mark.slow
-def test_right_padded_flex_batches_need_no_padding_mask(tiny, demo_model, static_flex_compile):
+def test_right_padded_flex_batches_need_no_padding_mask(tiny, without_sinks, static_flex_compile):
     """A right-padded batch under the hook's cached causal BlockMask (no padding term, one per length, shared by the
-    rows) gives the real tokens the logits transformers' padded mask gives them, and the same loss."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
-    from transformers.integrations.flex_attention import flex_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flex_attention_mask
-
-    masks_seen = []
-
-    def flex_without_sinks(module, query, key, value, attention_mask, s_aux=None, **kwargs):
-        masks_seen.append(attention_mask)
-        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("flex_without_sinks", flex_without_sinks)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("flex_without_sinks", flex_attention_mask)
-    model = AutoModelForCausalLM.from_pretrained(demo_model, attn_implementation="flex_without_sinks").eval()
+    rows) gives the real tokens the logits and the loss transformers' padded mask gives them (eager, the reference)."""
+    flex, eager, masks_seen = without_sinks
     rows = [e["input_ids"] for e in tiny[2]]
     length = -(-max(map(len, rows)) // sft.FLEX_BLOCK) * sft.FLEX_BLOCK  # a bucket, as the collator pads on the GPU
     ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])
     padding = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
     labels = torch.where(padding.bool(), ids, -100)
     with torch.no_grad():
-        reference = model(input_ids=ids, attention_mask=padding, labels=labels)
-        assert masks_seen[-1].shape[0] == len(rows)  # transformers' mask: one per row, with the padding term
-        hook = sft.attach_document_masks(model)
+        reference = eager(input_ids=ids, attention_mask=padding, labels=labels)
+        masks_seen.clear()
+        hook = sft.attach_document_masks(flex)
         try:
-            ours = model(input_ids=ids, attention_mask=padding, labels=labels)
-            again = model(input_ids=ids.flip(0), attention_mask=padding.flip(0))
+            ours = flex(input_ids=ids, attention_mask=padding, labels=labels)
+            again = flex(input_ids=ids.flip(0), attention_mask=padding.flip(0))
         finally:
             hook.remove()
+    assert len(masks_seen) == 4  # two layers, two batches
     assert masks_seen[-1] is masks_seen[-3] and masks_seen[-1].shape[0] == 1  # cached by length, broadcast over rows
     real = padding.bool()
     torch.testing.assert_close(ours.logits[real], reference.logits[real], atol=1e-5, rtol=1e-5)
