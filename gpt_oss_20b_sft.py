@@ -110,7 +110,8 @@ def main(argv=None) -> int:
             if cfg.demo and cfg.mode != "train":
                 ensure_demo_adapter(cfg)
             MODES[cfg.mode].run(cfg)
-            if cfg.demo and cfg.mode == "train" and is_main_process():
+            # a preflight (random weights or synthetic rows) ends with its measurement: nothing to answer with
+            if cfg.demo and cfg.mode == "train" and is_main_process() and not (cfg.random_init or cfg.synthetic_data):
                 demo_answer(cfg)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do

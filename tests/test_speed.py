@@ -241,6 +241,7 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     line = next(l for l in out.stdout.splitlines() if l.startswith("{") and "tokens_per_second" in l)
     summary = json.loads(line)
     assert json.loads((tmp_path / "out" / "speed.json").read_text()) == summary  # what bench/benchmark.sh reads
+    assert line == out.stdout.strip().splitlines()[-1] and not (tmp_path / "out" / "eval").exists()  # no demo answer
     for key in ("tokens_per_second", "padded_tokens_per_second", "step_seconds", "projected_run_minutes", "gpu",
                 "peak_memory_gib"):
         assert key in summary
