@@ -65,38 +65,92 @@ DEMO_OUTPUT_DIR = "demo_output"
 # The modes, and main: parse, derive, validate, then print the settings or run
 
 
-@dataclass(frozen=True)
 class Mode:
-    run: object  # the function that runs it
+    """What a mode is, for main(), the parser, the folder record, the offline decision and the out-of-memory message:
+    each mode's chapter opens with its own (a subclass, registered in MODES). What is written here holds unless the
+    mode says otherwise."""
+
+    name: str  # --mode's value
+    settings: type  # its settings: one frozen dataclass of the groups it reads (a run gets no other field)
     during: str  # what the out-of-memory message calls it
-    defaults: dict = field(default_factory=dict)  # settings that differ in this mode (the demo's come on top)
+    defaults: dict = {}  # settings that differ in this mode (the demo's come on top)
+    outputs: str | None = None  # the exact names of the files it writes (None: it writes nothing); see sort_outputs
+    takes_adapter = True  # --adapter is the adapter it runs (under --demo, where none is given: the demo's)
+    streams_model = False  # reads the checkpoint tensor by tensor instead of loading the model
+    every_rank = False  # under a launcher every process runs it; otherwise rank 0 alone
+    resumes = False  # --resume continues it from its last complete checkpoint
+
+    def run(self, cfg):
+        raise NotImplementedError
+
+    def reads_model(self, cfg) -> bool:
+        """Whether this run reads --model at all."""
+        return True
+
+    def as_shipped(self, cfg) -> bool:
+        """Whether it reads the checkpoint as gpt-oss ships it, experts in MXFP4 (the demo gives it that copy)."""
+        return self.streams_model
+
+    def output_dir(self, cfg, adapter: str | None) -> str | None:
+        """--output_dir where none is given."""
+        return None
+
+    def derive(self, cfg) -> dict:
+        """Its settings that follow from others, where the user left them unset (derive() fills model, adapter and
+        output_dir)."""
+        return {}
+
+    def check(self, cfg):
+        """Its rules beyond each field's own (validate() holds every run to those and to what all modes share)."""
+
+    def inputs(self, cfg) -> dict:
+        """The files it reads, by the name an error calls them: its output folder must not hold them."""
+        return {}
+
+    def describe(self, cfg, on_cuda: bool) -> dict:
+        """What this machine makes of its settings, for --print-config."""
+        return {}
+
+    def use_less_memory(self, cfg) -> str:
+        """The out-of-memory message's advice: the flags that make it use less."""
+        return ""
+
+    def hub_repos(self, cfg) -> list:
+        """The Hub repos it reads or writes besides --model."""
+        return []
+
+    def check_hub(self, cfg, reads_hub: bool):
+        """Refuse at start-up what it would need from the Hub later, when the Hub is offline."""
+
+    def after_demo(self, cfg):
+        """What --demo shows once it has run."""
 
 
-MODES = {  # lambda: each run_* function is looked up when its mode runs (its chapter comes below)
-    "train": Mode(lambda cfg: run_train(cfg), "training"),
-    "infer": Mode(lambda cfg: run_infer(cfg), "inference"),
-    "chat": Mode(lambda cfg: run_chat(cfg), "chat", dict(stream=True)),
-    # greedy (repeatable), with room for the reasoning before the answer
-    "eval": Mode(lambda cfg: run_eval(cfg), "evaluation", dict(temperature=0.0, max_new_tokens=1024)),
-    "merge": Mode(lambda cfg: run_merge(cfg), "merging"),
-}
+MODES = {}  # name -> Mode, in the order of their chapters below: --mode's choices, in that order
+
+
+def register(mode: type) -> type:
+    """@register above a mode's class puts its one instance into MODES."""
+    MODES[mode.name] = mode()
+    return mode
 
 
 def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
-    cfg = None
+    cfg = mode = None
     try:
         cfg = parse_config(argv)
+        mode = MODES[cfg.mode]
         if cfg.print_config:
             print(render_config(cfg))
             sys.stdout.flush()
             return 0
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
-            if cfg.mode != "train":
-                return 0  # inference, eval and merge run on rank 0 alone
+            if not mode.every_rank:
+                return 0
         decide_offline(cfg)
         import torch  # imports no Hugging Face library
 
@@ -106,13 +160,12 @@ def main(argv=None) -> int:
             print(f"note: {note}")
         if cfg.demo:
             ensure_demo_model(cfg)
-        with out_of_memory_is_a_message(cfg, MODES[cfg.mode].during):
-            if cfg.demo and cfg.mode != "train":
+        with out_of_memory_is_a_message(cfg):
+            if cfg.demo:
                 ensure_demo_adapter(cfg)
-            MODES[cfg.mode].run(cfg)
-            # a preflight (random weights or synthetic rows) ends with its measurement: nothing to answer with
-            if cfg.demo and cfg.mode == "train" and is_main_process() and not (cfg.random_init or cfg.synthetic_data):
-                demo_answer(cfg)
+            mode.run(cfg)
+            if cfg.demo:
+                mode.after_demo(cfg)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -125,7 +178,7 @@ def main(argv=None) -> int:
         print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
               "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
               "is used. Make room and run the same command again" + (", with --resume to continue from the last "
-              "checkpoint" if cfg and cfg.mode == "train" else "") + ".", file=sys.stderr)
+              "checkpoint" if mode and mode.resumes else "") + ".", file=sys.stderr)
         return 1
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -148,18 +201,18 @@ def main(argv=None) -> int:
 # line, other spellings and the rule it must meet; a run gets its mode's groups and no other field
 
 
-def setting(default=None, help="", *aliases, check=None, factory=None):
-    """A settings field: its default, its --help line, other flag names (each in both spellings) and the name of the
-    rule validate() holds it to."""
+def setting(default=None, help="", *aliases, check=None, factory=None, section=None):
+    """A settings field: its default, its --help line, other flag names (each in both spellings), the name of the
+    rule validate() holds it to, and the heading --help shows above it, where a group is long."""
     names = list(dict.fromkeys(s for a in aliases for s in (f"--{a}", f"--{a.replace('_', '-')}")))
-    metadata = {"help": help, "aliases": names, "check": check}
+    metadata = {"help": help, "aliases": names, "check": check, "section": section}
     return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class CommonSettings:
     """what to run (every mode)"""
-    mode: Literal["train", "infer", "chat", "eval", "merge"] = setting(
+    mode: "Literal[tuple(MODES)]" = setting(  # the registered modes' names, read when the parser is built
         "train", "train an adapter, infer (answer one prompt), chat (talk to it), eval (reasoning-language match) or "
                  "merge it into its base; --mode X --help lists X's settings")
     demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny gpt-oss, the bundled rows, base vs tuned at the end")
@@ -190,68 +243,19 @@ class ModelSettings:
     seed: int = setting(42, "random seed", check="seed")
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """data (--mode train)"""
-    dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "hub dataset id or a local .jsonl/.json/.parquet file")
-    dataset_split: str = setting("train", "split of a hub dataset")
-    reasoning_languages: list[str] | None = setting(None, "keep only the rows reasoning in these languages (default: all)")
-    max_samples: int | None = setting(None, "only the first N rows", "limit", check="positive")
-    max_seq_length: int = setting(2048, "tokens per row; longer rows are cut", "max_length", check="positive")
-    train_on_all_tokens: bool = setting(False, "loss on every token, as the Cookbook did (default: the assistant's "
-                                               "analysis, final and <|return|> only)")
-    # LoRA
-    lora_r: int = setting(16, "LoRA rank", check="positive")
-    lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", check="positive")
-    lora_dropout: float = setting(0.0, "LoRA dropout", check="fraction")
-    target_modules: list[str] = setting(help="Linear layers to adapt (comma or space separated)",
-                                        factory=lambda: ["q_proj", "v_proj"])
-    target_parameters: list[str] = setting(help="expert tensors to adapt, e.g. mlp.experts.gate_up_proj,"
-                                                "mlp.experts.down_proj", factory=list)
-    # training
-    resume: bool = setting(False, "continue from the newest complete checkpoint in --output_dir")
-    batch_size: int = setting(8, "rows per device per micro-batch", "per_device_train_batch_size", check="positive")
-    gradient_accumulation_steps: int = setting(2, "micro-batches per optimizer step", check="positive")
-    learning_rate: float = setting(2e-5, "peak learning rate", check="above_zero")
-    lr_scheduler_type: str = setting("cosine", "learning-rate schedule, one of transformers' (cosine, linear, "
-                                               "cosine_with_min_lr, ...)")
-    min_lr_rate: float | None = setting(None, "cosine_with_min_lr: the last learning rate as a fraction of the peak",
-                                        check="fraction")
-    warmup_ratio: float = setting(0.1, "share of the steps spent warming up", check="fraction")
-    num_train_epochs: float = setting(3.0, "passes over the data", check="above_zero")
-    max_steps: int | None = setting(None, "stop after N optimizer steps", check="positive")
-    eval_split: float | None = setting(None, "hold out this fraction of the rows for an evaluation loss after each "
-                                             "epoch", check="fraction")
-    optim: str = setting("adamw_torch_fused", "optimizer, one of transformers' names")
-    weight_decay: float = setting(0.01, "weight decay", check="not_negative")
-    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass to save memory")
-    checkpoint_every: int = setting(1, "recompute every N-th decoder layer only, the others keep their activations "
-                                       "(2+: quicker steps on GPUs with memory to spare)", check="positive")
-    router_aux_loss_coef: float = setting(0.0, "MoE load-balancing loss weight (TRL would add 0.9 x the config's)",
-                                          check="not_negative")
-    compile: bool = setting(False, "torch.compile each decoder layer's MoE block (router and experts), dynamic shapes")
-    packing: bool = setting(False, "each micro-batch's rows in one padding-free sequence, each masked to itself")
-    sampler: Literal["batch_rebalance", "random", "group_by_length"] = setting(
-        "batch_rebalance", "how rows become micro-batches: batch_rebalance draws each step as random does, with less "
-                           "padding")
-    chunked_loss: bool = setting(True, "TRL's loss without the full-vocabulary logits (off: the Cookbook's)")
-    logging_steps: int = setting(1, "log every N optimizer steps", check="positive")
-    save_steps: int = setting(50, "checkpoint every N optimizer steps", check="positive")
-    save_total_limit: int = setting(2, "checkpoints kept", check="positive")
-    report_to: Literal["trackio", "wandb", "tensorboard", "none"] = setting(
-        "trackio", "experiment tracking (trackio logs stay local)")
-    trackio_project: str = setting("gpt-oss-20b-sft", "trackio project")
-    run_name: str | None = setting(None, "run name in the tracker (default: the output folder's name and the time)")
-    push_to_hub: bool = setting(False, "upload the adapter to the Hub after training")
-    hub_model_id: str | None = setting(None, "repo for --push_to_hub, e.g. you/gpt-oss-20b-multilingual-reasoner")
-    # several GPUs: run under torchrun, deepspeed or accelerate launch
-    fsdp: bool = setting(False, "FSDP2: shard the model over the GPUs (default under a launcher: DDP)")
-    deepspeed: str | None = setting(None, "zero3 (the built-in ZeRO-3 preset; default under the deepspeed launcher) or "
-                                          "a DeepSpeed JSON file")
-    # preflight: will this fit my GPU, and how fast is it?
-    random_init: bool = setting(False, "random weights of the model's shapes, built on the GPU (no download)")
-    synthetic_data: int | None = setting(None, "N generated rows with Multilingual-Thinking's lengths",
-                                         check="positive")
+class ModelMode(Mode):
+    """A mode that loads the model and runs it (train, infer, chat, eval): what its model settings add."""
+
+    def as_shipped(self, cfg) -> bool:
+        return cfg.use_4bit
+
+    def any_language(self, cfg) -> bool:
+        """Whether a language name the table does not know goes through as typed."""
+        return cfg.allow_any_language
+
+    def describe(self, cfg, on_cuda: bool) -> dict:
+        return dict(attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda),
+                    experts="MXFP4, dequantized per layer" if cfg.use_4bit else "bf16")
 
 
 @dataclass(frozen=True)
@@ -263,70 +267,20 @@ class GenerationSettings:
     max_new_tokens: int = setting(512, "tokens to generate at most", check="positive")
 
 
-@dataclass(frozen=True)
-class InferSettings:
-    """one answer or a conversation (infer, chat)"""
-    prompt: str | None = setting(None, "the user message (infer; default: stdin)")
-    reasoning_language: str = setting("English", "language of the analysis channel (chat: /lang changes it)")
-    stream: bool | None = setting(None, "print the answer while it is generated (default: when stdout is a terminal; "
-                                        "chat: on)")
-    raw: bool = setting(False, "print the whole harmony transcript (infer)")
+class GenerationMode(ModelMode):
+    """A mode that generates answers (infer, chat, eval): what its generation settings add."""
 
+    def derive(self, cfg) -> dict:
+        return dict(answer_languages=language_names(cfg.answer_languages, "--answer-language", self.any_language(cfg)))
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """evaluation (--mode eval)"""
-    eval_reasoning_languages: list[str] | None = setting(None, "reasoning languages to ask for (default: 8)",
-                                                         "reasoning_languages")
-    question_languages: list[str] | None = setting(None, "languages the questions are asked in (default: all, rotated)")
-    max_questions: int | None = setting(None, "only the first N questions, each asked in every reasoning language",
-                                        "limit", "max_samples", check="positive")
-    full_grid: bool = setting(False, "every question in every question x answer language instead of rotating")
-    eval_file: str = setting(str(EVAL_QUESTIONS), "the questions (.jsonl)")
-    eval_batch_size: int = setting(32, "prompts per generation batch", check="positive")
-    compare_base: bool | None = setting(None, "also evaluate the base model, adapter off (default: on in the demo)")
-    score_file: str | None = setting(None, "score outputs made elsewhere (.jsonl); loads no model")
+    def check(self, cfg):
+        if cfg.answer_languages is not None and not cfg.answer_languages:
+            raise UsageError("--answer-language is empty: name a language or leave the flag out")
 
+    def use_less_memory(self, cfg, smaller_batches: str = "") -> str:
+        return (f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}{smaller_batches}"
+                + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
 
-@dataclass(frozen=True)
-class MergeSettings:
-    """merging (--mode merge)"""
-    merge_format: Literal["mxfp4", "bf16", "gguf"] = setting(
-        "mxfp4", "mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 dequantizes "
-                 "them (~42 GB; chosen by itself for an adapter on expert tensors); gguf writes one model.gguf for "
-                 "llama.cpp and Ollama (MXFP4 experts repacked)")
-    merge_logits_check: bool = setting(True, "also compare base+adapter and merged logits where the model fits in "
-                                             "memory (the tensor check always runs)")
-
-
-# One frozen object per run: the fields of its mode's groups and no others. A dataclass lays out the fields of its
-# bases from the last base to the first, so the common settings come first (and --help shows the groups so).
-@dataclass(frozen=True)
-class TrainRun(TrainSettings, ModelSettings, CommonSettings):
-    """--mode train"""
-
-
-@dataclass(frozen=True)
-class InferRun(InferSettings, GenerationSettings, ModelSettings, CommonSettings):
-    """--mode infer and --mode chat"""
-
-
-@dataclass(frozen=True)
-class EvalRun(EvalSettings, GenerationSettings, ModelSettings, CommonSettings):
-    """--mode eval"""
-
-
-@dataclass(frozen=True)
-class MergeRun(MergeSettings, CommonSettings):
-    """--mode merge"""
-
-
-RUNS = {"train": TrainRun, "infer": InferRun, "chat": InferRun, "eval": EvalRun, "merge": MergeRun}
-Config = TrainRun | InferRun | EvalRun | MergeRun  # what parse_config returns
-
-SECTIONS = {"lora_r": "LoRA", "resume": "training",  # headings inside train's group, which is long
-            "fsdp": "several GPUs: run the script under torchrun, deepspeed or accelerate launch (README)",
-            "random_init": "preflight: will this fit my GPU, and how fast is it?"}
 
 # What --demo changes, each for a reason (each mode takes the ones among its settings): its rows and questions, written
 # for a 2-layer model (data/make_demo_data.py); a learning rate and passes that teach a tiny model the instruction in a
@@ -378,10 +332,11 @@ class Parser(OneLineErrors, TrlParser):
     --x/--no-x for every switch and the help in sections, one per group."""
 
     def __init__(self, mode: str):
-        mode = mode if mode in RUNS else "train"  # an unknown mode is refused by --mode's choices (a recipe's: validate)
-        super().__init__(RUNS[mode].__bases__[::-1], prog="gpt_oss_20b_sft.py", allow_abbrev=False,
+        # an unknown mode is refused by --mode's choices (a recipe's: validate)
+        mode = mode if mode in MODES else CommonSettings.mode
+        super().__init__(MODES[mode].settings.__bases__[::-1], prog="gpt_oss_20b_sft.py", allow_abbrev=False,
                          formatter_class=HelpFormatter,
-                         usage="%(prog)s [--mode {train,infer,chat,eval,merge}] [--demo] [--config FILE.yaml] "
+                         usage=f"%(prog)s [--mode {{{','.join(MODES)}}}] [--demo] [--config FILE.yaml] "
                                "[--print-config] [options]",
                          description=f"LoRA fine-tuning of gpt-oss-20b so it reasons in the language you ask for, and "
                                      f"what comes after. These are --mode {mode}'s settings (--mode X --help: X's). "
@@ -393,14 +348,14 @@ class Parser(OneLineErrors, TrlParser):
     def _add_dataclass_arguments(self, dtype):
         group, hints = self.add_argument_group(dtype.__doc__), get_type_hints(dtype)
         for f in fields(dtype):
-            group = self.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
+            group = self.add_argument_group(f.metadata["section"]) if f.metadata["section"] else group
             f.type = hints[f.name]
             if f.type in (bool, bool | None):
                 group.add_argument(*dict.fromkeys((f"--{f.name}", f"--{f.name.replace('_', '-')}")),
                                    action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-            else:  # the check is for validate(), not for argparse
+            else:  # the check is for validate() and the section for the line above, not for argparse
                 plain = copy.copy(f)
-                plain.metadata = {k: v for k, v in f.metadata.items() if k != "check"}
+                plain.metadata = {k: v for k, v in f.metadata.items() if k not in ("check", "section")}
                 self._parse_dataclass_field(group, plain)
 
     def knows(self, flag: str) -> str | None:
@@ -412,14 +367,16 @@ class Parser(OneLineErrors, TrlParser):
 
 def readers(flag: str) -> str | None:
     """The modes that read a flag, as a phrase ("an infer, chat and eval"), or None where none does."""
-    modes = [mode for mode in RUNS if Parser(mode).knows(flag)]
-    if not modes:
-        return None
-    listed = ", ".join(modes[:-1]) + " and " + modes[-1] if len(modes) > 1 else modes[0]
-    return ("an " if listed[0] in "aeiou" else "a ") + listed
+    modes = listed([mode for mode in MODES if Parser(mode).knows(flag)])
+    return modes and ("an " if modes[0] in "aeiou" else "a ") + modes
 
 
-def parse(argv: list) -> Config:
+def listed(names: list) -> str | None:
+    """["a", "b", "c"] -> "a, b and c"; None for none."""
+    return names and (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) or None
+
+
+def parse(argv: list) -> CommonSettings:
     """Defaults in layers, each over the last: the fields', the mode's, the demo's, a --config recipe's; then the
     command line. The mode (--mode, else the recipe's) picks the groups of settings; a setting of another mode, on
     the command line or in the recipe, is refused with the modes that read it."""
@@ -431,7 +388,7 @@ def parse(argv: list) -> Config:
     recipe = read_recipe(picked.config) if picked.config else {}
     mode = picked.mode or recipe.get("mode", CommonSettings.mode)
     demo = picked.demo if picked.demo is not None else recipe.get("demo", False)
-    parser, run = Parser(mode), RUNS.get(mode, TrainRun)
+    parser, run = Parser(mode), MODES.get(mode, MODES[CommonSettings.mode]).settings
     names = [f.name for f in fields(run)]
     for key in (k for k in recipe if k not in names):
         if parser.knows(f"--{key}"):  # an old name of a field, e.g. eval's max_samples, now max_questions
@@ -472,7 +429,7 @@ def read_recipe(path: str) -> dict:
     return recipe
 
 
-def parse_config(argv: list | None = None) -> Config:
+def parse_config(argv: list | None = None) -> CommonSettings:
     """The settings of this run: parsed in layers, derived, validated, then frozen."""
     return validate(derive(parse(list(sys.argv[1:] if argv is None else argv))))
 
@@ -517,42 +474,24 @@ def language_name(name: str, flag: str, any_language: bool = False) -> str:
                        "--allow-any-language sends another name as typed)")
 
 
-def derive(cfg: Config) -> Config:
+def derive(cfg: CommonSettings) -> CommonSettings:
     """Fill the settings that follow from others, where the user left them unset (None), group by group. A value
     given is kept, so --print-config's output, fed back with --config, resolves to the same settings."""
     for name in ("model", "adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed"):
         value = getattr(cfg, name, None)
         if isinstance(value, str) and not value.strip():  # e.g. an unset shell variable
             raise UsageError(f"--{name} is empty: give a path, or leave the flag out for the default")
-    scoring = isinstance(cfg, EvalSettings) and cfg.score_file  # scores outputs made elsewhere: no model, no adapter
-    adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and cfg.mode != "train" and not scoring else None)
-    as_shipped = cfg.mode == "merge" or isinstance(cfg, ModelSettings) and cfg.use_4bit  # merge: the MXFP4 base
-    model = cfg.model or (str(demo_model_dir(as_shipped)) if cfg.demo
+    mode = MODES[cfg.mode]
+    adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and mode.takes_adapter and mode.reads_model(cfg) else None)
+    model = cfg.model or (str(demo_model_dir(mode.as_shipped(cfg))) if cfg.demo
                           else adapter_base(adapter) if adapter else None) or DEFAULT_MODEL
-    output_dir = cfg.output_dir or {"train": DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR,
-                                    "eval": str(Path(adapter) / "eval") if adapter else "eval_output",
-                                    "merge": f"{Path(adapter)}-merged" if adapter else None}.get(cfg.mode)
-    derived = dict(adapter=adapter, model=model, output_dir=output_dir)
-    # eval scores with the detector, so its languages must be ones the detector knows
-    any_language = isinstance(cfg, ModelSettings) and cfg.allow_any_language and cfg.mode != "eval"
+    return replace(cfg, adapter=adapter, model=model, output_dir=cfg.output_dir or mode.output_dir(cfg, adapter),
+                   **mode.derive(cfg))
 
-    def languages(names, flag):
-        return None if names is None else [language_name(n, flag, any_language) for n in _flat(names)]
 
-    if isinstance(cfg, TrainSettings):
-        derived.update(target_modules=_flat(cfg.target_modules), target_parameters=_flat(cfg.target_parameters),
-                       reasoning_languages=languages(cfg.reasoning_languages, "--reasoning-languages"),
-                       deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
-    if isinstance(cfg, GenerationSettings):
-        derived.update(answer_languages=languages(cfg.answer_languages, "--answer-language"))
-    if isinstance(cfg, InferSettings):
-        derived.update(reasoning_language=language_name(cfg.reasoning_language, "--reasoning-language", any_language),
-                       stream=cfg.stream if cfg.stream is not None else sys.stdout.isatty() and not (cfg.json or cfg.raw))
-    if isinstance(cfg, EvalSettings):
-        derived.update(eval_reasoning_languages=languages(cfg.eval_reasoning_languages, "--reasoning-languages"),
-                       question_languages=languages(cfg.question_languages, "--question-languages"),
-                       compare_base=cfg.compare_base if cfg.compare_base is not None else cfg.demo and not scoring)
-    return replace(cfg, **derived)
+def language_names(names, flag: str, any_language: bool) -> list | None:
+    """Comma- or space-separated language names, each by the one rule (language_name)."""
+    return None if names is None else [language_name(n, flag, any_language) for n in _flat(names)]
 
 
 RULES = {"positive": (lambda v: v > 0, "must be a positive integer"),
@@ -574,7 +513,7 @@ def _is(value, kind) -> bool:
     return False
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: CommonSettings) -> CommonSettings:
     """Every rule the settings must meet, checked before anything is loaded or written; each error names its flag.
     The rules of a group apply where the run has that group."""
     hints = get_type_hints(type(cfg))
@@ -590,82 +529,20 @@ def validate(cfg: Config) -> Config:
         if rule and value is not None and not RULES[rule][0](value):
             also = ", ".join(a for a in f.metadata["aliases"] if "-" not in a.lstrip("-"))  # what was typed
             raise UsageError(f"{flag}{f' ({also})' if also else ''} {RULES[rule][1]}, got {value}")
-    # every mode
-    if cfg.mode == "train" and cfg.adapter:
-        raise UsageError("--adapter is for infer, chat, eval and merge: train makes a new adapter from --model (to "
-                         "continue a run, pass its --output_dir with --resume)")
-    if cfg.mode == "merge" and not cfg.adapter:
-        raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
-    if cfg.mode in ("infer", "chat") and (cfg.output_dir or cfg.overwrite):
-        raise UsageError(f"--mode {cfg.mode} writes nothing: --output_dir and --overwrite are for train, eval and merge")
-    scoring = isinstance(cfg, EvalSettings) and cfg.score_file
-    if not (scoring or cfg.demo) and looks_local(cfg.model) and not Path(cfg.model).expanduser().is_dir():
+    mode = MODES[cfg.mode]
+    if not mode.outputs and (cfg.output_dir or cfg.overwrite):
+        raise UsageError(f"--mode {cfg.mode} writes nothing: --output_dir and --overwrite are for "
+                         + listed([name for name, other in MODES.items() if other.outputs]))
+    mode.check(cfg)
+    if mode.reads_model(cfg) and not cfg.demo and looks_local(cfg.model) and not Path(cfg.model).expanduser().is_dir():
         raise UsageError(f"model directory {cfg.model} does not exist; give a local gpt-oss directory or a hub id")
     if cfg.adapter and not cfg.demo and not (Path(cfg.adapter) / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {cfg.adapter} is not a LoRA adapter directory (no adapter_config.json); "
                          "pass the --output_dir of a train run")
-    if cfg.mode == "eval" and cfg.allow_any_language:
-        raise UsageError("--allow-any-language: eval scores the reasoning with the language detector, which knows "
-                         "only its 75 languages; drop it")
-    if isinstance(cfg, TrainSettings):
-        validate_training(cfg)
-    if isinstance(cfg, GenerationSettings) and cfg.answer_languages is not None and not cfg.answer_languages:
-        raise UsageError("--answer-language is empty: name a language or leave the flag out")
-    if isinstance(cfg, InferSettings):
-        if cfg.json and cfg.raw:
-            raise UsageError("--json and --raw are two output formats: pick one")
-        if cfg.mode == "chat" and (cfg.json or cfg.raw):
-            raise UsageError("--mode chat prints text; --json and --raw are --mode infer's formats")
-        if cfg.mode == "chat" and cfg.prompt is not None:
-            raise UsageError("--mode chat reads your questions as you type them; --prompt is --mode infer's")
-        if cfg.stream and (cfg.json or cfg.raw):
-            raise UsageError(f"--stream prints text as it is generated, --{'json' if cfg.json else 'raw'} the whole "
-                             "output at the end: pick one")
-    if isinstance(cfg, EvalSettings):
-        if importlib.util.find_spec("lingua") is None:  # the other modes do without it
-            raise UsageError("--mode eval detects the languages with lingua: pip install lingua-language-detector")
-        if cfg.compare_base and not cfg.adapter:
-            raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
     return cfg
 
 
-def validate_training(cfg: TrainRun):
-    """The rules of train's settings."""
-    if not cfg.target_modules and not cfg.target_parameters:
-        raise UsageError("nothing to train: give --target_modules and/or --target_parameters")
-    if (cfg.lr_scheduler_type == "cosine_with_min_lr") != (cfg.min_lr_rate is not None):
-        raise UsageError("--lr_scheduler_type cosine_with_min_lr and --min_lr_rate go together (the last learning "
-                         "rate as a fraction of the peak, e.g. 0.1)")
-    if cfg.use_4bit and cfg.target_parameters:
-        raise UsageError("--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them: drop "
-                         "--target_parameters or --use_4bit")
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
-    if cfg.push_to_hub and not cfg.hub_model_id:
-        raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
-    if cfg.resume and cfg.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: pick one")
-    if cfg.checkpoint_every > 1 and not cfg.gradient_checkpointing:
-        raise UsageError("--checkpoint-every chooses which layers --gradient-checkpointing recomputes: drop one of them")
-    if cfg.checkpoint_every > 1 and cfg.fsdp:
-        raise UsageError("--checkpoint-every applies to the Trainer's checkpointing; under --fsdp FSDP checkpoints every "
-                         "layer itself: drop --checkpoint-every")
-    if cfg.deepspeed and cfg.fsdp:
-        raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
-    if cfg.deepspeed and cfg.deepspeed != "zero3":
-        try:
-            json.loads(Path(cfg.deepspeed).read_text())
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--deepspeed {cfg.deepspeed}: not 'zero3' and not a readable DeepSpeed JSON file "
-                             f"({type(e).__name__})") from None
-    if cfg.use_4bit and (cfg.deepspeed or cfg.fsdp):
-        raise UsageError("--use_4bit with --deepspeed/--fsdp: the MXFP4 experts are buffers, which neither shards; "
-                         "run it with plain torchrun (DDP: every GPU holds the 14 GB model)")
-    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
-
-
-def render_config(cfg: Config) -> str:
+def render_config(cfg: CommonSettings) -> str:
     """--print-config: the settings (a recipe --config reads back) and what this machine makes of them."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("print_config", "local_rank")}
     runtime = describe_runtime(cfg)
@@ -677,14 +554,199 @@ def render_config(cfg: Config) -> str:
             + "# on this machine: " + json.dumps(runtime) + "\n")
 
 
-def gpu_note(cfg: Config, on_cuda: bool) -> str | None:
+def gpu_note(cfg: CommonSettings, on_cuda: bool) -> str | None:
     """One line, before anything else fails, for a machine with no GPU asked to run a hub model (full size: every
     gpt-oss is 20B or more; local models are counted once their config is read)."""
-    scoring = isinstance(cfg, EvalSettings) and cfg.score_file
-    if on_cuda or cfg.demo or scoring or cfg.mode == "merge" or looks_local(cfg.model):  # merge streams
+    mode = MODES[cfg.mode]
+    if on_cuda or cfg.demo or mode.streams_model or not mode.reads_model(cfg) or looks_local(cfg.model):
         return None
     return (f"there is no CUDA GPU here and {cfg.model} is a full-size model: training needs a GPU with >= 80 GB"
             " and inference one with >= 24 GB (--use_4bit); on CPU, --demo and tiny local models run")
+
+
+def describe_runtime(cfg: CommonSettings) -> dict:
+    """What this machine turns the settings into: device and dtype; attention and experts where a model is loaded;
+    batching and strategy where one is trained."""
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    runtime = {"device": torch.cuda.get_device_name() if on_cuda else "cpu", "dtype": "bfloat16" if on_cuda else "float32",
+               **MODES[cfg.mode].describe(cfg, on_cuda)}
+    return {**runtime, **({"note": note} if (note := gpu_note(cfg, on_cuda)) else {})}
+
+
+# -----------------------------------------------------------------------------
+# Train
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """data (--mode train)"""
+    dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "hub dataset id or a local .jsonl/.json/.parquet file")
+    dataset_split: str = setting("train", "split of a hub dataset")
+    reasoning_languages: list[str] | None = setting(None, "keep only the rows reasoning in these languages (default: all)")
+    max_samples: int | None = setting(None, "only the first N rows", "limit", check="positive")
+    max_seq_length: int = setting(2048, "tokens per row; longer rows are cut", "max_length", check="positive")
+    train_on_all_tokens: bool = setting(False, "loss on every token, as the Cookbook did (default: the assistant's "
+                                               "analysis, final and <|return|> only)")
+    lora_r: int = setting(16, "LoRA rank", check="positive", section="LoRA")
+    lora_alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", check="positive")
+    lora_dropout: float = setting(0.0, "LoRA dropout", check="fraction")
+    target_modules: list[str] = setting(help="Linear layers to adapt (comma or space separated)",
+                                        factory=lambda: ["q_proj", "v_proj"])
+    target_parameters: list[str] = setting(help="expert tensors to adapt, e.g. mlp.experts.gate_up_proj,"
+                                                "mlp.experts.down_proj", factory=list)
+    resume: bool = setting(False, "continue from the newest complete checkpoint in --output_dir", section="training")
+    batch_size: int = setting(8, "rows per device per micro-batch", "per_device_train_batch_size", check="positive")
+    gradient_accumulation_steps: int = setting(2, "micro-batches per optimizer step", check="positive")
+    learning_rate: float = setting(2e-5, "peak learning rate", check="above_zero")
+    lr_scheduler_type: str = setting("cosine", "learning-rate schedule, one of transformers' (cosine, linear, "
+                                               "cosine_with_min_lr, ...)")
+    min_lr_rate: float | None = setting(None, "cosine_with_min_lr: the last learning rate as a fraction of the peak",
+                                        check="fraction")
+    warmup_ratio: float = setting(0.1, "share of the steps spent warming up", check="fraction")
+    num_train_epochs: float = setting(3.0, "passes over the data", check="above_zero")
+    max_steps: int | None = setting(None, "stop after N optimizer steps", check="positive")
+    eval_split: float | None = setting(None, "hold out this fraction of the rows for an evaluation loss after each "
+                                             "epoch", check="fraction")
+    optim: str = setting("adamw_torch_fused", "optimizer, one of transformers' names")
+    weight_decay: float = setting(0.01, "weight decay", check="not_negative")
+    gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass to save memory")
+    checkpoint_every: int = setting(1, "recompute every N-th decoder layer only, the others keep their activations "
+                                       "(2+: quicker steps on GPUs with memory to spare)", check="positive")
+    router_aux_loss_coef: float = setting(0.0, "MoE load-balancing loss weight (TRL would add 0.9 x the config's)",
+                                          check="not_negative")
+    compile: bool = setting(False, "torch.compile each decoder layer's MoE block (router and experts), dynamic shapes")
+    packing: bool = setting(False, "each micro-batch's rows in one padding-free sequence, each masked to itself")
+    sampler: Literal["batch_rebalance", "random", "group_by_length"] = setting(
+        "batch_rebalance", "how rows become micro-batches: batch_rebalance draws each step as random does, with less "
+                           "padding")
+    chunked_loss: bool = setting(True, "TRL's loss without the full-vocabulary logits (off: the Cookbook's)")
+    logging_steps: int = setting(1, "log every N optimizer steps", check="positive")
+    save_steps: int = setting(50, "checkpoint every N optimizer steps", check="positive")
+    save_total_limit: int = setting(2, "checkpoints kept", check="positive")
+    report_to: Literal["trackio", "wandb", "tensorboard", "none"] = setting(
+        "trackio", "experiment tracking (trackio logs stay local)")
+    trackio_project: str = setting("gpt-oss-20b-sft", "trackio project")
+    run_name: str | None = setting(None, "run name in the tracker (default: the output folder's name and the time)")
+    push_to_hub: bool = setting(False, "upload the adapter to the Hub after training")
+    hub_model_id: str | None = setting(None, "repo for --push_to_hub, e.g. you/gpt-oss-20b-multilingual-reasoner")
+    fsdp: bool = setting(False, "FSDP2: shard the model over the GPUs (default under a launcher: DDP)",
+                         section="several GPUs: run the script under torchrun, deepspeed or accelerate launch (README)")
+    deepspeed: str | None = setting(None, "zero3 (the built-in ZeRO-3 preset; default under the deepspeed launcher) or "
+                                          "a DeepSpeed JSON file")
+    random_init: bool = setting(False, "random weights of the model's shapes, built on the GPU (no download)",
+                                section="preflight: will this fit my GPU, and how fast is it?")
+    synthetic_data: int | None = setting(None, "N generated rows with Multilingual-Thinking's lengths",
+                                         check="positive")
+
+
+# One frozen object per run: the fields of its mode's groups and no others. A dataclass lays out the fields of its
+# bases from the last base to the first, so the common settings come first (and --help shows the groups so).
+@dataclass(frozen=True)
+class TrainRun(TrainSettings, ModelSettings, CommonSettings):
+    """--mode train"""
+
+
+@register
+class Train(ModelMode):
+    """--mode train: a LoRA adapter trained on the rows with TRL's SFTTrainer."""
+
+    name, settings, during = "train", TrainRun, "training"
+    outputs = (r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+               r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
+               r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+               r"trainer_state\.json")  # the last five: what the Trainer writes into a checkpoint
+    takes_adapter = False  # it makes one
+    every_rank = resumes = True
+
+    def run(self, cfg):
+        return run_train(cfg)
+
+    def output_dir(self, cfg, adapter):
+        return DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR
+
+    def derive(self, cfg):
+        return dict(target_modules=_flat(cfg.target_modules), target_parameters=_flat(cfg.target_parameters),
+                    reasoning_languages=language_names(cfg.reasoning_languages, "--reasoning-languages",
+                                                       self.any_language(cfg)),
+                    deepspeed=cfg.deepspeed or ("zero3" if cfg.local_rank is not None and not cfg.fsdp else None))
+
+    def check(self, cfg):
+        if cfg.adapter:
+            raise UsageError(f"--adapter is for {listed([n for n, m in MODES.items() if m.takes_adapter])}: train makes "
+                             "a new adapter from --model (to continue a run, pass its --output_dir with --resume)")
+        if not cfg.target_modules and not cfg.target_parameters:
+            raise UsageError("nothing to train: give --target_modules and/or --target_parameters")
+        if (cfg.lr_scheduler_type == "cosine_with_min_lr") != (cfg.min_lr_rate is not None):
+            raise UsageError("--lr_scheduler_type cosine_with_min_lr and --min_lr_rate go together (the last learning "
+                             "rate as a fraction of the peak, e.g. 0.1)")
+        if cfg.use_4bit and cfg.target_parameters:
+            raise UsageError("--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them: drop "
+                             "--target_parameters or --use_4bit")
+        if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+            raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
+        if cfg.push_to_hub and not cfg.hub_model_id:
+            raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
+        if cfg.resume and cfg.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: pick one")
+        if cfg.checkpoint_every > 1 and not cfg.gradient_checkpointing:
+            raise UsageError("--checkpoint-every chooses which layers --gradient-checkpointing recomputes: drop one of them")
+        if cfg.checkpoint_every > 1 and cfg.fsdp:
+            raise UsageError("--checkpoint-every applies to the Trainer's checkpointing; under --fsdp FSDP checkpoints every "
+                             "layer itself: drop --checkpoint-every")
+        if cfg.deepspeed and cfg.fsdp:
+            raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
+        if cfg.deepspeed and cfg.deepspeed != "zero3":
+            try:
+                json.loads(Path(cfg.deepspeed).read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"--deepspeed {cfg.deepspeed}: not 'zero3' and not a readable DeepSpeed JSON file "
+                                 f"({type(e).__name__})") from None
+        if cfg.use_4bit and (cfg.deepspeed or cfg.fsdp):
+            raise UsageError("--use_4bit with --deepspeed/--fsdp: the MXFP4 experts are buffers, which neither shards; "
+                             "run it with plain torchrun (DDP: every GPU holds the 14 GB model)")
+        if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("--deepspeed needs the deepspeed package: pip install deepspeed")
+
+    def inputs(self, cfg):
+        return {"the dataset": cfg.dataset}
+
+    def describe(self, cfg, on_cuda):
+        return {**super().describe(cfg, on_cuda), "packing": cfg.packing, "sampler": cfg.sampler,
+                "world_size": world_size(), "strategy": distributed_strategy(cfg),
+                "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size()}
+
+    def use_less_memory(self, cfg):
+        return (f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
+                f"{max(cfg.max_seq_length // 2, 256)}"
+                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
+                + ("" if cfg.chunked_loss else ", --chunked-loss")
+                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
+                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
+                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
+
+    def hub_repos(self, cfg):
+        dataset = [] if cfg.synthetic_data or Path(cfg.dataset).expanduser().exists() else [cfg.dataset]
+        return dataset + ([cfg.hub_model_id] if cfg.push_to_hub else [])
+
+    def check_hub(self, cfg, reads_hub):
+        """--push_to_hub is checked here, not after the training it would follow."""
+        if not cfg.push_to_hub:
+            return
+        if hub_offline():
+            raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if reads_hub else 'offline'} "
+                             "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+    def after_demo(self, cfg):
+        # a preflight (random weights or synthetic rows) ends with its measurement: nothing to answer with
+        if is_main_process() and not (cfg.random_init or cfg.synthetic_data):
+            demo_answer(cfg)
 
 
 def distributed_strategy(cfg: TrainRun) -> str:
@@ -695,27 +757,6 @@ def distributed_strategy(cfg: TrainRun) -> str:
     if cfg.fsdp:
         return "fsdp2"
     return "ddp" if world_size() > 1 else "single"
-
-
-def describe_runtime(cfg: Config) -> dict:
-    """What this machine turns the settings into: device and dtype; attention and experts where a model is loaded;
-    batching and strategy where one is trained."""
-    import torch
-
-    on_cuda = torch.cuda.is_available()
-    runtime = {"device": torch.cuda.get_device_name() if on_cuda else "cpu", "dtype": "bfloat16" if on_cuda else "float32"}
-    if isinstance(cfg, ModelSettings):
-        runtime.update(attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda),
-                       experts="MXFP4, dequantized per layer" if cfg.use_4bit else "bf16")
-    if isinstance(cfg, TrainSettings):
-        runtime.update(packing=cfg.packing, sampler=cfg.sampler, world_size=world_size(),
-                       strategy=distributed_strategy(cfg),
-                       effective_batch_size=cfg.batch_size * cfg.gradient_accumulation_steps * world_size())
-    return {**runtime, **({"note": note} if (note := gpu_note(cfg, on_cuda)) else {})}
-
-
-# -----------------------------------------------------------------------------
-# Train
 
 
 def build_lora_config(cfg: TrainRun):
@@ -1110,7 +1151,7 @@ def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
         return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
         print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
-        raise RunFailed(out_of_memory_advice(cfg, "training", *gpu_memory_state())) from e
+        raise RunFailed(out_of_memory_advice(cfg, *gpu_memory_state())) from e
     except (RunFailed, KeyboardInterrupt) as e:
         trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
         if isinstance(e, RunFailed):
@@ -1664,7 +1705,7 @@ def checkpoint_files(source: str) -> list:
     return files
 
 
-def load_mxfp4_model(cfg: Config, config, device: str, random_init: bool, dtype, attn_implementation: str):
+def load_mxfp4_model(cfg: CommonSettings, config, device: str, random_init: bool, dtype, attn_implementation: str):
     """gpt-oss with its experts kept in MXFP4 (--use_4bit); every other weight in dtype."""
     import torch
     from safetensors.torch import load_file
@@ -1701,7 +1742,7 @@ def load_mxfp4_model(cfg: Config, config, device: str, random_init: bool, dtype,
     return model
 
 
-def load_model(cfg: Config, config, on_cuda: bool, training: bool, dtype=None):
+def load_model(cfg: CommonSettings, config, on_cuda: bool, training: bool, dtype=None):
     """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models, unless dtype says otherwise), MXFP4 experts
     dequantized so LoRA can train on them and merge into them."""
     import torch
@@ -1850,6 +1891,45 @@ def attach_document_masks(model):
     return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
 # -----------------------------------------------------------------------------
 # Infer
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    """one answer or a conversation (infer, chat)"""
+    prompt: str | None = setting(None, "the user message (infer; default: stdin)")
+    reasoning_language: str = setting("English", "language of the analysis channel (chat: /lang changes it)")
+    stream: bool | None = setting(None, "print the answer while it is generated (default: when stdout is a terminal; "
+                                        "chat: on)")
+    raw: bool = setting(False, "print the whole harmony transcript (infer)")
+
+
+@dataclass(frozen=True)
+class InferRun(InferSettings, GenerationSettings, ModelSettings, CommonSettings):
+    """--mode infer and --mode chat"""
+
+
+@register
+class Infer(GenerationMode):
+    """--mode infer: one answer to one prompt."""
+
+    name, settings, during = "infer", InferRun, "inference"
+
+    def run(self, cfg):
+        return run_infer(cfg)
+
+    def derive(self, cfg):
+        return {**super().derive(cfg),
+                "reasoning_language": language_name(cfg.reasoning_language, "--reasoning-language",
+                                                    self.any_language(cfg)),
+                "stream": cfg.stream if cfg.stream is not None else sys.stdout.isatty() and not (cfg.json or cfg.raw)}
+
+    def check(self, cfg):
+        super().check(cfg)
+        if cfg.json and cfg.raw:
+            raise UsageError("--json and --raw are two output formats: pick one")
+        if cfg.stream and (cfg.json or cfg.raw):
+            raise UsageError(f"--stream prints text as it is generated, --{'json' if cfg.json else 'raw'} the whole "
+                             "output at the end: pick one")
 
 
 STOP_TOKENS = ["<|return|>", "<|call|>"]  # end of the assistant's turn; <|end|> only closes a channel
@@ -2069,7 +2149,7 @@ def trained_effort(adapter: str | None) -> str | None:
         return None
 
 
-def load_for_inference(cfg: Config, dtype=None, chat: list | None = None):
+def load_for_inference(cfg: CommonSettings, dtype=None, chat: list | None = None):
     """The model (--model, with --adapter on top) and its tokenizer, in eval mode. A chat (infer's prompt) that does
     not fit the model's context with --max_new_tokens is refused before the model loads."""
     import torch
@@ -2084,25 +2164,32 @@ def load_for_inference(cfg: Config, dtype=None, chat: list | None = None):
         raise UsageError(f"--adapter {cfg.adapter}: adapter_model.safetensors cannot be read ({e}); train it again "
                          "or pass one of its checkpoints") from None
     trained = trained_effort(cfg.adapter)
-    if cfg.mode != "merge" and trained and trained != cfg.reasoning_effort:
+    if trained and trained != cfg.reasoning_effort:
         print(f"warning: the adapter trained with 'Reasoning: {trained}'; --reasoning_effort {cfg.reasoning_effort} "
               "sends a system prompt it never saw", file=sys.stderr)
     config = load_model_config(cfg.model)
-    tokenizer = load_tokenizer(cfg.adapter if cfg.adapter and (Path(cfg.adapter) / "tokenizer_config.json").exists()
-                               else cfg.model)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
     length = chat and len(encode_chat(tokenizer, chat, add_generation_prompt=True,
                                       reasoning_effort=cfg.reasoning_effort, where="prompt")["input_ids"])
     if chat and length + cfg.max_new_tokens > config.max_position_embeddings:
         raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
                          f"{config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
                          "or lower --max_new_tokens")
-    model = load_model(cfg, config, torch.cuda.is_available(), training=False, dtype=dtype)
-    if cfg.adapter:
+    return with_adapter(load_model(cfg, config, torch.cuda.is_available(), training=False, dtype=dtype), cfg.adapter), tokenizer
+
+
+def tokenizer_source(model: str, adapter: str | None) -> str:
+    """Where the tokenizer is: the adapter's folder, where training saved one, else the model's."""
+    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
+
+
+def with_adapter(model, adapter: str | None):
+    """The model with the LoRA adapter on top (none: as it is), in eval mode."""
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.adapter)
-    model.eval()
-    return model, tokenizer
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
 
 
 def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_tokens: int, temperature: float,
@@ -2182,6 +2269,25 @@ def run_infer(cfg: InferRun) -> dict:
 
 # -----------------------------------------------------------------------------
 # Chat: the model loads once, each answer streams, the history is kept in harmony's way
+
+
+@register
+class Chat(Infer):
+    """--mode chat: a conversation, the model loaded once; infer's settings."""
+
+    name, during = "chat", "chat"
+    defaults = dict(stream=True)
+
+    def run(self, cfg):
+        return run_chat(cfg)
+
+    def check(self, cfg):
+        if cfg.json or cfg.raw:
+            raise UsageError("--mode chat prints text; --json and --raw are --mode infer's formats")
+        if cfg.prompt is not None:
+            raise UsageError("--mode chat reads your questions as you type them; --prompt is --mode infer's")
+        super().check(cfg)
+
 
 WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: where the row came from
 CHAT_HELP = """/lang X        reason in language X
@@ -2364,6 +2470,72 @@ def run_chat(cfg: InferRun, ask=input) -> ChatSession:
 
 # -----------------------------------------------------------------------------
 # Eval: does the model reason in the requested language, and does it still answer correctly?
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """evaluation (--mode eval)"""
+    eval_reasoning_languages: list[str] | None = setting(None, "reasoning languages to ask for (default: 8)",
+                                                         "reasoning_languages")
+    question_languages: list[str] | None = setting(None, "languages the questions are asked in (default: all, rotated)")
+    max_questions: int | None = setting(None, "only the first N questions, each asked in every reasoning language",
+                                        "limit", "max_samples", check="positive")
+    full_grid: bool = setting(False, "every question in every question x answer language instead of rotating")
+    eval_file: str = setting(str(EVAL_QUESTIONS), "the questions (.jsonl)")
+    eval_batch_size: int = setting(32, "prompts per generation batch", check="positive")
+    compare_base: bool | None = setting(None, "also evaluate the base model, adapter off (default: on in the demo)")
+    score_file: str | None = setting(None, "score outputs made elsewhere (.jsonl); loads no model")
+
+
+@dataclass(frozen=True)
+class EvalRun(EvalSettings, GenerationSettings, ModelSettings, CommonSettings):
+    """--mode eval"""
+
+
+@register
+class Eval(GenerationMode):
+    """--mode eval: the reasoning's language and the answers scored, base against tuned."""
+
+    name, settings, during = "eval", EvalRun, "evaluation"
+    defaults = dict(temperature=0.0, max_new_tokens=1024)  # greedy (repeatable), with room for the reasoning
+    outputs = r"eval_results\.json|eval_summary\.md|eval_summary\.png"
+
+    def run(self, cfg):
+        return run_eval(cfg)
+
+    def reads_model(self, cfg):
+        return not cfg.score_file  # scores outputs made elsewhere: no model, no adapter
+
+    def any_language(self, cfg):
+        return False  # it scores with the detector, so its languages must be ones the detector knows
+
+    def output_dir(self, cfg, adapter):
+        return str(Path(adapter) / "eval") if adapter else "eval_output"
+
+    def derive(self, cfg):
+        languages = lambda names, flag: language_names(names, flag, False)  # noqa: E731
+        return {**super().derive(cfg),
+                "eval_reasoning_languages": languages(cfg.eval_reasoning_languages, "--reasoning-languages"),
+                "question_languages": languages(cfg.question_languages, "--question-languages"),
+                "compare_base": cfg.compare_base if cfg.compare_base is not None else cfg.demo and not cfg.score_file}
+
+    def check(self, cfg):
+        if cfg.allow_any_language:
+            raise UsageError("--allow-any-language: eval scores the reasoning with the language detector, which knows "
+                             "only its 75 languages; drop it")
+        super().check(cfg)
+        if importlib.util.find_spec("lingua") is None:  # the other modes do without it
+            raise UsageError("--mode eval detects the languages with lingua: pip install lingua-language-detector")
+        if cfg.compare_base and not cfg.adapter:
+            raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
+
+    def inputs(self, cfg):
+        return {"--eval-file": cfg.eval_file, "--score-file": cfg.score_file}
+
+    def use_less_memory(self, cfg):
+        return super().use_less_memory(
+            cfg, f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.eval_batch_size > 1 else "")
+
 
 TRAINED_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")  # Multilingual-Thinking's five
 EVAL_REASONING_LANGUAGES = TRAINED_LANGUAGES + ("Chinese", "Japanese", "Russian")
@@ -2655,6 +2827,50 @@ def run_eval(cfg: EvalRun) -> dict:
 # -----------------------------------------------------------------------------
 # Merge: the adapter folded into the base, one standard checkpoint that serving stacks load without PEFT
 
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """merging (--mode merge)"""
+    merge_format: Literal["mxfp4", "bf16", "gguf"] = setting(
+        "mxfp4", "mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 dequantizes "
+                 "them (~42 GB; chosen by itself for an adapter on expert tensors); gguf writes one model.gguf for "
+                 "llama.cpp and Ollama (MXFP4 experts repacked)")
+    merge_logits_check: bool = setting(True, "also compare base+adapter and merged logits where the model fits in "
+                                             "memory (the tensor check always runs)")
+
+
+@dataclass(frozen=True)
+class MergeRun(MergeSettings, CommonSettings):
+    """--mode merge"""
+
+
+@register
+class Merge(Mode):
+    """--mode merge: the adapter folded into its base, streamed tensor by tensor."""
+
+    name, settings, during = "merge", MergeRun, "merging"
+    outputs = (r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+               r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
+               r"merge_check\.json")
+    streams_model = True
+
+    def run(self, cfg):
+        return run_merge(cfg)
+
+    def output_dir(self, cfg, adapter):
+        return f"{Path(adapter)}-merged" if adapter else None
+
+    def check(self, cfg):
+        if not cfg.adapter:
+            raise UsageError("--mode merge needs --adapter (the output_dir of a train run)")
+
+    def use_less_memory(self, cfg):
+        return ("The merge itself streams the checkpoint; its logits check holds the whole model in bf16 "
+                "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
+                "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
+                "logits check is skipped and the tensor check runs alone).")
+
+
 MERGE_CHECK_PROMPTS = (("What is 7 x 8?", "German"), ("Quelle est la capitale de l'Australie ?", "French"),
                        ("How many days are there in a leap year?", "Chinese"))
 
@@ -2931,7 +3147,10 @@ def merge_logits_check(cfg: MergeRun, staging: Path) -> dict:
 
     import torch
 
-    model, tokenizer = load_for_inference(cfg, dtype=torch.bfloat16)  # MXFP4 dequantized
+    on_cuda = torch.cuda.is_available()
+    model = with_adapter(load_model(cfg, load_model_config(cfg.model), on_cuda, training=False, dtype=torch.bfloat16),
+                         cfg.adapter)  # MXFP4 dequantized
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template([build_chat(prompt, language) for prompt, language in MERGE_CHECK_PROMPTS],
                                           add_generation_prompt=True, padding=True, return_tensors="pt",
@@ -2944,7 +3163,7 @@ def merge_logits_check(cfg: MergeRun, staging: Path) -> dict:
     del model
     gc.collect()
     merged_cfg = replace(cfg, model=str(staging), adapter=None)
-    merged = load_model(merged_cfg, load_model_config(str(staging)), torch.cuda.is_available(), training=False,
+    merged = load_model(merged_cfg, load_model_config(str(staging)), on_cuda, training=False,
                         dtype=torch.bfloat16).eval()
     with torch.no_grad():
         after = merged(**batch.to(merged.device)).logits.float()[real]
@@ -3198,7 +3417,7 @@ def run_merge(cfg: MergeRun) -> dict:
     base_dir = checkpoint_dir(cfg.model)
     layout = checkpoint_layout(checkpoint_files(str(base_dir)))
     updates = plan_updates(layout, adapter_config, pairs, cfg.adapter, cfg.model)
-    tokenizer = load_tokenizer(cfg.adapter if (Path(cfg.adapter) / "tokenizer_config.json").exists() else cfg.model)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
     quantized = sorted({n.split(".mlp.")[-1] for n in updates if n not in layout})
     as_gguf = cfg.merge_format == "gguf"
     to_bf16 = cfg.merge_format == "bf16" or bool(quantized)  # gguf: the experts only, the rest as the base stores it
@@ -3399,7 +3618,7 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
     return target
 
 
-def ensure_demo_model(cfg: Config):
+def ensure_demo_model(cfg: CommonSettings):
     """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit)."""
     try:
         DEMO_CACHE.mkdir(parents=True, exist_ok=True)
@@ -3413,7 +3632,7 @@ def ensure_demo_model(cfg: Config):
         write_mxfp4_checkpoint(tiny, demo_model_dir(use_4bit=True))
 
 
-def ensure_demo_adapter(cfg: Config):
+def ensure_demo_adapter(cfg: CommonSettings):
     """The step before infer, chat, eval or merge runs in the demo: its adapter, trained into demo_output with the
     demo's own train settings (none of this run's), when there is none yet. The mode's output folder is checked
     first, so a folder it would refuse is refused before anything is written."""
@@ -3567,16 +3786,6 @@ def staged_directory(target: Path):
 
 
 OWNER_FILE = ".gpt_oss_sft.json"  # written first into every folder this tool fills: its mode and what it wrote there
-KNOWN_OUTPUTS = {  # exact names of what each mode writes: read only in folders of older versions, which kept no record
-    "train": r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
-             r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
-             r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
-             r"trainer_state\.json",  # the last five: what the Trainer writes into a checkpoint
-    "eval": r"eval_results\.json|eval_summary\.md|eval_summary\.png",
-    "merge": r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
-             r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
-             r"merge_check\.json",
-}
 _LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this process writes there
 
 
@@ -3618,7 +3827,7 @@ def record(folder: Path, *paths: Path, since: int | None = None, pending: bool =
 def sort_outputs(folder: Path, mode: str) -> tuple:
     """(this mode's earlier outputs, entries this tool did not write), as paths, a folder before its contents. Own:
     in the record and unchanged since; in a folder recorded as being written, or one of an older version, a file of
-    a known name (KNOWN_OUTPUTS) from after it began. Another output folder of the tool inside, e.g. <adapter>/eval,
+    a known name (the mode's outputs) from after it began: older versions kept no record. Another output folder of the tool inside, e.g. <adapter>/eval,
     is neither: it stays as it is."""
     marker = read_marker(folder)
     written = (marker or {}).get("written", {}) if owner_of(folder) == mode else {}
@@ -3630,7 +3839,7 @@ def sort_outputs(folder: Path, mode: str) -> tuple:
                 continue
             state, was = entry_state(entry), written.get(entry.relative_to(folder).as_posix())
             if since is not None:
-                mine = state != "link" and bool(re.fullmatch(KNOWN_OUTPUTS[mode], entry.name)) and (
+                mine = state != "link" and bool(re.fullmatch(MODES[mode].outputs, entry.name)) and (
                     state == "dir" or state[1] >= since)
             else:
                 mine = was == state or state == "dir" and isinstance(was, list) and was[0] == "pending"
@@ -3683,9 +3892,7 @@ def protected_folder(out: Path, cfg) -> str | None:
         return "is the folder you are in"
     if target in here.parents or target == Path.home().resolve():
         return "holds the folder you are in" if target in here.parents else "is your home folder"
-    inputs = {"the dataset": getattr(cfg, "dataset", None), "this script": __file__,  # the inputs of this mode
-              "--eval-file": getattr(cfg, "eval_file", None), "--score-file": getattr(cfg, "score_file", None),
-              "--adapter": cfg.adapter}
+    inputs = {**MODES[cfg.mode].inputs(cfg), "this script": __file__, "--adapter": cfg.adapter}
     for what, path in inputs.items():
         if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
             return f"holds {what}"
@@ -3739,10 +3946,10 @@ def check_output_dir(cfg):
     if existing.is_dir() and len(os.fsencode(longest)) > os.pathconf(existing, "PC_NAME_MAX"):
         raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
                          f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
-    reason = protected_folder(out, cfg)
+    mode, reason = MODES[cfg.mode], protected_folder(out, cfg)
     if reason:
         raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
-                         f"--output_dir {DEFAULT_OUTPUT_DIR if cfg.mode == 'train' else cfg.mode + '_output'}")
+                         f"--output_dir {mode.output_dir(cfg, None) or cfg.mode + '_output'}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     if not existing.is_dir():
@@ -3757,12 +3964,12 @@ def check_output_dir(cfg):
             ", ..." if len(foreign) > 3 else "")
         raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
                          "own outputs, unchanged since it wrote them: move them or pick another folder")
-    resume = cfg.mode == "train" and cfg.resume
+    resume = mode.resumes and cfg.resume
     if resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
     if own and not (cfg.overwrite or resume or cfg.demo):  # the demo replaces its own outputs
         raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
-                         "them" + (" or --resume to continue" if cfg.mode == "train" else ""))
+                         "them" + (" or --resume to continue" if mode.resumes else ""))
 
 
 def claim_output_dir(out: Path, mode: str, replace_own: bool):
@@ -3792,38 +3999,22 @@ def gpu_memory_state() -> tuple:
             torch.cuda.get_device_name())
 
 
-def out_of_memory_advice(cfg, during: str, peak_gib: float, total_gib: float, device: str) -> str:
+def out_of_memory_advice(cfg, peak_gib: float, total_gib: float, device: str) -> str:
     """One paragraph: what was measured, and the flags that make this model use less memory in this mode."""
-    head = f"CUDA ran out of memory during {during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on {device}). "
-    if during == "training":
-        return (head + f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
-                f"{cfg.gradient_accumulation_steps * 2} (same effective batch), --max_seq_length "
-                f"{max(cfg.max_seq_length // 2, 256)}"
-                + ("" if cfg.gradient_checkpointing else ", --gradient_checkpointing")
-                + ("" if cfg.chunked_loss else ", --chunked-loss")
-                + ("" if cfg.attn_implementation in ("auto", "flex_attention") else ", --attn-implementation flex_attention")
-                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)")
-                + ". Check what fits before a real run with --random-init --synthetic-data 1000 --max-steps 4.")
-    if during == "merging":
-        return head + ("The merge itself streams the checkpoint; its logits check holds the whole model in bf16 "
-                       "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
-                       "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
-                       "logits check is skipped and the tensor check runs alone).")
-    return (head + f"To use less: --max_new_tokens {max(cfg.max_new_tokens // 2, 1)}"
-            + (f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.mode == "eval" and cfg.eval_batch_size > 1
-               else "")
-            + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
+    mode = MODES[cfg.mode]
+    return (f"CUDA ran out of memory during {mode.during} (peak {peak_gib:.1f} GiB allocated of {total_gib:.1f} GiB on "
+            f"{device}). " + mode.use_less_memory(cfg))
 
 
 @contextlib.contextmanager
-def out_of_memory_is_a_message(cfg, during: str):
+def out_of_memory_is_a_message(cfg):
     """Turn CUDA out-of-memory into the one-paragraph RunFailed instead of a long traceback."""
     import torch
 
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise RunFailed(out_of_memory_advice(cfg, during, *gpu_memory_state())) from e
+        raise RunFailed(out_of_memory_advice(cfg, *gpu_memory_state())) from e
 
 
 def hub_offline() -> bool:
@@ -3833,15 +4024,13 @@ def hub_offline() -> bool:
 def hub_repos(cfg) -> list:
     """The Hub repos this run reads or writes; local paths (and the demo's files) need no Hub."""
     needed = [cfg.model] if cfg.model and not Path(cfg.model).expanduser().exists() else []
-    if cfg.mode == "train" and not cfg.synthetic_data and not Path(cfg.dataset).expanduser().exists():
-        needed.append(cfg.dataset)
-    return needed + ([cfg.hub_model_id] if cfg.mode == "train" and cfg.push_to_hub else [])
+    return needed + MODES[cfg.mode].hub_repos(cfg)
 
 
 def decide_offline(cfg):
     """Once, at start-up, before any Hugging Face library is imported (huggingface_hub reads HF_HUB_OFFLINE when
     imported): when the Hub cannot be reached, go offline, so loading uses the local cache instead of retrying for
-    half a minute. --push_to_hub is checked here too, not after the training it would follow."""
+    half a minute. What a mode would need from the Hub later is checked here too (check_hub)."""
     if cfg.demo:
         os.environ["HF_HUB_OFFLINE"] = "1"
     needed = hub_repos(cfg)
@@ -3851,14 +4040,7 @@ def decide_offline(cfg):
             socket.create_connection((host.split(":")[0], int((host.split(":") + ["443"])[1])), timeout=3).close()
         except (OSError, ValueError):
             os.environ["HF_HUB_OFFLINE"] = "1"
-    if cfg.mode == "train" and cfg.push_to_hub:
-        if hub_offline():
-            raise UsageError(f"--push_to_hub: the Hugging Face Hub is {'unreachable' if needed else 'offline'} "
-                             "(HF_HUB_OFFLINE or no network); train without it and upload the folder later")
-        from huggingface_hub import get_token
-
-        if not get_token():
-            raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    MODES[cfg.mode].check_hub(cfg, bool(needed))
 
 
 def _hub_error(source: str, error: Exception) -> UsageError:

@@ -60,7 +60,7 @@ def test_print_config_shows_what_it_showed_before_but_for_the_named_changes(comm
     expected.update(ADDED, json=True, **{k: v.replace("<CACHE>", str(sft.DEMO_CACHE)) if isinstance(v, str) else v
                                          for k, v in ON_PURPOSE.get(command, {}).items()})
     expected = {SPLIT.get(command, {}).get(k, k): v for k, v in expected.items()}
-    fields = {f.name for f in dataclasses.fields(sft.RUNS[command.split()[1] if "--mode" in command else "train"])}
+    fields = {f.name for f in dataclasses.fields(sft.MODES[command.split()[1] if "--mode" in command else "train"].settings)}
     expected = {k: v for k, v in expected.items() if k in fields}
     expected = json.loads(json.dumps(expected).replace("<ROOT>", str(ROOT)))
     now = printed(*command.split())
@@ -211,11 +211,11 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, argv, needle):
 def test_help_lists_every_setting_of_the_mode_once_with_its_default(mode):
     out = run_cli("--mode", mode, "--help")
     assert out.returncode == 0
-    for f in dataclasses.fields(sft.RUNS[mode]):
+    for f in dataclasses.fields(sft.MODES[mode].settings):
         if f.name != "local_rank":
             assert len(re.findall(rf"^  --{f.name}\b", out.stdout, re.M)) == 1, f.name
-    others = {f.name for run in sft.RUNS.values() for f in dataclasses.fields(run)} - {
-        f.name for f in dataclasses.fields(sft.RUNS[mode])}
+    others = {f.name for m in sft.MODES.values() for f in dataclasses.fields(m.settings)} - {
+        f.name for f in dataclasses.fields(sft.MODES[mode].settings)}
     assert not [name for name in others if re.search(rf"^  --{name}\b", out.stdout, re.M)]  # nor other modes' settings
     if mode == "train":
         assert "--learning_rate X     peak learning rate (default: 2e-05)" in out.stdout
