@@ -80,7 +80,7 @@ class Mode:
     every_rank = False  # under a launcher every process runs it; otherwise rank 0 alone
     resumes = False  # --resume continues it from its last complete checkpoint
 
-    def run(self, cfg):
+    def run(self, cfg, runtime):
         raise NotImplementedError
 
     def reads_model(self, cfg) -> bool:
@@ -107,7 +107,11 @@ class Mode:
         """The files it reads, by the name an error calls them: its output folder must not hold them."""
         return {}
 
-    def describe(self, cfg, on_cuda: bool) -> dict:
+    def strategy(self, cfg, world_size: int) -> str:
+        """How the processes of a launch share the run (Runtime.strategy): rank 0 alone, unless the mode says."""
+        return "single"
+
+    def describe(self, cfg, runtime) -> dict:
         """What this machine makes of its settings, for --print-config."""
         return {}
 
@@ -122,7 +126,7 @@ class Mode:
     def check_hub(self, cfg, reads_hub: bool):
         """Refuse at start-up what it would need from the Hub later, when the Hub is offline."""
 
-    def after_demo(self, cfg):
+    def after_demo(self, cfg, runtime):
         """What --demo shows once it has run."""
 
 
@@ -135,6 +139,33 @@ def register(mode: type) -> type:
     return mode
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What this process runs on, found once (find_runtime, in main) and passed down, so no chapter asks again."""
+    on_cuda: bool  # a CUDA GPU is there
+    device: str  # where this process's model goes: cuda:<local rank> or cpu
+    device_name: str  # the GPU's name, or "cpu"
+    dtype: object  # the torch dtype weights load in: bf16 on a GPU, fp32 on CPU (for tiny models)
+    world_size: int  # processes in the launch, 1 without a launcher
+    rank: int  # rank 0 writes and speaks
+    strategy: str  # single, ddp, fsdp2, deepspeed-zero3 or deepspeed-file (the mode's strategy())
+
+    @property
+    def device_map(self) -> str | None:
+        """Each process loads onto its own GPU; under FSDP2 and ZeRO-3 the libraries place (and shard) the weights."""
+        return self.device if self.on_cuda and self.strategy in ("single", "ddp") else None
+
+
+def find_runtime(cfg) -> Runtime:
+    import torch  # imports no Hugging Face library
+
+    on_cuda, processes = torch.cuda.is_available(), world_size()
+    return Runtime(on_cuda=on_cuda, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_cuda else "cpu",
+                   device_name=torch.cuda.get_device_name() if on_cuda else "cpu",
+                   dtype=torch.bfloat16 if on_cuda else torch.float32, world_size=processes,
+                   rank=int(os.environ.get("RANK", "0")), strategy=MODES[cfg.mode].strategy(cfg, processes))
+
+
 def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # an ASCII terminal (C locale) shows other letters escaped, not a traceback
         with contextlib.suppress(AttributeError, ValueError):
@@ -142,30 +173,28 @@ def main(argv=None) -> int:
     cfg = mode = None
     try:
         cfg = parse_config(argv)
-        mode = MODES[cfg.mode]
+        mode, runtime = MODES[cfg.mode], find_runtime(cfg)
         if cfg.print_config:
-            print(render_config(cfg))
+            print(render_config(cfg, runtime))
             sys.stdout.flush()
             return 0
-        if not is_main_process():
+        if runtime.rank:
             sys.stdout = open(os.devnull, "w")  # under a launcher every rank runs this script; rank 0 speaks
             if not mode.every_rank:
                 return 0
         decide_offline(cfg)
-        import torch  # imports no Hugging Face library
-
-        quiet_library_warnings(torch.cuda.is_available())
-        note = gpu_note(cfg, torch.cuda.is_available())
-        if note and is_main_process():
+        quiet_library_warnings(runtime.on_cuda)
+        note = gpu_note(cfg, runtime.on_cuda)
+        if note:
             print(f"note: {note}")
         if cfg.demo:
             ensure_demo_model(cfg)
         with out_of_memory_is_a_message(cfg):
             if cfg.demo:
                 ensure_demo_adapter(cfg)
-            mode.run(cfg)
+            mode.run(cfg, runtime)
             if cfg.demo:
-                mode.after_demo(cfg)
+                mode.after_demo(cfg, runtime)
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -253,8 +282,8 @@ class ModelMode(Mode):
         """Whether a language name the table does not know goes through as typed."""
         return cfg.allow_any_language
 
-    def describe(self, cfg, on_cuda: bool) -> dict:
-        return dict(attn_implementation=resolve_attention(cfg.attn_implementation, on_cuda),
+    def describe(self, cfg, runtime) -> dict:
+        return dict(attn_implementation=resolve_attention(cfg.attn_implementation, runtime.on_cuda),
                     experts="MXFP4, dequantized per layer" if cfg.use_4bit else "bf16")
 
 
@@ -474,12 +503,14 @@ def language_name(name: str, flag: str, any_language: bool = False) -> str:
                        "--allow-any-language sends another name as typed)")
 
 
+PATHS = ("model", "adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed")  # settings naming a file
+
+
 def derive(cfg: CommonSettings) -> CommonSettings:
     """Fill the settings that follow from others, where the user left them unset (None), group by group. A value
     given is kept, so --print-config's output, fed back with --config, resolves to the same settings."""
-    for name in ("model", "adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, str) and not value.strip():  # e.g. an unset shell variable
+    for name, value in asdict(cfg).items():
+        if name in PATHS and isinstance(value, str) and not value.strip():  # e.g. an unset shell variable
             raise UsageError(f"--{name} is empty: give a path, or leave the flag out for the default")
     mode = MODES[cfg.mode]
     adapter = cfg.adapter or (DEMO_OUTPUT_DIR if cfg.demo and mode.takes_adapter and mode.reads_model(cfg) else None)
@@ -516,9 +547,9 @@ def _is(value, kind) -> bool:
 def validate(cfg: CommonSettings) -> CommonSettings:
     """Every rule the settings must meet, checked before anything is loaded or written; each error names its flag.
     The rules of a group apply where the run has that group."""
-    hints = get_type_hints(type(cfg))
+    hints, values = get_type_hints(type(cfg)), asdict(cfg)
     for f in fields(cfg):
-        value, flag = getattr(cfg, f.name), f"--{f.name}"
+        value, flag = values[f.name], f"--{f.name}"
         if not _is(value, hints[f.name]):
             raise UsageError(f"{flag}: {value!r} is not a valid value"
                              + (f"; choose from {', '.join(hints[f.name].__args__)}"
@@ -542,10 +573,10 @@ def validate(cfg: CommonSettings) -> CommonSettings:
     return cfg
 
 
-def render_config(cfg: CommonSettings) -> str:
+def render_config(cfg: CommonSettings, runtime: Runtime) -> str:
     """--print-config: the settings (a recipe --config reads back) and what this machine makes of them."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("print_config", "local_rank")}
-    runtime = describe_runtime(cfg)
+    runtime = describe_runtime(cfg, runtime)
     if cfg.json:
         return json.dumps({**settings, "runtime": runtime}, indent=2)
     import yaml
@@ -564,15 +595,12 @@ def gpu_note(cfg: CommonSettings, on_cuda: bool) -> str | None:
             " and inference one with >= 24 GB (--use_4bit); on CPU, --demo and tiny local models run")
 
 
-def describe_runtime(cfg: CommonSettings) -> dict:
+def describe_runtime(cfg: CommonSettings, runtime: Runtime) -> dict:
     """What this machine turns the settings into: device and dtype; attention and experts where a model is loaded;
     batching and strategy where one is trained."""
-    import torch
-
-    on_cuda = torch.cuda.is_available()
-    runtime = {"device": torch.cuda.get_device_name() if on_cuda else "cpu", "dtype": "bfloat16" if on_cuda else "float32",
-               **MODES[cfg.mode].describe(cfg, on_cuda)}
-    return {**runtime, **({"note": note} if (note := gpu_note(cfg, on_cuda)) else {})}
+    described = {"device": runtime.device_name, "dtype": str(runtime.dtype).removeprefix("torch."),
+                 **MODES[cfg.mode].describe(cfg, runtime)}
+    return {**described, **({"note": note} if (note := gpu_note(cfg, runtime.on_cuda)) else {})}
 
 
 # -----------------------------------------------------------------------------
@@ -660,8 +688,8 @@ class Train(ModelMode):
     takes_adapter = False  # it makes one
     every_rank = resumes = True
 
-    def run(self, cfg):
-        return run_train(cfg)
+    def run(self, cfg, runtime):
+        return run_train(cfg, runtime)
 
     def output_dir(self, cfg, adapter):
         return DEMO_OUTPUT_DIR if cfg.demo else DEFAULT_OUTPUT_DIR
@@ -712,10 +740,13 @@ class Train(ModelMode):
     def inputs(self, cfg):
         return {"the dataset": cfg.dataset}
 
-    def describe(self, cfg, on_cuda):
-        return {**super().describe(cfg, on_cuda), "packing": cfg.packing, "sampler": cfg.sampler,
-                "world_size": world_size(), "strategy": distributed_strategy(cfg),
-                "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * world_size()}
+    def strategy(self, cfg, world_size):
+        return distributed_strategy(cfg, world_size)
+
+    def describe(self, cfg, runtime):
+        return {**super().describe(cfg, runtime), "packing": cfg.packing, "sampler": cfg.sampler,
+                "world_size": runtime.world_size, "strategy": runtime.strategy,
+                "effective_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * runtime.world_size}
 
     def use_less_memory(self, cfg):
         return (f"To use less: --batch_size {max(cfg.batch_size // 2, 1)} --gradient_accumulation_steps "
@@ -743,20 +774,20 @@ class Train(ModelMode):
         if not get_token():
             raise UsageError("--push_to_hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
 
-    def after_demo(self, cfg):
+    def after_demo(self, cfg, runtime):
         # a preflight (random weights or synthetic rows) ends with its measurement: nothing to answer with
-        if is_main_process() and not (cfg.random_init or cfg.synthetic_data):
+        if runtime.rank == 0 and not (cfg.random_init or cfg.synthetic_data):
             demo_answer(cfg)
 
 
-def distributed_strategy(cfg: TrainRun) -> str:
+def distributed_strategy(cfg: TrainRun, world_size: int) -> str:
     """single, ddp, fsdp2, deepspeed-zero3 or deepspeed-file. Under a launcher without a flag: DDP, because the
     LoRA gradients to all-reduce are a few MB and one GPU holds the whole model; --fsdp and --deepspeed shard it."""
     if cfg.deepspeed:
         return "deepspeed-zero3" if cfg.deepspeed == "zero3" else "deepspeed-file"
     if cfg.fsdp:
         return "fsdp2"
-    return "ddp" if world_size() > 1 else "single"
+    return "ddp" if world_size > 1 else "single"
 
 
 def build_lora_config(cfg: TrainRun):
@@ -790,9 +821,8 @@ def fsdp2_config(cfg: TrainRun) -> dict:
             "activation_checkpointing": cfg.gradient_checkpointing}
 
 
-def parallel_arguments(cfg: TrainRun) -> dict:
+def parallel_arguments(cfg: TrainRun, strategy: str) -> dict:
     """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
-    strategy = distributed_strategy(cfg)
     if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
         return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "activation_checkpointing": False}
     if strategy.startswith("deepspeed"):
@@ -800,11 +830,12 @@ def parallel_arguments(cfg: TrainRun) -> dict:
     return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
 
 
-def build_sft_config(cfg: TrainRun, on_cuda: bool, sampler: str | None = None):
+def build_sft_config(cfg: TrainRun, runtime: Runtime, sampler: str | None = None):
     from trl import SFTConfig
 
+    on_cuda, settings = runtime.on_cuda, asdict(cfg)
     arguments = dict(
-        {name: getattr(cfg, name) for name in (  # the settings SFTConfig takes under the same name
+        {name: settings[name] for name in (  # the settings SFTConfig takes under the same name
             "output_dir", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "num_train_epochs",
             "optim", "weight_decay", "seed", "logging_steps", "save_steps", "save_total_limit", "hub_model_id",
             "router_aux_loss_coef")},  # router_aux_loss_coef: TRL's default would read 0.9 from the gpt-oss config
@@ -833,7 +864,7 @@ def build_sft_config(cfg: TrainRun, on_cuda: bool, sampler: str | None = None):
         push_to_hub=False,  # pushed once, explicitly, after the adapter is saved
         dataloader_num_workers=0,
     )
-    return SFTConfig(**{**arguments, **parallel_arguments(cfg)})
+    return SFTConfig(**{**arguments, **parallel_arguments(cfg, runtime.strategy)})
 
 
 def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
@@ -865,7 +896,7 @@ def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks
                          processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
 
 
-def make_speed_meter(model, warmup_steps: int = 2):
+def make_speed_meter(model, runtime: Runtime, warmup_steps: int = 2):
     """A Trainer callback timing optimizer steps after warm-up and counting the tokens they processed.
 
     Real tokens are the non-pad ones (the attention mask's ones, or every token of a padding-free batch); padded
@@ -886,12 +917,12 @@ def make_speed_meter(model, warmup_steps: int = 2):
                 self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
+            if runtime.on_cuda:
                 torch.cuda.synchronize()
             self.start, self.real, self.padded = time.perf_counter(), 0, 0
 
         def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
+            if runtime.on_cuda:
                 torch.cuda.synchronize()
             self.steps.append((time.perf_counter() - self.start, self.real, self.padded))
 
@@ -900,10 +931,9 @@ def make_speed_meter(model, warmup_steps: int = 2):
             seconds = sum(m[0] for m in measured)  # 0 when no step finished (e.g. out of memory in the first)
             step_seconds = seconds / len(measured) if measured else None
             # Counted on this process; the other ranks get batches of the same size, hence x world size.
-            per_second = lambda i: round(sum(m[i] for m in measured) * world_size() / seconds, 1) if seconds else None
-            on_cuda = torch.cuda.is_available()
-            gib = lambda peak: round(peak() / 2**30, 2) if on_cuda else None
-            return {"gpu": torch.cuda.get_device_name() if on_cuda else "cpu", "processes": world_size(),
+            per_second = lambda i: round(sum(m[i] for m in measured) * runtime.world_size / seconds, 1) if seconds else None
+            gib = lambda peak: round(peak() / 2**30, 2) if runtime.on_cuda else None
+            return {"gpu": runtime.device_name, "processes": runtime.world_size,
                     "steps_measured": len(measured),
                     "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
                     "tokens_per_second": per_second(1), "padded_tokens_per_second": per_second(2),
@@ -1112,15 +1142,17 @@ def training_dataset(cfg: TrainRun, tokenizer, chats: list) -> tuple:
     return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
 
 
-def training_model(cfg: TrainRun, config, on_cuda: bool):
+def training_model(cfg: TrainRun, config, runtime: Runtime):
     """The model to train, placed (and under ZeRO-3 partitioned) as the strategy wants it."""
-    strategy = distributed_strategy(cfg)
-    if strategy.startswith("deepspeed"):
+    deepspeed = runtime.strategy.startswith("deepspeed")
+    if deepspeed:
         import deepspeed
 
         deepspeed.init_distributed()  # accelerate does this on GPUs only; ZeRO-3's loading needs it everywhere
-    model = load_model(cfg, config, on_cuda, training=True)
-    if strategy.startswith("deepspeed"):
+    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
+                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, random_init=cfg.random_init,
+                       seed=cfg.seed, training=True)
+    if deepspeed:
         from deepspeed.utils import set_z3_leaf_modules
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
@@ -1131,7 +1163,7 @@ def training_model(cfg: TrainRun, config, on_cuda: bool):
     if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
         for layer in model.model.layers:
             layer.mlp.compile(dynamic=True)
-    if on_cuda or cfg.compile:
+    if runtime.on_cuda or cfg.compile:
         watch_recompiles()
     return model
 
@@ -1162,41 +1194,41 @@ def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
             else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
 
 
-def save_run(cfg: TrainRun, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
+def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
     """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
     folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
     gathered); rank 0 writes the rest and returns the summary."""
     import torch
 
     out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
-    if is_main_process():
+    if runtime.rank == 0:
         record(out, staging, pending=True)
     trainer.save_model(str(staging))
-    if distributed_strategy(cfg).startswith("deepspeed"):
+    if runtime.strategy.startswith("deepspeed"):
         # private: transformers.integrations.deepspeed.unset_hf_deepspeed_config; checked against transformers 5.23.0
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
-    if not is_main_process():
+    if runtime.rank:
         return {}
     history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
     # private: config._attn_implementation and _experts_implementation; checked against transformers 5.23.0
-    speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], world_size())),
+    settings = asdict(cfg)
+    speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], runtime.world_size)),
              "attn_implementation": trainer.model.config._attn_implementation,
              "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
-             **{name: getattr(cfg, name) for name in ("packing", "chunked_loss", "gradient_checkpointing",
+             **{name: settings[name] for name in ("packing", "chunked_loss", "gradient_checkpointing",
                                                       "checkpoint_every", "compile", "use_4bit", "batch_size",
                                                       "gradient_accumulation_steps", "max_seq_length")},
              "rows": stats["rows_used"]}
     summary = {
-        "config": asdict(cfg),
+        "config": settings,
         "sampler_used": sampler,
         "versions": library_versions(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else f"cpu ({platform.processor() or platform.machine()})",
+        "device": runtime.device_name if runtime.on_cuda else f"cpu ({platform.processor() or platform.machine()})",
         "model_parameters": n_params,
         "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
-        "distributed": {"world_size": world_size(), "strategy": distributed_strategy(cfg)},
+        "distributed": {"world_size": runtime.world_size, "strategy": runtime.strategy},
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "data": stats,
         "train_loss_first": history[0][1] if history else None,
@@ -1216,10 +1248,12 @@ def save_run(cfg: TrainRun, trainer, result, meter, chats, stats, n_params: int,
     return summary
 
 
-def run_train(cfg: TrainRun):
+def run_train(cfg: TrainRun, runtime: Runtime | None = None):
+    """main() passes the runtime; a run started by other code (the demo's steps, the tests) finds it."""
     import torch
 
-    on_cuda = torch.cuda.is_available()
+    runtime = runtime or find_runtime(cfg)
+    on_cuda = runtime.on_cuda
     check_output_dir(cfg)
     chats = training_chats(cfg)
     config = load_model_config(cfg.model)
@@ -1232,7 +1266,7 @@ def run_train(cfg: TrainRun):
     check_training_names(cfg, shape)
     tokenizer = load_tokenizer(cfg.model)
     dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
-    steps_per_run = optimizer_steps_per_run(cfg, len(dataset), world_size())
+    steps_per_run = optimizer_steps_per_run(cfg, len(dataset), runtime.world_size)
     done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
     if cfg.resume and done >= (cfg.max_steps or steps_per_run):
         if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
@@ -1241,23 +1275,23 @@ def run_train(cfg: TrainRun):
             return None
         print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
               "from the last checkpoint")
-    sampler = sampler_for(cfg, len(dataset), world_size())
+    sampler = sampler_for(cfg, len(dataset), runtime.world_size)
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
-    if is_main_process():
+    if runtime.rank == 0:
         claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume)
-    args = build_sft_config(cfg, on_cuda, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
-    model = training_model(cfg, config, on_cuda)
-    meter = make_speed_meter(model)
-    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * is_main_process()
+    args = build_sft_config(cfg, runtime, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
+    model = training_model(cfg, config, runtime)
+    meter = make_speed_meter(model, runtime)
+    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
     trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
     trainer.model.print_trainable_parameters()
-    print(f"processes: {world_size()}, strategy: {distributed_strategy(cfg)}")
+    print(f"processes: {runtime.world_size}, strategy: {runtime.strategy}")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, trainer, meter, steps_per_run)
-    summary = save_run(cfg, trainer, result, meter, chats, stats, n_params, sampler)
-    if not is_main_process():
+    summary = save_run(cfg, runtime, trainer, result, meter, chats, stats, n_params, sampler)
+    if runtime.rank:
         return trainer
     print(f"saved adapter, model card (README.md), run_summary.json, speed.json and loss_curve.png to {cfg.output_dir}/ "
           f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
@@ -1705,7 +1739,7 @@ def checkpoint_files(source: str) -> list:
     return files
 
 
-def load_mxfp4_model(cfg: CommonSettings, config, device: str, random_init: bool, dtype, attn_implementation: str):
+def load_mxfp4_model(source: str, config, device: str, random_init: bool, seed: int, dtype, attn_implementation: str):
     """gpt-oss with its experts kept in MXFP4 (--use_4bit); every other weight in dtype."""
     import torch
     from safetensors.torch import load_file
@@ -1719,7 +1753,7 @@ def load_mxfp4_model(cfg: CommonSettings, config, device: str, random_init: bool
             layer.mlp.experts = experts_class(model.config)
     if random_init:  # preflight: random weights of the real shapes, built where they will run
         model.to_empty(device=device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
         for name, tensor in model.state_dict().items():
             if tensor.dtype == torch.uint8:  # blocks: any nibbles; scales: 2**-5, weights of the usual size
                 tensor.copy_(torch.randint(0, 256, tensor.shape, generator=generator, device=device, dtype=torch.uint8)
@@ -1732,46 +1766,41 @@ def load_mxfp4_model(cfg: CommonSettings, config, device: str, random_init: bool
                 tensor.normal_(0.0, 0.02, generator=generator)
     else:
         state = {key: tensor if tensor.dtype == torch.uint8 else tensor.to(dtype) for file in
-                 checkpoint_files(cfg.model) for key, tensor in load_file(str(file), device=device).items()}
+                 checkpoint_files(source) for key, tensor in load_file(str(file), device=device).items()}
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
-            raise UsageError(f"{cfg.model} does not have gpt-oss's MXFP4 layout: missing "
+            raise UsageError(f"{source} does not have gpt-oss's MXFP4 layout: missing "
                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
     with torch.device(device):  # the rotary frequencies are computed, not stored: compute them on the device
         model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
     return model
 
 
-def load_model(cfg: CommonSettings, config, on_cuda: bool, training: bool, dtype=None):
-    """gpt-oss in bf16 on the GPU (fp32 on CPU, for tiny models, unless dtype says otherwise), MXFP4 experts
-    dequantized so LoRA can train on them and merge into them."""
+def load_model(source: str, config, dtype, attention: str, device: str, device_map: str | None,
+               use_4bit: bool = False, random_init: bool = False, seed: int = 0, training: bool = False):
+    """gpt-oss from source (a local directory or a hub id) in dtype, onto device_map (None: where the launcher's
+    library places it); with use_4bit the experts stay MXFP4 (random_init: random weights on device), otherwise MXFP4
+    experts are dequantized so LoRA can train on them and merge into them."""
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
-    # merge's logits check has no model settings: it loads the checkpoint as shipped; --random-init is train's
-    use_4bit, random_init = getattr(cfg, "use_4bit", False), getattr(cfg, "random_init", False)
-    kwargs = dict(dtype=dtype or (torch.bfloat16 if on_cuda else torch.float32),
-                  attn_implementation=resolve_attention(getattr(cfg, "attn_implementation", "auto"), on_cuda))
-    # Each process loads onto its own GPU; under FSDP2 and ZeRO-3 the libraries place (and shard) the weights.
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_cuda else "cpu"
-    sharded = training and distributed_strategy(cfg) not in ("single", "ddp")
-    device_map = device if on_cuda and not sharded else None
+    kwargs = dict(dtype=dtype, attn_implementation=attention)
     if use_4bit:
         if not random_init and checkpoint_quantization(config) != "mxfp4":
-            raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {cfg.model}'s experts "
+            raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {source}'s experts "
                              "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
-        model = load_mxfp4_model(cfg, config, device, random_init, **kwargs)
+        model = load_mxfp4_model(source, config, device, random_init, seed, **kwargs)
     elif random_init:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         with torch.device(device_map or "cpu"):
             model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
     else:
         if checkpoint_quantization(config) == "mxfp4":
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, device_map=device_map, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, **kwargs)
         except OSError as e:
-            raise _hub_error(cfg.model, e) from e
+            raise _hub_error(source, e) from e
     model.config.use_cache = not training
     return model
 
@@ -1914,8 +1943,8 @@ class Infer(GenerationMode):
 
     name, settings, during = "infer", InferRun, "inference"
 
-    def run(self, cfg):
-        return run_infer(cfg)
+    def run(self, cfg, runtime):
+        return run_infer(cfg, runtime)
 
     def derive(self, cfg):
         return {**super().derive(cfg),
@@ -2149,11 +2178,9 @@ def trained_effort(adapter: str | None) -> str | None:
         return None
 
 
-def load_for_inference(cfg: CommonSettings, dtype=None, chat: list | None = None):
+def load_for_inference(cfg: CommonSettings, runtime: Runtime, chat: list | None = None):
     """The model (--model, with --adapter on top) and its tokenizer, in eval mode. A chat (infer's prompt) that does
     not fit the model's context with --max_new_tokens is refused before the model loads."""
-    import torch
-
     from safetensors import SafetensorError, safe_open
 
     try:  # its header and sizes, before the model loads: a truncated file is one line, not PEFT's traceback
@@ -2175,7 +2202,9 @@ def load_for_inference(cfg: CommonSettings, dtype=None, chat: list | None = None
         raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
                          f"{config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
                          "or lower --max_new_tokens")
-    return with_adapter(load_model(cfg, config, torch.cuda.is_available(), training=False, dtype=dtype), cfg.adapter), tokenizer
+    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
+                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit)
+    return with_adapter(model, cfg.adapter), tokenizer
 
 
 def tokenizer_source(model: str, adapter: str | None) -> str:
@@ -2244,10 +2273,10 @@ def read_prompt(cfg: InferRun) -> str:
     return prompt.strip()
 
 
-def run_infer(cfg: InferRun) -> dict:
+def run_infer(cfg: InferRun, runtime: Runtime | None = None) -> dict:
     prompt = read_prompt(cfg)
     chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
-    model, tokenizer = load_for_inference(cfg, chat=chat)
+    model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg), chat=chat)
     printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
     try:
         ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed,
@@ -2278,8 +2307,8 @@ class Chat(Infer):
     name, during = "chat", "chat"
     defaults = dict(stream=True)
 
-    def run(self, cfg):
-        return run_chat(cfg)
+    def run(self, cfg, runtime):
+        return run_chat(cfg, runtime)
 
     def check(self, cfg):
         if cfg.json or cfg.raw:
@@ -2437,13 +2466,13 @@ def chat_turn(cfg: InferRun, model, tokenizer, session: ChatSession, question: s
     return session, printer
 
 
-def run_chat(cfg: InferRun, ask=input) -> ChatSession:
+def run_chat(cfg: InferRun, runtime: Runtime | None = None, ask=input) -> ChatSession:
     """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
     if sys.stdin is None:
         raise UsageError("--mode chat reads your questions on stdin, which is closed")
     session = ChatSession(cfg.reasoning_language, (cfg.answer_languages or [None])[0], cfg.reasoning_effort,
                           any_language=cfg.allow_any_language)  # derive() has made the names canonical
-    model, tokenizer = load_for_inference(cfg)
+    model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg))
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
@@ -2500,8 +2529,8 @@ class Eval(GenerationMode):
     defaults = dict(temperature=0.0, max_new_tokens=1024)  # greedy (repeatable), with room for the reasoning
     outputs = r"eval_results\.json|eval_summary\.md|eval_summary\.png"
 
-    def run(self, cfg):
-        return run_eval(cfg)
+    def run(self, cfg, runtime):
+        return run_eval(cfg, runtime)
 
     def reads_model(self, cfg):
         return not cfg.score_file  # scores outputs made elsewhere: no model, no adapter
@@ -2760,9 +2789,9 @@ def plot_match_rates(rows: list, path: Path):
     ax.figure.savefig(path, dpi=120)
 
 
-def generate_eval_outputs(cfg: EvalRun, plan: list):
+def generate_eval_outputs(cfg: EvalRun, runtime: Runtime, plan: list):
     """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off)."""
-    model, tokenizer = load_for_inference(cfg)
+    model, tokenizer = load_for_inference(cfg, runtime)
     runs = [("tuned" if cfg.adapter else "base", contextlib.nullcontext())]
     if cfg.compare_base:
         runs.insert(0, ("base", model.disable_adapter()))
@@ -2792,7 +2821,7 @@ def eval_plan_of(cfg: EvalRun) -> list:
     return plan
 
 
-def run_eval(cfg: EvalRun) -> dict:
+def run_eval(cfg: EvalRun, runtime: Runtime | None = None) -> dict:
     check_output_dir(cfg)
     if cfg.score_file:
         items = read_score_file(cfg.score_file)
@@ -2804,7 +2833,7 @@ def run_eval(cfg: EvalRun) -> dict:
                 print(f"note: reasoning tokens not counted: the tokenizer of {cfg.model} is not on this machine "
                       "(give --model a local gpt-oss directory, or reasoning_tokens per line)")
     else:
-        items, tokenizer = generate_eval_outputs(cfg, eval_plan_of(cfg))
+        items, tokenizer = generate_eval_outputs(cfg, runtime or find_runtime(cfg), eval_plan_of(cfg))
     for item in items:
         if not isinstance(item.get("reasoning_tokens"), int):
             item["reasoning_tokens"] = tokenizer and len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
@@ -2854,8 +2883,8 @@ class Merge(Mode):
                r"merge_check\.json")
     streams_model = True
 
-    def run(self, cfg):
-        return run_merge(cfg)
+    def run(self, cfg, runtime):
+        return run_merge(cfg, runtime)
 
     def output_dir(self, cfg, adapter):
         return f"{Path(adapter)}-merged" if adapter else None
@@ -3140,16 +3169,18 @@ def logits_check_skipped(layout: dict, on_cuda: bool) -> str | None:
             f"this machine has {free / 2**30:.1f} GiB free {where}")
 
 
-def merge_logits_check(cfg: MergeRun, staging: Path) -> dict:
+def merge_logits_check(cfg: MergeRun, runtime: Runtime, staging: Path) -> dict:
     """Today's check on the written files: base+adapter (PEFT, in bf16) against the merged directory as transformers
     loads it, on MERGE_CHECK_PROMPTS; one model in memory at a time."""
     import gc
 
     import torch
 
-    on_cuda = torch.cuda.is_available()
-    model = with_adapter(load_model(cfg, load_model_config(cfg.model), on_cuda, training=False, dtype=torch.bfloat16),
-                         cfg.adapter)  # MXFP4 dequantized
+    def load(source: str):  # in bf16, the MXFP4 experts dequantized, attention as this machine runs it
+        return load_model(source, load_model_config(source), torch.bfloat16, resolve_attention("auto", runtime.on_cuda),
+                          runtime.device, runtime.device_map)
+
+    model = with_adapter(load(cfg.model), cfg.adapter)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template([build_chat(prompt, language) for prompt, language in MERGE_CHECK_PROMPTS],
@@ -3162,9 +3193,7 @@ def merge_logits_check(cfg: MergeRun, staging: Path) -> dict:
             base = model(**batch).logits.float()[real]
     del model
     gc.collect()
-    merged_cfg = replace(cfg, model=str(staging), adapter=None)
-    merged = load_model(merged_cfg, load_model_config(str(staging)), on_cuda, training=False,
-                        dtype=torch.bfloat16).eval()
+    merged = load(str(staging)).eval()
     with torch.no_grad():
         after = merged(**batch.to(merged.device)).logits.float()[real]
     del merged
@@ -3402,12 +3431,11 @@ def gguf_reader(path: Path, layout: dict, experts_bf16: bool, layers: int) -> tu
     return read, weight_map
 
 
-def run_merge(cfg: MergeRun) -> dict:
+def run_merge(cfg: MergeRun, runtime: Runtime | None = None) -> dict:
     """The adapter folded into its base without loading the model: the base's safetensors are read tensor by tensor,
     the adapted weights rewritten and every other tensor copied (MXFP4 experts byte for byte), so the result has
     the base's format and size; bf16 output dequantizes the experts one tensor at a time."""
-    import torch
-
+    runtime = runtime or find_runtime(cfg)
     check_output_dir(cfg)
     if cfg.merge_format == "gguf" and importlib.util.find_spec("gguf") is None:
         raise UsageError("--merge-format gguf needs the gguf package: pip install -r requirements-serve.txt")
@@ -3434,7 +3462,7 @@ def run_merge(cfg: MergeRun) -> dict:
     print(f"merging {cfg.adapter} into {cfg.model} ({kept}): {len(updates)} weights rewritten, streamed tensor by "
           f"tensor")
     skipped = ("transformers does not run a GGUF; the tests check it against llama.cpp" if as_gguf else
-               logits_check_skipped(layout, torch.cuda.is_available()) if cfg.merge_logits_check
+               logits_check_skipped(layout, runtime.on_cuda) if cfg.merge_logits_check
                else "turned off with --no-merge-logits-check")
     with staged_directory(out) as staging:  # out is empty, or holds an earlier merge that --overwrite replaces
         claim_output_dir(staging, "merge", replace_own=False)
@@ -3451,7 +3479,7 @@ def run_merge(cfg: MergeRun) -> dict:
                             "so nothing was written.")
         print(f"checked: the {tensors['tensors']} merged weights equal W + s·BA rounded once (worst error "
               f"{tensors['worst_error_over_bound']:.2f}x the rounding bound) and every other tensor is there")
-        logits = {"skipped": skipped} if skipped else merge_logits_check(cfg, staging)
+        logits = {"skipped": skipped} if skipped else merge_logits_check(cfg, runtime, staging)
         if skipped:
             print(f"skipped the logits check: {skipped}; the tensor check above ran")
         else:

@@ -83,6 +83,14 @@ def resolve(*argv):
     return sft.parse_config(list(argv))
 
 
+def load_to_train(cfg, config=None):
+    """The model as training loads it here (its strategy aside): load_model with the run's settings, on the CPU."""
+    runtime = sft.find_runtime(cfg)
+    return sft.load_model(cfg.model, config or sft.load_model_config(cfg.model), runtime.dtype, "eager", runtime.device,
+                          runtime.device_map, use_4bit=cfg.use_4bit, random_init=cfg.random_init, seed=cfg.seed,
+                          training=True)
+
+
 def assert_usage_error(result, needle):
     """A bad input's answer: exit code 2, nothing on stdout, one line on stderr containing needle, no traceback."""
     assert result.returncode == 2, result.stderr[-2000:]

@@ -66,7 +66,7 @@ def two_turns(loaded):
 def test_streamed_text_equals_the_finished_output(demo_model, loaded, capsys, monkeypatch, prompt, language,
                                                   temperature, tokens, scripted):
     if scripted:
-        monkeypatch.setattr(sft, "load_for_inference", lambda cfg, chat: loaded[1:])
+        monkeypatch.setattr(sft, "load_for_inference", lambda cfg, runtime, chat: loaded[1:])
     argv = ("--mode", "infer", "--model", str(demo_model), "--prompt", prompt, "--reasoning-language", language,
             "--temperature", temperature, "--max_new_tokens", tokens)
     finished = sft.run_infer(resolve(*argv, "--no-stream"))
@@ -250,7 +250,7 @@ def test_save_writes_rows_train_reads_and_refuses_foreign_files(two_turns, tmp_p
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(loaded, monkeypatch):
     cfg, model, tokenizer = loaded
-    monkeypatch.setattr(sft, "load_for_inference", lambda cfg: (model, tokenizer))  # loaded once for the module
+    monkeypatch.setattr(sft, "load_for_inference", lambda cfg, runtime: (model, tokenizer))  # loaded once for the module
     asked = []
 
     class Terminal(io.StringIO):
@@ -270,7 +270,7 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(loaded, monkeypatch):
         return line
 
     monkeypatch.setattr(sys, "stdout", Terminal())
-    session = sft.run_chat(dataclasses.replace(cfg, reasoning_language="French"), ask)
+    session = sft.run_chat(dataclasses.replace(cfg, reasoning_language="French"), ask=ask)
     printed = sys.stdout.getvalue()
     assert asked == ["you> "] * 4  # back at the prompt after the stop, after Ctrl-C at the prompt, until Ctrl-D
     stopped, rest = printed.split("[stopped: this answer is not kept]\n", 1)

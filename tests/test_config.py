@@ -94,7 +94,7 @@ def test_the_cookbook_recipe_and_flags_over_it():
     assert cfg.target_parameters == [f"{layer}.mlp.experts.{name}" for layer in (7, 15, 23)
                                      for name in ("gate_up_proj", "down_proj")]
     assert resolve("--config", "recipes/cookbook.yaml", "--learning_rate", "1e-4").learning_rate == 1e-4  # flags win
-    args = sft.build_sft_config(cfg, on_cuda=False)
+    args = sft.build_sft_config(cfg, sft.find_runtime(cfg))
     assert args.lr_scheduler_kwargs == {"min_lr_rate": 0.1} and args.lr_scheduler_type == "cosine_with_min_lr"
 
 

@@ -94,26 +94,32 @@ def test_two_processes_match_one(tmp_path, single, demo_model, launcher, extra, 
 
 
 def test_strategy_choice(monkeypatch, tmp_path):
-    assert sft.distributed_strategy(resolve()) == "single"
+    assert sft.find_runtime(resolve()).strategy == "single"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert sft.distributed_strategy(resolve()) == "ddp"
-    assert sft.distributed_strategy(resolve("--fsdp")) == "fsdp2"
-    assert sft.distributed_strategy(resolve("--local_rank=1")) == "deepspeed-zero3"
-    assert sft.distributed_strategy(resolve("--local-rank", "0", "--fsdp")) == "fsdp2"
+    assert sft.find_runtime(resolve()).strategy == "ddp"
+    assert sft.find_runtime(resolve("--fsdp")).strategy == "fsdp2"
+    assert sft.find_runtime(resolve("--local_rank=1")).strategy == "deepspeed-zero3"
+    assert sft.find_runtime(resolve("--local-rank", "0", "--fsdp")).strategy == "fsdp2"
     own = tmp_path / "ds.json"
     own.write_text(json.dumps(sft.zero3_config()))
-    assert sft.distributed_strategy(resolve("--deepspeed", str(own))) == "deepspeed-file"
+    assert sft.find_runtime(resolve("--deepspeed", str(own))).strategy == "deepspeed-file"
+
+
+def arguments(*argv) -> dict:
+    """What the strategy of a command line adds to the Trainer's arguments."""
+    cfg = resolve(*argv)
+    return sft.parallel_arguments(cfg, sft.find_runtime(cfg).strategy)
 
 
 def test_trainer_arguments_for_each_strategy(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ddp = sft.parallel_arguments(resolve())
+    ddp = arguments()
     assert ddp == {"ddp_find_unused_parameters": False}
-    fsdp = sft.parallel_arguments(resolve("--fsdp"))
+    fsdp = arguments("--fsdp")
     assert fsdp["activation_checkpointing"] is False and fsdp["fsdp_config"]["activation_checkpointing"] is True
     assert fsdp["fsdp_config"]["fsdp_version"] == 2
     assert fsdp["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["GptOssDecoderLayer"]
-    zero3 = sft.parallel_arguments(resolve("--deepspeed", "zero3"))["deepspeed"]
+    zero3 = arguments("--deepspeed", "zero3")["deepspeed"]
     assert zero3["zero_optimization"]["stage"] == 3 and zero3["bf16"] == {"enabled": "auto"}
 
 

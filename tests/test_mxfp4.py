@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SHARED, SMALL, resolve, run_cli
+from conftest import SHARED, SMALL, load_to_train, resolve, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def reference_and_4bit(mxfp4_model):
     reference = AutoModelForCausalLM.from_pretrained(mxfp4_model, quantization_config=Mxfp4Config(dequantize=True),
                                                      dtype=torch.float32, attn_implementation="eager")
     cfg = resolve("--use_4bit", "--model", str(mxfp4_model))
-    four_bit = sft.load_model(cfg, AutoConfig.from_pretrained(mxfp4_model), on_cuda=False, training=True)
+    four_bit = load_to_train(cfg, AutoConfig.from_pretrained(mxfp4_model))
     return reference, four_bit
 
 
@@ -118,7 +118,7 @@ def test_random_init_builds_mxfp4_experts_from_the_config(demo_model):
     from transformers import AutoConfig
 
     cfg = resolve("--use_4bit", "--random-init", "--model", str(demo_model))
-    model = sft.load_model(cfg, AutoConfig.from_pretrained(demo_model), on_cuda=False, training=True)
+    model = load_to_train(cfg, AutoConfig.from_pretrained(demo_model))
     assert model.model.layers[0].mlp.experts.gate_up_proj_scales.unique().tolist() == [122]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()

@@ -205,7 +205,7 @@ def test_training_writes_the_model_card_and_never_the_hub_token(tmp_path):
         for path in root.rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
-    args = sft.build_sft_config(resolve("--demo"), on_cuda=False)
+    args = sft.build_sft_config(resolve("--demo"), sft.find_runtime(resolve("--demo")))
     assert args.push_to_hub is False and args.trackio_space_id is None  # nothing leaves the machine unasked
 
 
@@ -221,7 +221,7 @@ def test_out_of_memory_advice_names_the_flags_for_each_mode():
 
 
 def test_out_of_memory_becomes_one_paragraph_exit_1(monkeypatch, capsys):
-    def run_out_of_memory(cfg):
+    def run_out_of_memory(cfg, runtime):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
 
     monkeypatch.setattr(sft.MODES["infer"], "run", run_out_of_memory)  # stands in for the GPU

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, SMALL, assert_usage_error, resolve, run_cli, write_jsonl
+from conftest import SCRIPT, SMALL, assert_usage_error, load_to_train, resolve, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +189,10 @@ def test_same_loss_and_label_count_packed_padded_chunked_or_not(tiny, demo_model
             argv = ["--demo", "--model", str(demo_model), "--output_dir", str(tmp_path), "--report_to", "none",
                     "--packing" if packing else "--no-packing", "--chunked-loss" if chunked else "--no-chunked-loss"]
             cfg = resolve(*argv)
-            model = sft.load_model(cfg, sft.load_model_config(cfg.model), on_cuda=False, training=True)
+            model = load_to_train(cfg)
             if packing:
                 sft.attach_document_masks(model)
-            args = sft.build_sft_config(cfg, on_cuda=False)
+            args = sft.build_sft_config(cfg, sft.find_runtime(cfg))
             trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), args)
             trainer.model.eval()
             results[packing, chunked] = batch_loss(trainer, examples)
@@ -210,10 +210,11 @@ def test_chunked_loss_never_calls_the_full_lm_head(tiny, demo_model, tmp_path):
     for chunked in (True, False):
         cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path), "--report_to", "none",
                       "--chunked-loss" if chunked else "--no-chunked-loss")
-        model = sft.load_model(cfg, sft.load_model_config(cfg.model), on_cuda=False, training=True)
+        model = load_to_train(cfg)
         shapes = []
         model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
-        trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, False))
+        args = sft.build_sft_config(cfg, sft.find_runtime(cfg))
+        trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), args)
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this step skips
         trainer.training_step(trainer.model, trainer._prepare_inputs(trainer.data_collator(examples[:2])))
         calls[chunked] = shapes
@@ -263,9 +264,10 @@ def one_step_gradients(cfg, tokenizer, examples, checkpointed: list | None = Non
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    model = sft.training_model(cfg, sft.load_model_config(cfg.model), on_cuda=False)
-    meter, keep = sft.make_speed_meter(model), KeepGradients()
-    trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, False),
+    runtime = sft.find_runtime(cfg)
+    model = sft.training_model(cfg, sft.load_model_config(cfg.model), runtime)
+    meter, keep = sft.make_speed_meter(model, runtime), KeepGradients()
+    trainer = sft.make_trainer(cfg, model, tokenizer, Dataset.from_list(examples), sft.build_sft_config(cfg, runtime),
                                callbacks=[meter, keep, *callbacks])
     trainer.train()
     if checkpointed is not None:
@@ -372,7 +374,8 @@ def test_batch_rebalance_steps_aside_where_it_would_repeat_rows():
 
 
 def test_speed_summary_before_any_step_is_valid_json(tiny):
-    summary = sft.make_speed_meter(tiny[0]).summary(optimizer_steps_per_run=189)  # what an OOM in step 1 reports
+    meter = sft.make_speed_meter(tiny[0], sft.find_runtime(resolve()))
+    summary = meter.summary(optimizer_steps_per_run=189)  # what an OOM in step 1 reports
     assert json.loads(json.dumps(summary, allow_nan=False)) == summary
     assert summary["steps_measured"] == 0 and summary["optimizer_steps_per_run"] == 189
     assert summary["tokens_per_second"] is None and summary["projected_run_minutes"] is None
