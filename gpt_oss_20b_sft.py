@@ -790,44 +790,99 @@ def distributed_strategy(cfg: TrainRun, world_size: int) -> str:
     return "ddp" if world_size > 1 else "single"
 
 
-def build_lora_config(cfg: TrainRun):
-    from peft import LoraConfig
+def run_train(cfg: TrainRun, runtime: Runtime | None = None):
+    """main() passes the runtime; a run started by other code (the demo's steps, the tests) finds it."""
+    import torch
 
-    modules = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules or None  # PEFT's spelling
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=modules, target_parameters=cfg.target_parameters or None,
-                      task_type="CAUSAL_LM")
+    runtime = runtime or find_runtime(cfg)
+    on_cuda = runtime.on_cuda
+    check_output_dir(cfg)
+    chats = training_chats(cfg)
+    config = load_model_config(cfg.model)
+    resolve_attention(cfg.attn_implementation, on_cuda)
+    shape = meta_model(config)
+    n_params = sum(p.numel() for p in shape.parameters())
+    if not on_cuda and n_params > 1e9:
+        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
+                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
+    check_training_names(cfg, shape)
+    tokenizer = load_tokenizer(cfg.model)
+    dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
+    steps_per_run = optimizer_steps_per_run(cfg, len(dataset), runtime.world_size)
+    done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
+    if cfg.resume and done >= (cfg.max_steps or steps_per_run):
+        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
+            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
+                  " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
+            return None
+        print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
+              "from the last checkpoint")
+    sampler = sampler_for(cfg, len(dataset), runtime.world_size)
+    if sampler != cfg.sampler:
+        print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
+    if runtime.rank == 0:
+        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume)
+    args = build_sft_config(cfg, runtime, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
+    model = training_model(cfg, config, runtime)
+    meter = make_speed_meter(model, runtime)
+    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
+    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
+    trainer.model.print_trainable_parameters()
+    print(f"processes: {runtime.world_size}, strategy: {runtime.strategy}")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg, trainer, meter, steps_per_run)
+    summary = save_run(cfg, runtime, trainer, result, meter, chats, stats, n_params, sampler)
+    if runtime.rank:
+        return trainer
+    print(f"saved adapter, model card (README.md), run_summary.json, speed.json and loss_curve.png to {cfg.output_dir}/ "
+          f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
+    if cfg.push_to_hub:
+        push_adapter(Path(cfg.output_dir), cfg.hub_model_id)
+    print(json.dumps(summary["speed"]))  # also in speed.json, which bench/benchmark.sh reads
+    return trainer
 
 
-def zero3_config() -> dict:
-    """The built-in --deepspeed zero3 preset; "auto" values come from the Trainer's own arguments."""
-    return {
-        "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                              "stage3_param_persistence_threshold": "auto",
-                              "stage3_gather_16bit_weights_on_model_save": True},
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "gradient_clipping": "auto", "steps_per_print": 10**9, "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,  # ZeRO takes --optim's optimizer, not only its own tested Adams
-    }
+def training_chats(cfg: TrainRun) -> list:
+    """The conversations to train on, every row checked before anything is loaded."""
+    rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
+    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
 
 
-def fsdp2_config(cfg: TrainRun) -> dict:
-    """--fsdp: FSDP2 over the decoder layers, full state dict on save, weights loaded once on rank 0's CPU."""
-    return {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "transformer_layer_cls_to_wrap": ["GptOssDecoderLayer"], "reshard_after_forward": True,
-            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True,
-            "activation_checkpointing": cfg.gradient_checkpointing}
+def training_dataset(cfg: TrainRun, tokenizer, chats: list) -> tuple:
+    """(rows to train on, rows held out by --eval_split or None, statistics): token ids and labels, rows cut at
+    --max_seq_length."""
+    from datasets import Dataset
+
+    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens,
+                                     cfg.reasoning_effort)
+    if not examples:
+        raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
+    print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
+          f"{stats['tokens_per_epoch']:,} tokens per epoch ({stats['labelled_tokens_per_epoch']:,} with loss)")
+    dataset = Dataset.from_list(examples)
+    if not cfg.eval_split:
+        return dataset, None, stats
+    held_out = round(len(dataset) * cfg.eval_split)
+    if not 1 <= held_out < len(dataset):
+        raise UsageError(f"--eval_split {cfg.eval_split} of {len(dataset)} rows holds out {held_out}; it must leave at "
+                         "least one row on each side")
+    split = dataset.train_test_split(test_size=held_out, seed=cfg.seed)
+    print(f"held out {held_out} rows for the evaluation loss")
+    return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
 
 
-def parallel_arguments(cfg: TrainRun, strategy: str) -> dict:
-    """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
-    if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
-        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "activation_checkpointing": False}
-    if strategy.startswith("deepspeed"):
-        return {"deepspeed": zero3_config() if cfg.deepspeed == "zero3" else cfg.deepspeed}
-    return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
+def optimizer_steps_per_run(cfg: TrainRun, rows: int, world_size: int = 1) -> int:
+    batches = math.ceil(rows / (cfg.batch_size * world_size))
+    return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
+
+
+def sampler_for(cfg: TrainRun, rows: int, processes: int = 1) -> str:
+    """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
+    last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
+    micro_batches = cfg.gradient_accumulation_steps * processes
+    last_step_rows = rows % (cfg.batch_size * micro_batches)
+    return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
 
 
 def build_sft_config(cfg: TrainRun, runtime: Runtime, sampler: str | None = None):
@@ -867,33 +922,61 @@ def build_sft_config(cfg: TrainRun, runtime: Runtime, sampler: str | None = None
     return SFTConfig(**{**arguments, **parallel_arguments(cfg, runtime.strategy)})
 
 
-def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
-    from transformers import Trainer
-    from transformers.trainer_pt_utils import BatchRebalanceSampler
-    from trl import SFTTrainer
+def parallel_arguments(cfg: TrainRun, strategy: str) -> dict:
+    """What each strategy adds to the Trainer's arguments (accelerate does the rest)."""
+    if strategy == "fsdp2":  # FSDP's own activation checkpointing replaces the Trainer's
+        return {"fsdp": True, "fsdp_config": fsdp2_config(cfg), "activation_checkpointing": False}
+    if strategy.startswith("deepspeed"):
+        return {"deepspeed": zero3_config() if cfg.deepspeed == "zero3" else cfg.deepspeed}
+    return {"ddp_find_unused_parameters": False} if strategy == "ddp" else {}
 
-    class SeededSFTTrainer(SFTTrainer):
-        def create_model_card(self, *args, **kwargs):
-            """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
-            publishes its own (render_model_card) with the adapter."""
 
-        # private: Trainer._get_train_sampler, BatchRebalanceSampler; checked against transformers 5.23.0
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
-                sampler.seed = self.args.seed  # seeded as the random sampler is, it draws the same rows for each step
-            return sampler
+def fsdp2_config(cfg: TrainRun) -> dict:
+    """--fsdp: FSDP2 over the decoder layers, full state dict on save, weights loaded once on rank 0's CPU."""
+    return {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["GptOssDecoderLayer"], "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": True,
+            "activation_checkpointing": cfg.gradient_checkpointing}
 
-    class FullLogitsSFTTrainer(SeededSFTTrainer):
-        """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits.
-        TRL 1.16 always fuses the LM head (its loss_type picks nll or dft only), so this needs its own compute_loss."""
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+def zero3_config() -> dict:
+    """The built-in --deepspeed zero3 preset; "auto" values come from the Trainer's own arguments."""
+    return {
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+        "gradient_clipping": "auto", "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # ZeRO takes --optim's optimizer, not only its own tested Adams
+    }
 
-    trainer_class = SeededSFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
-    return trainer_class(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
+
+def training_model(cfg: TrainRun, config, runtime: Runtime):
+    """The model to train, placed (and under ZeRO-3 partitioned) as the strategy wants it."""
+    deepspeed = runtime.strategy.startswith("deepspeed")
+    if deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()  # accelerate does this on GPUs only; ZeRO-3's loading needs it everywhere
+    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
+                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, random_init=cfg.random_init,
+                       seed=cfg.seed, training=True)
+    if deepspeed:
+        from deepspeed.utils import set_z3_leaf_modules
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+        set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
+    # private: config._attn_implementation; checked against transformers 5.23.0
+    if cfg.packing or model.config._attn_implementation == "flex_attention":
+        attach_document_masks(model)
+    if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
+        for layer in model.model.layers:
+            layer.mlp.compile(dynamic=True)
+    if runtime.on_cuda or cfg.compile:
+        watch_recompiles()
+    return model
 
 
 def make_speed_meter(model, runtime: Runtime, warmup_steps: int = 2):
@@ -948,26 +1031,6 @@ def make_speed_meter(model, runtime: Runtime, warmup_steps: int = 2):
     return meter
 
 
-def make_checkpoint_recorder(output_dir: str):
-    """A Trainer callback adding each checkpoint to the output folder's record: as being written when its save is due,
-    with its files once saved (a run killed in between leaves it recorded as cut short)."""
-    from transformers import TrainerCallback
-
-    out = Path(output_dir)
-
-    class RecordCheckpoints(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save:
-                record(out, out / f"checkpoint-{state.global_step}", pending=True)
-
-        def on_save(self, args, state, control, **kwargs):
-            folder = out / f"checkpoint-{state.global_step}"
-            was = (read_marker(out) or {}).get("written", {}).get(folder.name)
-            record(out, folder, since=was[1] if isinstance(was, list) and was[0] == "pending" else None)
-
-    return RecordCheckpoints()
-
-
 def make_nonfinite_guard(output_dir: str):
     """A Trainer callback that stops the run at the first NaN or inf loss or gradient norm, before that step's
     checkpoint is written, so the checkpoints on disk are all from finite steps."""
@@ -990,16 +1053,142 @@ def make_nonfinite_guard(output_dir: str):
     return StopOnNonFiniteLoss()
 
 
-def plot_loss(history: list, path: Path, title: str):
-    from matplotlib.figure import Figure  # no pyplot: no backend to pick, no figure to close
+def make_checkpoint_recorder(output_dir: str):
+    """A Trainer callback adding each checkpoint to the output folder's record: as being written when its save is due,
+    with its files once saved (a run killed in between leaves it recorded as cut short)."""
+    from transformers import TrainerCallback
 
-    ax = Figure(figsize=(7, 4)).subplots()
-    steps, losses = zip(*history) if history else ((), ())
-    ax.plot(steps, losses, marker="o" if len(steps) < 30 else None)
-    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
-    ax.grid(alpha=0.3)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
+    out = Path(output_dir)
+
+    class RecordCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                record(out, out / f"checkpoint-{state.global_step}", pending=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = out / f"checkpoint-{state.global_step}"
+            was = (read_marker(out) or {}).get("written", {}).get(folder.name)
+            record(out, folder, since=was[1] if isinstance(was, list) and was[0] == "pending" else None)
+
+    return RecordCheckpoints()
+
+
+def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks=(), eval_dataset=None):
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+    from trl import SFTTrainer
+
+    class SeededSFTTrainer(SFTTrainer):
+        def create_model_card(self, *args, **kwargs):
+            """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
+            publishes its own (render_model_card) with the adapter."""
+
+        # private: Trainer._get_train_sampler, BatchRebalanceSampler; checked against transformers 5.23.0
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, BatchRebalanceSampler):  # transformers 5.23 leaves its seed at 42 whatever --seed is;
+                sampler.seed = self.args.seed  # seeded as the random sampler is, it draws the same rows for each step
+            return sampler
+
+    class FullLogitsSFTTrainer(SeededSFTTrainer):
+        """The Cookbook-era loss, for the benchmark baseline: the model's own cross-entropy over full fp32 logits.
+        TRL 1.16 always fuses the LM head (its loss_type picks nll or dft only), so this needs its own compute_loss."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    trainer_class = SeededSFTTrainer if cfg.chunked_loss else FullLogitsSFTTrainer
+    return trainer_class(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=build_lora_config(cfg), callbacks=list(callbacks))
+
+
+def build_lora_config(cfg: TrainRun):
+    from peft import LoraConfig
+
+    modules = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules or None  # PEFT's spelling
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=modules, target_parameters=cfg.target_parameters or None,
+                      task_type="CAUSAL_LM")
+
+
+def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
+    """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
+    end the progress bar first and become RunFailed."""
+    import torch
+
+    checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
+    if checkpoint:
+        cut = [c.name for c in Path(cfg.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
+               and int(c.name[11:]) > int(checkpoint.name[11:])]
+        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
+                                               if cut else ""))
+    try:
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as e:
+        print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
+        raise RunFailed(out_of_memory_advice(cfg, *gpu_memory_state())) from e
+    except (RunFailed, KeyboardInterrupt) as e:
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
+        if isinstance(e, RunFailed):
+            raise
+        last = latest_checkpoint(Path(cfg.output_dir))
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
+            f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
+            else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
+
+
+def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
+    """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
+    folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
+    gathered); rank 0 writes the rest and returns the summary."""
+    import torch
+
+    out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
+    if runtime.rank == 0:
+        record(out, staging, pending=True)
+    trainer.save_model(str(staging))
+    if runtime.strategy.startswith("deepspeed"):
+        # private: transformers.integrations.deepspeed.unset_hf_deepspeed_config; checked against transformers 5.23.0
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
+    if runtime.rank:
+        return {}
+    history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    # private: config._attn_implementation and _experts_implementation; checked against transformers 5.23.0
+    settings = asdict(cfg)
+    speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], runtime.world_size)),
+             "attn_implementation": trainer.model.config._attn_implementation,
+             "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
+             **{name: settings[name] for name in ("packing", "chunked_loss", "gradient_checkpointing",
+                                                      "checkpoint_every", "compile", "use_4bit", "batch_size",
+                                                      "gradient_accumulation_steps", "max_seq_length")},
+             "rows": stats["rows_used"]}
+    summary = {
+        "config": settings,
+        "sampler_used": sampler,
+        "versions": library_versions(),
+        "device": runtime.device_name if runtime.on_cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "model_parameters": n_params,
+        "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
+        "distributed": {"world_size": runtime.world_size, "strategy": runtime.strategy},
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "data": stats,
+        "train_loss_first": history[0][1] if history else None,
+        "train_loss_last": history[-1][1] if history else None,
+        "eval_loss": [round(e["eval_loss"], 4) for e in trainer.state.log_history if "eval_loss" in e],
+        "optimizer_steps": trainer.state.global_step,
+        "tokens_seen": next((int(e["num_tokens"]) for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0),
+        "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
+        "speed": speed,
+    }
+    plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
+    (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (staging / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+    (staging / "README.md").write_text(render_model_card(summary))
+    publish(staging, out)
+    return summary
 
 
 def library_versions() -> dict:
@@ -1012,6 +1201,18 @@ def library_versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def plot_loss(history: list, path: Path, title: str):
+    from matplotlib.figure import Figure  # no pyplot: no backend to pick, no figure to close
+
+    ax = Figure(figsize=(7, 4)).subplots()
+    steps, losses = zip(*history) if history else ((), ())
+    ax.plot(steps, losses, marker="o" if len(steps) < 30 else None)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=120)
 
 
 def render_model_card(summary: dict) -> str:
@@ -1098,207 +1299,6 @@ def push_adapter(out: Path, repo_id: str):
     info = api.upload_folder(repo_id=repo_id, folder_path=str(out),
                              ignore_patterns=["checkpoint-*", "checkpoint-*/**", "eval/**", ".*"])
     print(f"pushed to {info.commit_url if hasattr(info, 'commit_url') else repo_id}")
-
-
-def sampler_for(cfg: TrainRun, rows: int, processes: int = 1) -> str:
-    """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
-    last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
-    micro_batches = cfg.gradient_accumulation_steps * processes
-    last_step_rows = rows % (cfg.batch_size * micro_batches)
-    return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
-
-
-def optimizer_steps_per_run(cfg: TrainRun, rows: int, world_size: int = 1) -> int:
-    batches = math.ceil(rows / (cfg.batch_size * world_size))
-    return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
-
-
-def training_chats(cfg: TrainRun) -> list:
-    """The conversations to train on, every row checked before anything is loaded."""
-    rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
-    return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
-
-
-def training_dataset(cfg: TrainRun, tokenizer, chats: list) -> tuple:
-    """(rows to train on, rows held out by --eval_split or None, statistics): token ids and labels, rows cut at
-    --max_seq_length."""
-    from datasets import Dataset
-
-    examples, stats = tokenize_chats(tokenizer, chats, cfg.max_seq_length, cfg.train_on_all_tokens,
-                                     cfg.reasoning_effort)
-    if not examples:
-        raise UsageError(f"every row lost all its labelled tokens at --max_seq_length {cfg.max_seq_length}; raise it")
-    print(f"data: {stats['rows_used']} rows, {stats['rows_truncated']} cut at {cfg.max_seq_length} tokens, "
-          f"{stats['tokens_per_epoch']:,} tokens per epoch ({stats['labelled_tokens_per_epoch']:,} with loss)")
-    dataset = Dataset.from_list(examples)
-    if not cfg.eval_split:
-        return dataset, None, stats
-    held_out = round(len(dataset) * cfg.eval_split)
-    if not 1 <= held_out < len(dataset):
-        raise UsageError(f"--eval_split {cfg.eval_split} of {len(dataset)} rows holds out {held_out}; it must leave at "
-                         "least one row on each side")
-    split = dataset.train_test_split(test_size=held_out, seed=cfg.seed)
-    print(f"held out {held_out} rows for the evaluation loss")
-    return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
-
-
-def training_model(cfg: TrainRun, config, runtime: Runtime):
-    """The model to train, placed (and under ZeRO-3 partitioned) as the strategy wants it."""
-    deepspeed = runtime.strategy.startswith("deepspeed")
-    if deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed()  # accelerate does this on GPUs only; ZeRO-3's loading needs it everywhere
-    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
-                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, random_init=cfg.random_init,
-                       seed=cfg.seed, training=True)
-    if deepspeed:
-        from deepspeed.utils import set_z3_leaf_modules
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
-
-        set_z3_leaf_modules(model, [GptOssMLP])  # routing is data-dependent: ZeRO-3 must fetch a layer's experts whole
-    # private: config._attn_implementation; checked against transformers 5.23.0
-    if cfg.packing or model.config._attn_implementation == "flex_attention":
-        attach_document_masks(model)
-    if cfg.compile:  # regional: 24 copies of one small graph compile once, where the whole model would take minutes
-        for layer in model.model.layers:
-            layer.mlp.compile(dynamic=True)
-    if runtime.on_cuda or cfg.compile:
-        watch_recompiles()
-    return model
-
-
-def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
-    """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
-    end the progress bar first and become RunFailed."""
-    import torch
-
-    checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
-    if checkpoint:
-        cut = [c.name for c in Path(cfg.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
-               and int(c.name[11:]) > int(checkpoint.name[11:])]
-        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
-                                               if cut else ""))
-    try:
-        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except torch.OutOfMemoryError as e:
-        print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
-        raise RunFailed(out_of_memory_advice(cfg, *gpu_memory_state())) from e
-    except (RunFailed, KeyboardInterrupt) as e:
-        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
-        if isinstance(e, RunFailed):
-            raise
-        last = latest_checkpoint(Path(cfg.output_dir))
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
-            f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
-            else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
-
-
-def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
-    """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
-    folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
-    gathered); rank 0 writes the rest and returns the summary."""
-    import torch
-
-    out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
-    if runtime.rank == 0:
-        record(out, staging, pending=True)
-    trainer.save_model(str(staging))
-    if runtime.strategy.startswith("deepspeed"):
-        # private: transformers.integrations.deepspeed.unset_hf_deepspeed_config; checked against transformers 5.23.0
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # later loads in this process (the demo's inference on rank 0) are not sharded
-    if runtime.rank:
-        return {}
-    history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
-    # private: config._attn_implementation and _experts_implementation; checked against transformers 5.23.0
-    settings = asdict(cfg)
-    speed = {**meter.summary(optimizer_steps_per_run(cfg, stats["rows_used"], runtime.world_size)),
-             "attn_implementation": trainer.model.config._attn_implementation,
-             "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
-             **{name: settings[name] for name in ("packing", "chunked_loss", "gradient_checkpointing",
-                                                      "checkpoint_every", "compile", "use_4bit", "batch_size",
-                                                      "gradient_accumulation_steps", "max_seq_length")},
-             "rows": stats["rows_used"]}
-    summary = {
-        "config": settings,
-        "sampler_used": sampler,
-        "versions": library_versions(),
-        "device": runtime.device_name if runtime.on_cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "model_parameters": n_params,
-        "reasoning_languages": sorted({reasoning_language_of({}, chat) or "unknown" for chat in chats}),
-        "distributed": {"world_size": runtime.world_size, "strategy": runtime.strategy},
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "data": stats,
-        "train_loss_first": history[0][1] if history else None,
-        "train_loss_last": history[-1][1] if history else None,
-        "eval_loss": [round(e["eval_loss"], 4) for e in trainer.state.log_history if "eval_loss" in e],
-        "optimizer_steps": trainer.state.global_step,
-        "tokens_seen": next((int(e["num_tokens"]) for e in reversed(trainer.state.log_history) if "num_tokens" in e), 0),
-        "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-        "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
-        "speed": speed,
-    }
-    plot_loss(history, staging / "loss_curve.png", f"{Path(cfg.model).name} LoRA r={cfg.lora_r}")
-    (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (staging / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
-    (staging / "README.md").write_text(render_model_card(summary))
-    publish(staging, out)
-    return summary
-
-
-def run_train(cfg: TrainRun, runtime: Runtime | None = None):
-    """main() passes the runtime; a run started by other code (the demo's steps, the tests) finds it."""
-    import torch
-
-    runtime = runtime or find_runtime(cfg)
-    on_cuda = runtime.on_cuda
-    check_output_dir(cfg)
-    chats = training_chats(cfg)
-    config = load_model_config(cfg.model)
-    resolve_attention(cfg.attn_implementation, on_cuda)
-    shape = meta_model(config)
-    n_params = sum(p.numel() for p in shape.parameters())
-    if not on_cuda and n_params > 1e9:
-        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
-                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
-    check_training_names(cfg, shape)
-    tokenizer = load_tokenizer(cfg.model)
-    dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
-    steps_per_run = optimizer_steps_per_run(cfg, len(dataset), runtime.world_size)
-    done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
-    if cfg.resume and done >= (cfg.max_steps or steps_per_run):
-        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
-            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
-                  " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
-            return None
-        print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
-              "from the last checkpoint")
-    sampler = sampler_for(cfg, len(dataset), runtime.world_size)
-    if sampler != cfg.sampler:
-        print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
-    if runtime.rank == 0:
-        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume)
-    args = build_sft_config(cfg, runtime, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
-    model = training_model(cfg, config, runtime)
-    meter = make_speed_meter(model, runtime)
-    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
-    trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
-    trainer.model.print_trainable_parameters()
-    print(f"processes: {runtime.world_size}, strategy: {runtime.strategy}")
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
-    result = train(cfg, trainer, meter, steps_per_run)
-    summary = save_run(cfg, runtime, trainer, result, meter, chats, stats, n_params, sampler)
-    if runtime.rank:
-        return trainer
-    print(f"saved adapter, model card (README.md), run_summary.json, speed.json and loss_curve.png to {cfg.output_dir}/ "
-          f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
-    if cfg.push_to_hub:
-        push_adapter(Path(cfg.output_dir), cfg.hub_model_id)
-    print(json.dumps(summary["speed"]))  # also in speed.json, which bench/benchmark.sh reads
-    return trainer
 
 
 # -----------------------------------------------------------------------------
@@ -1961,7 +1961,47 @@ class Infer(GenerationMode):
                              "output at the end: pick one")
 
 
-STOP_TOKENS = ["<|return|>", "<|call|>"]  # end of the assistant's turn; <|end|> only closes a channel
+def run_infer(cfg: InferRun, runtime: Runtime | None = None) -> dict:
+    prompt = read_prompt(cfg)
+    chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
+    model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg), chat=chat)
+    printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
+    try:
+        ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed,
+                       streamer=printer)[0]
+    finally:
+        if printer:
+            printer.close()  # a Ctrl-C leaves the terminal's text plain
+    completion = tokenizer.decode(ids, skip_special_tokens=False)
+    result = {"reasoning_language": cfg.reasoning_language, **split_channels(ids, tokenizer), "tokens": len(ids)}
+    if cfg.json:
+        print(json.dumps(result, ensure_ascii=False))
+    elif cfg.raw:
+        print(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False,
+                                            reasoning_effort=cfg.reasoning_effort) + completion)
+    elif not cfg.stream:
+        print(format_answer(result, completion, cfg.reasoning_language), end="")
+    return result
+
+
+def read_prompt(cfg: InferRun) -> str:
+    if cfg.prompt is not None:
+        prompt = cfg.prompt
+    elif sys.stdin is None:  # closed (0<&-)
+        prompt = ""
+    elif not sys.stdin.isatty():
+        try:
+            prompt = sys.stdin.read()
+            prompt.encode("utf-8")  # where stdin escapes bytes it cannot decode, they come as surrogates
+        except UnicodeError:
+            raise UsageError("the prompt on stdin is not UTF-8 text: pipe text, or pass --prompt") from None
+    else:  # at a terminal the demo asks its own question; a question piped into it wins
+        prompt = DEMO_QUESTION if cfg.demo else input("prompt> ")
+    if not prompt.strip() and cfg.demo:
+        prompt = DEMO_QUESTION
+    if not prompt.strip():
+        raise UsageError("no prompt: pass --prompt \"...\" or pipe the question on stdin")
+    return prompt.strip()
 
 
 def build_chat(prompt: str, reasoning_language: str, answer_language: str | None = None) -> list:
@@ -1972,92 +2012,71 @@ def build_chat(prompt: str, reasoning_language: str, answer_language: str | None
     return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
-# By hand because the official parser (openai-harmony) needs o200k token ids and the demo's tiny tokenizer has
-# others; tests check it against openai-harmony on the real tokenizer.
-class ChannelReader:
-    """The channels of generated harmony tokens (what follows the prompt's <|start|>assistant), read one token at a
-    time, so a stream shows each channel as it is written and split_channels applies the same rules afterwards. The
-    text never holds a control token; a message ends at <|end|>, <|return|> or <|call|>, or unclosed where a new
-    header starts or the output stops (a model that repeats a header inside its answer leaves the first one open)."""
+def load_for_inference(cfg: CommonSettings, runtime: Runtime, chat: list | None = None):
+    """The model (--model, with --adapter on top) and its tokenizer, in eval mode. A chat (infer's prompt) that does
+    not fit the model's context with --max_new_tokens is refused before the model loads."""
+    from safetensors import SafetensorError, safe_open
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.start, self.channel, self.message = tokenizer.convert_tokens_to_ids(["<|start|>", "<|channel|>", "<|message|>"])
-        self.ends = set(tokenizer.convert_tokens_to_ids(["<|end|>", "<|return|>", "<|call|>"]))
-        self.messages, self.header, self.body, self.name = [], [], None, None  # body is None while a header is read
-
-    def text(self) -> str:
-        """The open message's text so far."""
-        return self.tokenizer.decode(self.body, skip_special_tokens=True)
-
-    def feed(self, token: int | None):
-        """One generated token; None where the output stops."""
-        if self.body is not None and (token is None or token in self.ends or token in (self.start, self.channel)):
-            self.messages.append((self.name, self.text(), token in self.ends))
-            self.header, self.body = [], None
-            if token not in (self.start, self.channel):
-                return
-        if self.body is not None:
-            self.body.append(token)
-        elif token == self.message:
-            name = self.header[len(self.header) - self.header[::-1].index(self.channel):] if self.channel in self.header else []
-            words = self.tokenizer.decode(name, skip_special_tokens=True).split()
-            self.name, self.body = words[0] if words else "", []
-        elif token is not None:
-            self.header.append(token)
-
-    def channels(self) -> dict:
-        """analysis (all analysis messages, joined by newlines), final (likewise; None without one) and complete
-        (every final message was closed by <|return|> or <|end|>)."""
-        finals = [(text, closed) for name, text, closed in self.messages if name == "final"]
-        return {"analysis": "\n".join(text for name, text, _ in self.messages if name == "analysis"),
-                "final": "\n".join(text for text, _ in finals) if finals else None,
-                "complete": bool(finals) and all(closed for _, closed in finals)}
+    try:  # its header and sizes, before the model loads: a truncated file is one line, not PEFT's traceback
+        if cfg.adapter:
+            with safe_open(str(Path(cfg.adapter) / "adapter_model.safetensors"), "pt"):
+                pass
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"--adapter {cfg.adapter}: adapter_model.safetensors cannot be read ({e}); train it again "
+                         "or pass one of its checkpoints") from None
+    trained = trained_effort(cfg.adapter)
+    if trained and trained != cfg.reasoning_effort:
+        print(f"warning: the adapter trained with 'Reasoning: {trained}'; --reasoning_effort {cfg.reasoning_effort} "
+              "sends a system prompt it never saw", file=sys.stderr)
+    config = load_model_config(cfg.model)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
+    length = chat and len(encode_chat(tokenizer, chat, add_generation_prompt=True,
+                                      reasoning_effort=cfg.reasoning_effort, where="prompt")["input_ids"])
+    if chat and length + cfg.max_new_tokens > config.max_position_embeddings:
+        raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
+                         f"{config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
+                         "or lower --max_new_tokens")
+    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
+                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit)
+    return with_adapter(model, cfg.adapter), tokenizer
 
 
-def split_channels(ids: list, tokenizer) -> dict:
-    """The channels of a whole generated output (ChannelReader's rules)."""
-    reader = ChannelReader(tokenizer)
-    for token in [*ids, None]:
-        reader.feed(token)
-    return reader.channels()
+def trained_effort(adapter: str | None) -> str | None:
+    """The reasoning effort an adapter of this tool trained with (its run_summary.json); None for other adapters."""
+    try:
+        return json.loads((Path(adapter) / "run_summary.json").read_text())["config"].get("reasoning_effort", "medium")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
-def format_answer(result: dict, completion: str, reasoning_language: str) -> str:
-    """What infer prints (without --json or --raw) once generation has finished; AnswerPrinter prints the same text
-    while it is generated."""
-    if not result["analysis"] and result["final"] is None:
-        return f"(no harmony channels in the output; raw text follows)\n{completion}\n"
-    final = result["final"] if result["final"] is not None else NO_FINAL
-    return (f"--- reasoning ({reasoning_language}) ---\n{result['analysis'].strip()}\n\n"
-            f"--- final answer ---\n{final.strip()}\n")
+def adapter_base(adapter: str) -> str | None:
+    """The base model an adapter names (PEFT writes it into adapter_config.json); None when it cannot be read."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
-NO_FINAL = "(no final answer: raise --max_new_tokens)"
+def tokenizer_source(model: str, adapter: str | None) -> str:
+    """Where the tokenizer is: the adapter's folder, where training saved one, else the model's."""
+    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
+
+
+def with_adapter(model, adapter: str | None):
+    """The model with the LoRA adapter on top (none: as it is), in eval mode."""
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
 DIM, PLAIN = "\x1b[2m", "\x1b[0m"  # ANSI: faint text, then back to normal
 
 
 def styled(stream) -> bool:
     """Whether the reasoning may be dimmed: a terminal that understands ANSI codes, and no NO_COLOR."""
     return stream.isatty() and os.environ.get("TERM") != "dumb" and "NO_COLOR" not in os.environ
-
-
-class Trimmed:
-    """Passes text on as text.strip() would end up, while it arrives: leading whitespace is dropped, trailing
-    whitespace held back until more text follows it."""
-
-    def __init__(self, write):
-        self.write, self.started, self.held = write, False, ""
-
-    def add(self, text: str):
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        body = text.rstrip()
-        if body:
-            self.write(self.held + body)
-            self.held = ""
-        self.held += text[len(body):]
 
 
 class AnswerPrinter:
@@ -2162,63 +2181,22 @@ class AnswerPrinter:
             self.write("\n")
 
 
-def adapter_base(adapter: str) -> str | None:
-    """The base model an adapter names (PEFT writes it into adapter_config.json); None when it cannot be read."""
-    try:
-        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
+class Trimmed:
+    """Passes text on as text.strip() would end up, while it arrives: leading whitespace is dropped, trailing
+    whitespace held back until more text follows it."""
 
+    def __init__(self, write):
+        self.write, self.started, self.held = write, False, ""
 
-def trained_effort(adapter: str | None) -> str | None:
-    """The reasoning effort an adapter of this tool trained with (its run_summary.json); None for other adapters."""
-    try:
-        return json.loads((Path(adapter) / "run_summary.json").read_text())["config"].get("reasoning_effort", "medium")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def load_for_inference(cfg: CommonSettings, runtime: Runtime, chat: list | None = None):
-    """The model (--model, with --adapter on top) and its tokenizer, in eval mode. A chat (infer's prompt) that does
-    not fit the model's context with --max_new_tokens is refused before the model loads."""
-    from safetensors import SafetensorError, safe_open
-
-    try:  # its header and sizes, before the model loads: a truncated file is one line, not PEFT's traceback
-        if cfg.adapter:
-            with safe_open(str(Path(cfg.adapter) / "adapter_model.safetensors"), "pt"):
-                pass
-    except (OSError, SafetensorError) as e:
-        raise UsageError(f"--adapter {cfg.adapter}: adapter_model.safetensors cannot be read ({e}); train it again "
-                         "or pass one of its checkpoints") from None
-    trained = trained_effort(cfg.adapter)
-    if trained and trained != cfg.reasoning_effort:
-        print(f"warning: the adapter trained with 'Reasoning: {trained}'; --reasoning_effort {cfg.reasoning_effort} "
-              "sends a system prompt it never saw", file=sys.stderr)
-    config = load_model_config(cfg.model)
-    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
-    length = chat and len(encode_chat(tokenizer, chat, add_generation_prompt=True,
-                                      reasoning_effort=cfg.reasoning_effort, where="prompt")["input_ids"])
-    if chat and length + cfg.max_new_tokens > config.max_position_embeddings:
-        raise UsageError(f"the prompt is {length:,} tokens and --max_new_tokens {cfg.max_new_tokens:,} more, over the "
-                         f"{config.max_position_embeddings:,} tokens of {cfg.model}'s context: shorten the prompt "
-                         "or lower --max_new_tokens")
-    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
-                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit)
-    return with_adapter(model, cfg.adapter), tokenizer
-
-
-def tokenizer_source(model: str, adapter: str | None) -> str:
-    """Where the tokenizer is: the adapter's folder, where training saved one, else the model's."""
-    return adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else model
-
-
-def with_adapter(model, adapter: str | None):
-    """The model with the LoRA adapter on top (none: as it is), in eval mode."""
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
+    def add(self, text: str):
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        body = text.rstrip()
+        if body:
+            self.write(self.held + body)
+            self.held = ""
+        self.held += text[len(body):]
 
 
 def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_tokens: int, temperature: float,
@@ -2253,47 +2231,71 @@ def generate(model, tokenizer, chats: list, reasoning_effort: str, max_new_token
     return outputs
 
 
-def read_prompt(cfg: InferRun) -> str:
-    if cfg.prompt is not None:
-        prompt = cfg.prompt
-    elif sys.stdin is None:  # closed (0<&-)
-        prompt = ""
-    elif not sys.stdin.isatty():
-        try:
-            prompt = sys.stdin.read()
-            prompt.encode("utf-8")  # where stdin escapes bytes it cannot decode, they come as surrogates
-        except UnicodeError:
-            raise UsageError("the prompt on stdin is not UTF-8 text: pipe text, or pass --prompt") from None
-    else:  # at a terminal the demo asks its own question; a question piped into it wins
-        prompt = DEMO_QUESTION if cfg.demo else input("prompt> ")
-    if not prompt.strip() and cfg.demo:
-        prompt = DEMO_QUESTION
-    if not prompt.strip():
-        raise UsageError("no prompt: pass --prompt \"...\" or pipe the question on stdin")
-    return prompt.strip()
+STOP_TOKENS = ["<|return|>", "<|call|>"]  # end of the assistant's turn; <|end|> only closes a channel
 
 
-def run_infer(cfg: InferRun, runtime: Runtime | None = None) -> dict:
-    prompt = read_prompt(cfg)
-    chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
-    model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg), chat=chat)
-    printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
-    try:
-        ids = generate(model, tokenizer, [chat], cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature, cfg.seed,
-                       streamer=printer)[0]
-    finally:
-        if printer:
-            printer.close()  # a Ctrl-C leaves the terminal's text plain
-    completion = tokenizer.decode(ids, skip_special_tokens=False)
-    result = {"reasoning_language": cfg.reasoning_language, **split_channels(ids, tokenizer), "tokens": len(ids)}
-    if cfg.json:
-        print(json.dumps(result, ensure_ascii=False))
-    elif cfg.raw:
-        print(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False,
-                                            reasoning_effort=cfg.reasoning_effort) + completion)
-    elif not cfg.stream:
-        print(format_answer(result, completion, cfg.reasoning_language), end="")
-    return result
+def split_channels(ids: list, tokenizer) -> dict:
+    """The channels of a whole generated output (ChannelReader's rules)."""
+    reader = ChannelReader(tokenizer)
+    for token in [*ids, None]:
+        reader.feed(token)
+    return reader.channels()
+
+
+# By hand because the official parser (openai-harmony) needs o200k token ids and the demo's tiny tokenizer has
+# others; tests check it against openai-harmony on the real tokenizer.
+class ChannelReader:
+    """The channels of generated harmony tokens (what follows the prompt's <|start|>assistant), read one token at a
+    time, so a stream shows each channel as it is written and split_channels applies the same rules afterwards. The
+    text never holds a control token; a message ends at <|end|>, <|return|> or <|call|>, or unclosed where a new
+    header starts or the output stops (a model that repeats a header inside its answer leaves the first one open)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.start, self.channel, self.message = tokenizer.convert_tokens_to_ids(["<|start|>", "<|channel|>", "<|message|>"])
+        self.ends = set(tokenizer.convert_tokens_to_ids(["<|end|>", "<|return|>", "<|call|>"]))
+        self.messages, self.header, self.body, self.name = [], [], None, None  # body is None while a header is read
+
+    def text(self) -> str:
+        """The open message's text so far."""
+        return self.tokenizer.decode(self.body, skip_special_tokens=True)
+
+    def feed(self, token: int | None):
+        """One generated token; None where the output stops."""
+        if self.body is not None and (token is None or token in self.ends or token in (self.start, self.channel)):
+            self.messages.append((self.name, self.text(), token in self.ends))
+            self.header, self.body = [], None
+            if token not in (self.start, self.channel):
+                return
+        if self.body is not None:
+            self.body.append(token)
+        elif token == self.message:
+            name = self.header[len(self.header) - self.header[::-1].index(self.channel):] if self.channel in self.header else []
+            words = self.tokenizer.decode(name, skip_special_tokens=True).split()
+            self.name, self.body = words[0] if words else "", []
+        elif token is not None:
+            self.header.append(token)
+
+    def channels(self) -> dict:
+        """analysis (all analysis messages, joined by newlines), final (likewise; None without one) and complete
+        (every final message was closed by <|return|> or <|end|>)."""
+        finals = [(text, closed) for name, text, closed in self.messages if name == "final"]
+        return {"analysis": "\n".join(text for name, text, _ in self.messages if name == "analysis"),
+                "final": "\n".join(text for text, _ in finals) if finals else None,
+                "complete": bool(finals) and all(closed for _, closed in finals)}
+
+
+def format_answer(result: dict, completion: str, reasoning_language: str) -> str:
+    """What infer prints (without --json or --raw) once generation has finished; AnswerPrinter prints the same text
+    while it is generated."""
+    if not result["analysis"] and result["final"] is None:
+        return f"(no harmony channels in the output; raw text follows)\n{completion}\n"
+    final = result["final"] if result["final"] is not None else NO_FINAL
+    return (f"--- reasoning ({reasoning_language}) ---\n{result['analysis'].strip()}\n\n"
+            f"--- final answer ---\n{final.strip()}\n")
+
+
+NO_FINAL = "(no final answer: raise --max_new_tokens)"
 
 
 # -----------------------------------------------------------------------------
@@ -2318,14 +2320,35 @@ class Chat(Infer):
         super().check(cfg)
 
 
-WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: where the row came from
-CHAT_HELP = """/lang X        reason in language X
-/answer Y      answer in language Y (/answer alone: no instruction)
-/effort LEVEL  reasoning effort: low, medium or high
-/clear         start a new conversation (/save still writes the earlier turns)
-/save FILE     write the turns as .jsonl rows in the dataset's schema: --mode train reads them, --score-file too
-/help          this list
-/exit          leave (so does Ctrl-D); Ctrl-C stops an answer"""
+def run_chat(cfg: InferRun, runtime: Runtime | None = None, ask=input) -> "ChatSession":
+    """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
+    if sys.stdin is None:
+        raise UsageError("--mode chat reads your questions on stdin, which is closed")
+    session = ChatSession(cfg.reasoning_language, (cfg.answer_languages or [None])[0], cfg.reasoning_effort,
+                          any_language=cfg.allow_any_language)  # derive() has made the names canonical
+    model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg))
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    print(f"chat with {cfg.adapter or cfg.model}, reasoning in {session.reasoning_language}. /help lists the "
+          "commands; Ctrl-C stops an answer, Ctrl-D leaves.")
+    while True:
+        try:
+            line = ask("you> ").strip()
+        except EOFError:
+            print()
+            return session
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /exit leaves)")
+            continue
+        if line.startswith("/"):
+            following, message = handle_command(line, session)
+            if following is None:
+                return session
+            session = following
+            print(message)
+        elif line:
+            session, _ = chat_turn(cfg, model, tokenizer, session, line)
 
 
 @dataclass(frozen=True)
@@ -2353,7 +2376,45 @@ class ChatSession:
         return replace(self, history=tuple(chat[1:]), rows=self.rows + (row,))
 
 
-SAVED_CHATS = DEMO_CACHE / "saved_chats.json"  # every file /save wrote, as it wrote it: the only files it replaces
+def handle_command(line: str, session: ChatSession) -> tuple:
+    """(session, what to print) after one /command; a bad one leaves the session as it was. None: leave."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    try:
+        if name in ("/exit", "/quit"):
+            return None, ""
+        if name == "/help":
+            return session, CHAT_HELP
+        if name == "/clear":
+            return replace(session, history=()), "new conversation (the earlier turns stay in /save)"
+        if name in ("/lang", "/effort", "/save") and not arg:
+            raise UsageError(f"{name} needs a value: " + {"/lang": "/lang French", "/effort": "/effort high",
+                                                          "/save": "/save chat.jsonl"}[name])
+        if name == "/lang":
+            session = replace(session, reasoning_language=language_name(arg, "/lang", session.any_language))
+            return session, f"reasoning language: {session.reasoning_language}"
+        if name == "/answer":
+            session = replace(session, answer_language=language_name(arg, "/answer", session.any_language) if arg
+                              else None)
+            return session, f"answer language: {session.answer_language or 'not set'}"
+        if name == "/effort":
+            if arg not in ("low", "medium", "high"):
+                raise UsageError(f"/effort {arg}: choose low, medium or high")
+            return replace(session, reasoning_effort=arg), f"reasoning effort: {arg}"
+        if name == "/save":
+            return session, save_chat(arg, session.rows)
+        raise UsageError(f"unknown command {name}; /help lists them")
+    except UsageError as e:
+        return session, f"error: {e}"
+
+
+CHAT_HELP = """/lang X        reason in language X
+/answer Y      answer in language Y (/answer alone: no instruction)
+/effort LEVEL  reasoning effort: low, medium or high
+/clear         start a new conversation (/save still writes the earlier turns)
+/save FILE     write the turns as .jsonl rows in the dataset's schema: --mode train reads them, --score-file too
+/help          this list
+/exit          leave (so does Ctrl-D); Ctrl-C stops an answer"""
 
 
 def save_chat(path: str, rows: tuple) -> str:
@@ -2398,47 +2459,10 @@ def save_chat(path: str, rows: tuple) -> str:
     return f"saved {len(kept)} turn{'s' * (len(kept) != 1)} to {path}{left_out}"
 
 
-def handle_command(line: str, session: ChatSession) -> tuple:
-    """(session, what to print) after one /command; a bad one leaves the session as it was. None: leave."""
-    name, _, arg = line.strip().partition(" ")
-    arg = arg.strip()
-    try:
-        if name in ("/exit", "/quit"):
-            return None, ""
-        if name == "/help":
-            return session, CHAT_HELP
-        if name == "/clear":
-            return replace(session, history=()), "new conversation (the earlier turns stay in /save)"
-        if name in ("/lang", "/effort", "/save") and not arg:
-            raise UsageError(f"{name} needs a value: " + {"/lang": "/lang French", "/effort": "/effort high",
-                                                          "/save": "/save chat.jsonl"}[name])
-        if name == "/lang":
-            session = replace(session, reasoning_language=language_name(arg, "/lang", session.any_language))
-            return session, f"reasoning language: {session.reasoning_language}"
-        if name == "/answer":
-            session = replace(session, answer_language=language_name(arg, "/answer", session.any_language) if arg
-                              else None)
-            return session, f"answer language: {session.answer_language or 'not set'}"
-        if name == "/effort":
-            if arg not in ("low", "medium", "high"):
-                raise UsageError(f"/effort {arg}: choose low, medium or high")
-            return replace(session, reasoning_effort=arg), f"reasoning effort: {arg}"
-        if name == "/save":
-            return session, save_chat(arg, session.rows)
-        raise UsageError(f"unknown command {name}; /help lists them")
-    except UsageError as e:
-        return session, f"error: {e}"
+WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: where the row came from
 
 
-@contextlib.contextmanager
-def ctrl_c_sets(event: threading.Event):
-    """While it lasts, Ctrl-C sets event instead of raising KeyboardInterrupt: generation stops after its next
-    token and the chat goes on."""
-    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+SAVED_CHATS = DEMO_CACHE / "saved_chats.json"  # every file /save wrote, as it wrote it: the only files it replaces
 
 
 def chat_turn(cfg: InferRun, model, tokenizer, session: ChatSession, question: str) -> tuple:
@@ -2466,35 +2490,15 @@ def chat_turn(cfg: InferRun, model, tokenizer, session: ChatSession, question: s
     return session, printer
 
 
-def run_chat(cfg: InferRun, runtime: Runtime | None = None, ask=input) -> ChatSession:
-    """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
-    if sys.stdin is None:
-        raise UsageError("--mode chat reads your questions on stdin, which is closed")
-    session = ChatSession(cfg.reasoning_language, (cfg.answer_languages or [None])[0], cfg.reasoning_effort,
-                          any_language=cfg.allow_any_language)  # derive() has made the names canonical
-    model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg))
-    if sys.stdin.isatty():
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-    print(f"chat with {cfg.adapter or cfg.model}, reasoning in {session.reasoning_language}. /help lists the "
-          "commands; Ctrl-C stops an answer, Ctrl-D leaves.")
-    while True:
-        try:
-            line = ask("you> ").strip()
-        except EOFError:
-            print()
-            return session
-        except KeyboardInterrupt:
-            print("\n(Ctrl-D or /exit leaves)")
-            continue
-        if line.startswith("/"):
-            following, message = handle_command(line, session)
-            if following is None:
-                return session
-            session = following
-            print(message)
-        elif line:
-            session, _ = chat_turn(cfg, model, tokenizer, session, line)
+@contextlib.contextmanager
+def ctrl_c_sets(event: threading.Event):
+    """While it lasts, Ctrl-C sets event instead of raising KeyboardInterrupt: generation stops after its next
+    token and the chat goes on."""
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -----------------------------------------------------------------------------
@@ -2566,117 +2570,36 @@ class Eval(GenerationMode):
             cfg, f", --eval_batch_size {max(cfg.eval_batch_size // 2, 1)}" if cfg.eval_batch_size > 1 else "")
 
 
-TRAINED_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")  # Multilingual-Thinking's five
-EVAL_REASONING_LANGUAGES = TRAINED_LANGUAGES + ("Chinese", "Japanese", "Russian")
-
-
-@functools.lru_cache(maxsize=None)
-def _language_detector():
-    # lingua over every language it knows: the most accurate candidate on data/langid_check.jsonl (README)
-    from lingua import LanguageDetectorBuilder
-
-    return LanguageDetectorBuilder.from_all_languages().build()
-
-
-def _has_letters(text: str) -> bool:
-    return any(ch.isalpha() for ch in text)
-
-
-def detect_language(text: str | None) -> str | None:
-    """The most likely language of the text; None when it has no letters (e.g. "56")."""
-    if not text or not _has_letters(text):
-        return None
-    found = _language_detector().detect_language_of(text)
-    return found.name.title() if found else None
-
-
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|(?<=[。！？；：])|\n+")
-
-
-def language_share(text: str | None, language: str) -> float:
-    """Share of the text's characters in sentences detected as `language` (reasoning often switches mid-way)."""
-    sentences = [s for s in _SENTENCE_BREAK.split(text or "") if _has_letters(s)]
-    total = sum(len(s) for s in sentences)
-    return sum(len(s) for s in sentences if detect_language(s) == language) / total if total else 0.0
-
-
-_NUMBER = re.compile(r"(?:(?<!\w)[-−])?\d+(?:[.,'’\u00a0\u202f ]\d+)*")
-_SEPARATOR = re.compile(r"[.,'’\u00a0\u202f ]")
-
-
-def number_readings(text: str) -> set:
-    """Every value the numbers in the text can mean: "1.000" is 1000 in German and 1.0 in English, "2,5" is 2.5."""
-    values = set()
-    for token in _NUMBER.findall(unicodedata.normalize("NFKC", text)):
-        sign = -1 if token[0] in "-−" else 1
-        token = token.lstrip("-−")
-        for piece in {token, *re.split(r"[\u00a0\u202f ]", token)}:  # a space groups thousands or just separates
-            groups, separators = _SEPARATOR.split(piece), _SEPARATOR.findall(piece)
-            if all(len(g) == 3 for g in groups[1:]):
-                values.add(sign * float("".join(groups)))
-            if separators and separators[-1] in ".," and all(len(g) == 3 for g in groups[1:-1]):
-                values.add(sign * float("".join(groups[:-1]) + "." + groups[-1]))
-    return values
-
-
-def _fold(text: str) -> str:
-    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
-
-
-def answer_is_correct(final: str | None, expected: dict) -> bool:
-    """{"number": x}: some number in the answer equals x. {"accepted": [...]}: one spelling appears as a word."""
-    if final is None:
-        return False
-    if "number" in expected:
-        return any(math.isclose(v, expected["number"], rel_tol=1e-9, abs_tol=1e-9) for v in number_readings(final))
-    text = _fold(final)
-    return any(re.search(rf"(?<![a-z0-9]){re.escape(_fold(a))}(?![a-z0-9])", text) for a in expected["accepted"])
-
-
-def score_output(reasoning_language: str, analysis: str, final: str | None, answer_language: str | None = None,
-                 expected: dict | None = None) -> dict:
-    """The scores of one output. Languages are canonical names (language_name)."""
-    detected = detect_language(analysis)
-    scores = {"reasoning_language_detected": detected,
-              "reasoning_language_match": detected == reasoning_language,
-              "reasoning_language_share": round(language_share(analysis, reasoning_language), 4),
-              "malformed": final is None}
-    if answer_language is not None:
-        answer_detected = detect_language(final)
-        scores["answer_language_detected"] = answer_detected
-        # No final answer misses the language; one without letters ("56") has none to judge.
-        scores["answer_language_match"] = (False if final is None else None if answer_detected is None
-                                           else answer_detected == answer_language)
-    if expected is not None:
-        scores["correct"] = answer_is_correct(final, expected)
-    return scores
-
-
-def _expected_answer(value, where: str) -> dict | None:
-    if value is None or isinstance(value, dict) and (set(value) == {"number"} or set(value) == {"accepted"}):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return {"number": value}
-    if isinstance(value, str) and value.strip():
-        return {"accepted": [value]}
-    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
-        return {"accepted": value}
-    raise UsageError(f"{where}: 'expected' must be a number, a string, a list of strings, {{\"number\": x}} or "
-                     "{\"accepted\": [...]}")
-
-
-def read_jsonl(path: str, what: str) -> list:
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"{what} {path} does not exist")
-    rows = []
-    for number, row in jsonl_lines(file, what):
-        if not isinstance(row, dict):
-            raise UsageError(f"{path} line {number} is not a JSON object")
-        rows.append((number, row))
-    if not rows:
-        raise UsageError(f"{what} {path} is empty")
-    return rows
+def run_eval(cfg: EvalRun, runtime: Runtime | None = None) -> dict:
+    check_output_dir(cfg)
+    if cfg.score_file:
+        items = read_score_file(cfg.score_file)
+        tokenizer = None
+        if any(not isinstance(i.get("reasoning_tokens"), int) for i in items):
+            with contextlib.suppress(UsageError):  # scoring needs no model; the tokenizer only counts tokens
+                tokenizer = load_tokenizer(cfg.model)
+            if tokenizer is None:
+                print(f"note: reasoning tokens not counted: the tokenizer of {cfg.model} is not on this machine "
+                      "(give --model a local gpt-oss directory, or reasoning_tokens per line)")
+    else:
+        items, tokenizer = generate_eval_outputs(cfg, runtime or find_runtime(cfg), eval_plan_of(cfg))
+    for item in items:
+        if not isinstance(item.get("reasoning_tokens"), int):
+            item["reasoning_tokens"] = tokenizer and len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
+        item.update(score_output(item["reasoning_language"], item["analysis"], item.get("final"),
+                                 item.get("answer_language"), item.get("expected")))
+    rows = summarize_scores(items)
+    table = summary_table(rows)
+    out = Path(cfg.output_dir)
+    claim_output_dir(out, "eval", replace_own=False)  # each report file is replaced by an atomic write
+    write_atomically(out / "eval_results.json", json.dumps({"config": asdict(cfg), "summary": rows, "items": items},
+                                                           indent=2, ensure_ascii=False) + "\n")
+    write_atomically(out / "eval_summary.md", table + "\n")
+    plot_match_rates([r for r in rows if r["reasoning_language"] != "all"], out / "eval_summary.png")
+    record(out, *(out / name for name in ("eval_results.json", "eval_summary.md", "eval_summary.png")))
+    print(table)
+    print(f"\nwrote eval_results.json, eval_summary.md and eval_summary.png to {out}/")
+    return {"summary": rows, "items": items}
 
 
 def read_score_file(path: str) -> list:
@@ -2697,6 +2620,52 @@ def read_score_file(path: str) -> list:
                       if row.get("answer_language") else None,
                       "expected": _expected_answer(row.get("expected"), where)})
     return items
+
+
+def read_jsonl(path: str, what: str) -> list:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{what} {path} does not exist")
+    rows = []
+    for number, row in jsonl_lines(file, what):
+        if not isinstance(row, dict):
+            raise UsageError(f"{path} line {number} is not a JSON object")
+        rows.append((number, row))
+    if not rows:
+        raise UsageError(f"{what} {path} is empty")
+    return rows
+
+
+def _expected_answer(value, where: str) -> dict | None:
+    if value is None or isinstance(value, dict) and (set(value) == {"number"} or set(value) == {"accepted"}):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"number": value}
+    if isinstance(value, str) and value.strip():
+        return {"accepted": [value]}
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return {"accepted": value}
+    raise UsageError(f"{where}: 'expected' must be a number, a string, a list of strings, {{\"number\": x}} or "
+                     "{\"accepted\": [...]}")
+
+
+def eval_plan_of(cfg: EvalRun) -> list:
+    """The prompts to generate: the questions, languages and rotation the flags ask for."""
+    # the demo's 2-layer model learns the five languages it trains on; an unseen one is not expected of it
+    languages = cfg.eval_reasoning_languages or list(TRAINED_LANGUAGES if cfg.demo else EVAL_REASONING_LANGUAGES)
+    answer_languages = cfg.answer_languages or [None]
+    questions = read_eval_questions(cfg.eval_file)
+    question_languages = cfg.question_languages or list(questions[0]["question"])
+    plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.max_questions, cfg.full_grid)
+    print(f"eval: {len(plan)} prompts per model ({min(cfg.max_questions or len(questions), len(questions))} questions x "
+          f"{len(languages)} reasoning languages), questions in {', '.join(question_languages)}")
+    return plan
+
+
+TRAINED_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")  # Multilingual-Thinking's five
+
+
+EVAL_REASONING_LANGUAGES = TRAINED_LANGUAGES + ("Chinese", "Japanese", "Russian")
 
 
 def read_eval_questions(path: str) -> list:
@@ -2730,9 +2699,107 @@ def eval_plan(questions: list, reasoning_languages: list, question_languages: li
     return plan
 
 
-def _mean(values: list):
-    values = [float(v) for v in values if v is not None]
-    return round(sum(values) / len(values), 4) if values else None
+def generate_eval_outputs(cfg: EvalRun, runtime: Runtime, plan: list):
+    """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off)."""
+    model, tokenizer = load_for_inference(cfg, runtime)
+    runs = [("tuned" if cfg.adapter else "base", contextlib.nullcontext())]
+    if cfg.compare_base:
+        runs.insert(0, ("base", model.disable_adapter()))
+    chats = [build_chat(p["prompt"], p["reasoning_language"], p["answer_language"] if p["answer_language_instructed"]
+                        else None) for p in plan]
+    items = []
+    for label, adapter_state in runs:
+        with adapter_state:
+            outputs = generate(model, tokenizer, chats, cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature,
+                               cfg.seed, progress=f"{label} model", batch_size=cfg.eval_batch_size)
+        for p, ids in zip(plan, outputs):
+            items.append({"model": label, **p, **split_channels(ids, tokenizer),
+                          "tokens": len(ids)})
+    return items, tokenizer
+
+
+def score_output(reasoning_language: str, analysis: str, final: str | None, answer_language: str | None = None,
+                 expected: dict | None = None) -> dict:
+    """The scores of one output. Languages are canonical names (language_name)."""
+    detected = detect_language(analysis)
+    scores = {"reasoning_language_detected": detected,
+              "reasoning_language_match": detected == reasoning_language,
+              "reasoning_language_share": round(language_share(analysis, reasoning_language), 4),
+              "malformed": final is None}
+    if answer_language is not None:
+        answer_detected = detect_language(final)
+        scores["answer_language_detected"] = answer_detected
+        # No final answer misses the language; one without letters ("56") has none to judge.
+        scores["answer_language_match"] = (False if final is None else None if answer_detected is None
+                                           else answer_detected == answer_language)
+    if expected is not None:
+        scores["correct"] = answer_is_correct(final, expected)
+    return scores
+
+
+def detect_language(text: str | None) -> str | None:
+    """The most likely language of the text; None when it has no letters (e.g. "56")."""
+    if not text or not _has_letters(text):
+        return None
+    found = _language_detector().detect_language_of(text)
+    return found.name.title() if found else None
+
+
+@functools.lru_cache(maxsize=None)
+def _language_detector():
+    # lingua over every language it knows: the most accurate candidate on data/langid_check.jsonl (README)
+    from lingua import LanguageDetectorBuilder
+
+    return LanguageDetectorBuilder.from_all_languages().build()
+
+
+def _has_letters(text: str) -> bool:
+    return any(ch.isalpha() for ch in text)
+
+
+def language_share(text: str | None, language: str) -> float:
+    """Share of the text's characters in sentences detected as `language` (reasoning often switches mid-way)."""
+    sentences = [s for s in _SENTENCE_BREAK.split(text or "") if _has_letters(s)]
+    total = sum(len(s) for s in sentences)
+    return sum(len(s) for s in sentences if detect_language(s) == language) / total if total else 0.0
+
+
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|(?<=[。！？；：])|\n+")
+
+
+def answer_is_correct(final: str | None, expected: dict) -> bool:
+    """{"number": x}: some number in the answer equals x. {"accepted": [...]}: one spelling appears as a word."""
+    if final is None:
+        return False
+    if "number" in expected:
+        return any(math.isclose(v, expected["number"], rel_tol=1e-9, abs_tol=1e-9) for v in number_readings(final))
+    text = _fold(final)
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(_fold(a))}(?![a-z0-9])", text) for a in expected["accepted"])
+
+
+def number_readings(text: str) -> set:
+    """Every value the numbers in the text can mean: "1.000" is 1000 in German and 1.0 in English, "2,5" is 2.5."""
+    values = set()
+    for token in _NUMBER.findall(unicodedata.normalize("NFKC", text)):
+        sign = -1 if token[0] in "-−" else 1
+        token = token.lstrip("-−")
+        for piece in {token, *re.split(r"[\u00a0\u202f ]", token)}:  # a space groups thousands or just separates
+            groups, separators = _SEPARATOR.split(piece), _SEPARATOR.findall(piece)
+            if all(len(g) == 3 for g in groups[1:]):
+                values.add(sign * float("".join(groups)))
+            if separators and separators[-1] in ".," and all(len(g) == 3 for g in groups[1:-1]):
+                values.add(sign * float("".join(groups[:-1]) + "." + groups[-1]))
+    return values
+
+
+_NUMBER = re.compile(r"(?:(?<!\w)[-−])?\d+(?:[.,'’\u00a0\u202f ]\d+)*")
+
+
+_SEPARATOR = re.compile(r"[.,'’\u00a0\u202f ]")
+
+
+def _fold(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
 
 
 def summarize_scores(items: list) -> list:
@@ -2750,6 +2817,11 @@ def summarize_scores(items: list) -> list:
                          "reasoning_tokens": _mean([i.get("reasoning_tokens") for i in group]),
                          "malformed": _mean([i["malformed"] for i in group])})
     return rows
+
+
+def _mean(values: list):
+    values = [float(v) for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def summary_table(rows: list) -> str:
@@ -2787,70 +2859,6 @@ def plot_match_rates(rows: list, path: Path):
     ax.grid(axis="y", alpha=0.3)
     ax.figure.tight_layout()
     ax.figure.savefig(path, dpi=120)
-
-
-def generate_eval_outputs(cfg: EvalRun, runtime: Runtime, plan: list):
-    """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off)."""
-    model, tokenizer = load_for_inference(cfg, runtime)
-    runs = [("tuned" if cfg.adapter else "base", contextlib.nullcontext())]
-    if cfg.compare_base:
-        runs.insert(0, ("base", model.disable_adapter()))
-    chats = [build_chat(p["prompt"], p["reasoning_language"], p["answer_language"] if p["answer_language_instructed"]
-                        else None) for p in plan]
-    items = []
-    for label, adapter_state in runs:
-        with adapter_state:
-            outputs = generate(model, tokenizer, chats, cfg.reasoning_effort, cfg.max_new_tokens, cfg.temperature,
-                               cfg.seed, progress=f"{label} model", batch_size=cfg.eval_batch_size)
-        for p, ids in zip(plan, outputs):
-            items.append({"model": label, **p, **split_channels(ids, tokenizer),
-                          "tokens": len(ids)})
-    return items, tokenizer
-
-
-def eval_plan_of(cfg: EvalRun) -> list:
-    """The prompts to generate: the questions, languages and rotation the flags ask for."""
-    # the demo's 2-layer model learns the five languages it trains on; an unseen one is not expected of it
-    languages = cfg.eval_reasoning_languages or list(TRAINED_LANGUAGES if cfg.demo else EVAL_REASONING_LANGUAGES)
-    answer_languages = cfg.answer_languages or [None]
-    questions = read_eval_questions(cfg.eval_file)
-    question_languages = cfg.question_languages or list(questions[0]["question"])
-    plan = eval_plan(questions, languages, question_languages, answer_languages, cfg.max_questions, cfg.full_grid)
-    print(f"eval: {len(plan)} prompts per model ({min(cfg.max_questions or len(questions), len(questions))} questions x "
-          f"{len(languages)} reasoning languages), questions in {', '.join(question_languages)}")
-    return plan
-
-
-def run_eval(cfg: EvalRun, runtime: Runtime | None = None) -> dict:
-    check_output_dir(cfg)
-    if cfg.score_file:
-        items = read_score_file(cfg.score_file)
-        tokenizer = None
-        if any(not isinstance(i.get("reasoning_tokens"), int) for i in items):
-            with contextlib.suppress(UsageError):  # scoring needs no model; the tokenizer only counts tokens
-                tokenizer = load_tokenizer(cfg.model)
-            if tokenizer is None:
-                print(f"note: reasoning tokens not counted: the tokenizer of {cfg.model} is not on this machine "
-                      "(give --model a local gpt-oss directory, or reasoning_tokens per line)")
-    else:
-        items, tokenizer = generate_eval_outputs(cfg, runtime or find_runtime(cfg), eval_plan_of(cfg))
-    for item in items:
-        if not isinstance(item.get("reasoning_tokens"), int):
-            item["reasoning_tokens"] = tokenizer and len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
-        item.update(score_output(item["reasoning_language"], item["analysis"], item.get("final"),
-                                 item.get("answer_language"), item.get("expected")))
-    rows = summarize_scores(items)
-    table = summary_table(rows)
-    out = Path(cfg.output_dir)
-    claim_output_dir(out, "eval", replace_own=False)  # each report file is replaced by an atomic write
-    write_atomically(out / "eval_results.json", json.dumps({"config": asdict(cfg), "summary": rows, "items": items},
-                                                           indent=2, ensure_ascii=False) + "\n")
-    write_atomically(out / "eval_summary.md", table + "\n")
-    plot_match_rates([r for r in rows if r["reasoning_language"] != "all"], out / "eval_summary.png")
-    record(out, *(out / name for name in ("eval_results.json", "eval_summary.md", "eval_summary.png")))
-    print(table)
-    print(f"\nwrote eval_results.json, eval_summary.md and eval_summary.png to {out}/")
-    return {"summary": rows, "items": items}
 
 
 # -----------------------------------------------------------------------------
@@ -2898,537 +2906,6 @@ class Merge(Mode):
                 "(about 42 GB for gpt-oss-20b): run it on a card with more free memory, or with "
                 "CUDA_VISIBLE_DEVICES= in front of the command (on a CPU with less than about 50 GB of RAM the "
                 "logits check is skipped and the tensor check runs alone).")
-
-
-MERGE_CHECK_PROMPTS = (("What is 7 x 8?", "German"), ("Quelle est la capitale de l'Australie ?", "French"),
-                       ("How many days are there in a leap year?", "Chinese"))
-
-
-MERGE_TOLERANCE = {"relative_error": 0.05, "top1_agreement": 0.98, "adapter_kept": 0.5}
-
-
-def merge_agreement(tuned, base, merged) -> dict:
-    """How closely the merged model's logits follow base+adapter. Storing W + BA in bf16 rounds every weight by up
-    to 2**-9 of itself: on the demo model that moves the logits by 2.2-2.4% (relative L2) and changes the top token
-    at under 0.5% of positions. An adapter whose changes are smaller than that rounding is erased by it, as one
-    dropped by an MXFP4 base is, so the merged logits must also sit much nearer the tuned model's than the base's."""
-    relative = lambda a, b: float((a - b).norm() / b.norm())
-    check = {"relative_error": relative(merged, tuned), "top1_agreement": float((merged.argmax(-1) == tuned.argmax(-1))
-                                                                               .float().mean()),
-             "adapter_effect": relative(tuned, base), "positions": tuned.shape[0]}
-    check["adapter_kept"] = 1 - float((merged - tuned).norm() / max(float((tuned - base).norm()), 1e-30))
-    check["passed"] = (check["relative_error"] <= MERGE_TOLERANCE["relative_error"]
-                       and check["top1_agreement"] >= MERGE_TOLERANCE["top1_agreement"]
-                       and check["adapter_kept"] >= MERGE_TOLERANCE["adapter_kept"])
-    return check
-
-
-MERGE_SHARD_BYTES = 2 * 2**30  # output shards of at most this size: the merge holds about one shard in memory
-
-
-def read_lora_adapter(adapter: str) -> tuple:
-    """(adapter_config, {PEFT module path: {"A": lora_A, "B": lora_B}}) of a train run's adapter. Anything the
-    streaming merge cannot fold exactly (not LoRA, DoRA, trained biases or embeddings, extra saved modules) or cannot
-    read (a missing or corrupt file) is one line, before anything is written."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(adapter)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--adapter {adapter}: adapter_config.json is not readable JSON ({type(e).__name__})") from None
-    extras = [k for k in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices") if config.get(k)]
-    if config.get("peft_type") != "LORA" or extras:
-        with_extras = f" with {', '.join(extras)}" if extras else ""
-        raise UsageError(f"--adapter {adapter} is a {config.get('peft_type')} adapter{with_extras}; merge folds plain "
-                         "LoRA (as train mode writes it): serve this one unmerged")
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UsageError(f"--adapter {adapter} has no adapter_model.safetensors (a train run that did not finish?)")
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"--adapter {adapter}: adapter_model.safetensors is corrupt "
-                         f"({str(e).splitlines()[0]})") from None
-    pairs = {}
-    for key, tensor in state.items():
-        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-        if not match or tensor.ndim != 2:
-            raise UsageError(f"--adapter {adapter} holds {key}, which is no LoRA A/B matrix; merge folds plain LoRA "
-                             "only")
-        pairs.setdefault(match[1], {})[match[2]] = tensor
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
-            raise UsageError(f"--adapter {adapter}: {module} has no matching lora_A/lora_B pair; the file is damaged")
-    return config, pairs
-
-
-def checkpoint_layout(files: list) -> dict:
-    """{tensor name: (file, shape, safetensors dtype)} of a checkpoint, from the shards' headers alone."""
-    from safetensors import SafetensorError, safe_open
-
-    layout = {}
-    for file in files:
-        try:
-            with safe_open(str(file), "pt") as shard:
-                for name in shard.keys():
-                    view = shard.get_slice(name)
-                    layout[name] = (file, tuple(view.get_shape()), view.get_dtype())
-        except SafetensorError as e:
-            raise UsageError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    return layout
-
-
-def stored_shape(layout: dict, name: str) -> tuple | None:
-    """The shape of a weight as the model holds it: MXFP4 blocks [E, out, in/32, 16] hold an [E, in, out] weight."""
-    if name in layout:
-        return layout[name][1]
-    if f"{name}_blocks" in layout:
-        experts, rows, groups, _ = layout[f"{name}_blocks"][1]
-        return experts, groups * 32, rows
-    return None
-
-
-def plan_updates(layout: dict, adapter_config: dict, pairs: dict, adapter: str, model: str) -> dict:
-    """{base weight name: (A, B, scale)}: each LoRA pair matched to the weight it adapts, by name and shape. Linear
-    layers: W [out, in] += s·B@A. Expert tensors (PEFT's target_parameters, nested as base_layer): W [E, in, out]."""
-    targets = adapter_config.get("target_parameters") or []
-    updates = {}
-    for key, pair in pairs.items():
-        module = re.sub(r"(\.base_layer)+$", "", key)
-        a_rows, in_features = pair["A"].shape
-        out_features = pair["B"].shape[0]
-        candidates = [f"{module}.weight"] + [f"{module}.{t.rsplit('.', 1)[-1]}" for t in targets
-                                             if module.endswith(t.rsplit(".", 1)[0])]
-        shapes = {c: stored_shape(layout, c) for c in candidates}
-        fits = [c for c, shape in shapes.items() if shape and c not in updates and (
-            shape == (out_features, in_features) if len(shape) == 2
-            else len(shape) == 3 and a_rows % shape[0] == 0 and shape[1:] == (in_features, out_features))]
-        if len(fits) != 1:
-            found = ", ".join(f"{c} {list(s)}" for c, s in shapes.items() if s) or f"no {candidates[0]}"
-            raise UsageError(f"--adapter {adapter} does not fit {model}: its {module} update is {out_features}x"
-                             f"{in_features} and the model has {found}; was it trained on another base?")
-        name = fits[0]
-        experts = shapes[name][0] if len(shapes[name]) == 3 else 1
-        alpha = adapter_config.get("lora_alpha", 8)
-        for pattern, value in (adapter_config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = value
-        rank = a_rows // experts
-        scale = alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
-        updates[name] = (pair["A"], pair["B"], scale)
-    return updates
-
-
-def lora_delta(a, b, scale: float, shape: tuple, dtype=None):
-    """s·B@A in the weight's shape (fp32 unless dtype says otherwise). Experts, as PEFT's ParamWrapper computes it:
-    A [E·r, in] and B [out, r·E] give one [in, out] update per expert."""
-    import torch
-
-    a, b = a.to(dtype or torch.float32), b.to(dtype or torch.float32)
-    if len(shape) == 2:
-        return (b @ a) * scale
-    experts = shape[0]
-    rank = a.shape[0] // experts
-    b, a = b.reshape(b.shape[0], rank, experts), a.reshape(experts, rank, a.shape[-1])
-    return torch.einsum("ore,eri->eio", b, a) * scale
-
-
-def merged_tensor(get, name: str, stored: bool, updates: dict, to_bf16: bool):
-    """One output tensor: W + s·BA computed in fp32 and rounded once (to bf16, or to the dtype the base stores);
-    with to_bf16 an MXFP4 weight is dequantized by transformers' dequantizer first; any other tensor as stored."""
-    import torch
-    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    update = updates.get(name)
-    if not stored:  # stored as MXFP4 blocks and scales
-        weight = convert_moe_packed_tensors(get(f"{name}_blocks"), get(f"{name}_scales"),
-                                            dtype=torch.float32 if update else torch.bfloat16,
-                                            rows_per_chunk=MXFP4_ROWS_PER_CHUNK)
-        target = torch.bfloat16
-    else:
-        weight = get(name)
-        target = torch.bfloat16 if to_bf16 and weight.is_floating_point() else weight.dtype
-    if update:
-        weight = weight.float() + lora_delta(*update, tuple(weight.shape))
-    return weight.to(target).contiguous()
-
-
-def output_tensors(layout: dict, to_bf16: bool) -> list:
-    """(output name, bytes) in the base's order. bf16 output: each MXFP4 blocks+scales pair becomes one bf16 weight."""
-    items = []
-    for name, (_, shape, dtype) in layout.items():
-        if to_bf16 and name.endswith("_scales") and f"{name[:-7]}_blocks" in layout:
-            continue
-        if to_bf16 and name.endswith("_blocks") and f"{name[:-7]}_scales" in layout:
-            items.append((name[:-7], 2 * 2 * math.prod(shape)))  # two 4-bit values a byte, two bytes each
-        else:
-            size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 2)
-            items.append((name, math.prod(shape) * (2 if to_bf16 and dtype in ("F64", "F32") else size)))
-    return items
-
-
-def base_tensors(layout: dict, stack: contextlib.ExitStack):
-    """get(name): a base tensor, read through safetensors' memory map, each shard opened once and closed with stack."""
-    from safetensors import safe_open
-
-    opened = {}
-
-    def get(name):
-        file = layout[name][0]
-        if file not in opened:
-            opened[file] = stack.enter_context(safe_open(str(file), "pt"))
-        return opened[file].get_tensor(name)
-
-    return get
-
-
-def stream_merge(layout: dict, updates: dict, staging: Path, to_bf16: bool) -> dict:
-    """Write the merged checkpoint into staging, one output shard at a time, reading the base tensor by tensor
-    through safetensors' memory map (closed after each shard, so its pages leave memory). Returns the weight map."""
-    from safetensors.torch import save_file
-
-    shards, size = [[]], 0
-    for name, nbytes in output_tensors(layout, to_bf16):
-        if shards[-1] and size + nbytes > MERGE_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    weight_map = {}
-    for file, names in zip(files, shards):
-        with contextlib.ExitStack() as stack:
-            get = base_tensors(layout, stack)
-            tensors = {name: merged_tensor(get, name, name in layout, updates, to_bf16) for name in names}
-            save_file(tensors, str(staging / file), metadata={"format": "pt"})
-            del tensors
-        weight_map.update(dict.fromkeys(names, file))
-    if len(files) > 1:
-        total = sum(nbytes for _, nbytes in output_tensors(layout, to_bf16))
-        (staging / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    return weight_map
-
-
-def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates: dict, to_bf16: bool,
-                         read=None) -> dict:
-    """Every merged tensor as written against W + s·BA recomputed in fp64: off by no more than rounding the exact
-    sum once to the stored dtype (plus fp32's error in s·BA), and every base tensor present in the output. read(name)
-    gives a written tensor in the base's layout (default: from the safetensors shards)."""
-    import torch
-    from safetensors import safe_open
-    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    missing = [n for n, _ in output_tensors(layout, to_bf16) if n not in weight_map]
-    worst = 0.0
-    for name, (a, b, scale) in updates.items():
-        if read:
-            written = read(name)
-        else:
-            with safe_open(str(staging / weight_map[name]), "pt") as f:
-                written = f.get_tensor(name)
-        with contextlib.ExitStack() as stack:
-            open_base = lambda n: stack.enter_context(safe_open(str(layout[n][0]), "pt")).get_tensor(n)
-            base = (open_base(name) if name in layout else convert_moe_packed_tensors(
-                open_base(f"{name}_blocks"), open_base(f"{name}_scales"), dtype=torch.float32,
-                rows_per_chunk=MXFP4_ROWS_PER_CHUNK)).double()
-        delta = lora_delta(a, b, scale, tuple(base.shape), torch.float64)
-        exact = base + delta
-        magnitude = base.abs() + lora_delta(a.abs(), b.abs(), abs(scale), tuple(base.shape), torch.float64)
-        bound = (torch.finfo(written.dtype).eps * exact.abs() + (a.shape[0] + 2) * torch.finfo(torch.float32).eps
-                 * magnitude).clamp(min=torch.finfo(written.dtype).tiny)
-        worst = max(worst, float(((written.double() - exact).abs() / bound).max()))
-        del written, base, delta, exact, magnitude, bound
-    return {"tensors": len(updates), "worst_error_over_bound": worst, "missing": missing[:5],
-            "passed": worst <= 1.0 and not missing}
-
-
-def free_memory(on_cuda: bool) -> int:
-    """Bytes free where the logits check would load the model: the GPU's, or the machine's available RAM."""
-    import psutil
-    import torch
-
-    return torch.cuda.mem_get_info()[0] if on_cuda else psutil.virtual_memory().available
-
-
-def logits_check_skipped(layout: dict, on_cuda: bool) -> str | None:
-    """Why the logits check cannot run here, or None: it holds the model in bf16 with its experts dequantized, once
-    with the adapter and once merged (one after the other), and wants a fifth more for activations."""
-    values = sum(math.prod(shape) * (2 if name.endswith("_blocks") else 0 if name.endswith("_scales") else 1)
-                 for name, (_, shape, _) in layout.items())
-    need, free = 2 * values * 1.2, free_memory(on_cuda)
-    if need <= free:
-        return None
-    where = "on the GPU" if on_cuda else "of RAM"
-    return (f"it holds the model in bf16 ({need / 1.2 / 2**30:.1f} GiB, {need / 2**30:.1f} GiB with activations) and "
-            f"this machine has {free / 2**30:.1f} GiB free {where}")
-
-
-def merge_logits_check(cfg: MergeRun, runtime: Runtime, staging: Path) -> dict:
-    """Today's check on the written files: base+adapter (PEFT, in bf16) against the merged directory as transformers
-    loads it, on MERGE_CHECK_PROMPTS; one model in memory at a time."""
-    import gc
-
-    import torch
-
-    def load(source: str):  # in bf16, the MXFP4 experts dequantized, attention as this machine runs it
-        return load_model(source, load_model_config(source), torch.bfloat16, resolve_attention("auto", runtime.on_cuda),
-                          runtime.device, runtime.device_map)
-
-    model = with_adapter(load(cfg.model), cfg.adapter)
-    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
-    tokenizer.padding_side = "left"
-    batch = tokenizer.apply_chat_template([build_chat(prompt, language) for prompt, language in MERGE_CHECK_PROMPTS],
-                                          add_generation_prompt=True, padding=True, return_tensors="pt",
-                                          return_dict=True).to(model.device)
-    real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        tuned = model(**batch).logits.float()[real]
-        with model.disable_adapter():
-            base = model(**batch).logits.float()[real]
-    del model
-    gc.collect()
-    merged = load(str(staging)).eval()
-    with torch.no_grad():
-        after = merged(**batch.to(merged.device)).logits.float()[real]
-    del merged
-    gc.collect()
-    return merge_agreement(tuned, base, after)
-
-
-def write_merge_configs(config, base_dir: Path, staging: Path, tokenizer, to_bf16: bool):
-    """config.json as the base's (its quantization_config kept) or, for bf16, without it; generation_config.json
-    stopping on <|return|> and <|call|>; the tokenizer."""
-    import torch
-    from transformers import GenerationConfig
-
-    if to_bf16:
-        config = unquantized_config(config)
-        config.dtype = torch.bfloat16
-        config.save_pretrained(staging)
-    else:
-        shutil.copyfile(base_dir / "config.json", staging / "config.json")
-    try:
-        generation = GenerationConfig.from_pretrained(base_dir)
-    except OSError:
-        generation = GenerationConfig.from_model_config(config)
-    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    generation.eos_token_id = [e for e in dict.fromkeys([*eos, *tokenizer.convert_tokens_to_ids(STOP_TOKENS)])
-                               if e is not None]
-    generation.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-
-
-# --merge-format gguf: one file for llama.cpp and the apps built on it (Ollama, LM Studio), written with gguf, llama.cpp's
-# own writer library, in the layout its converter (convert_hf_to_gguf.py, GptOssModel) gives gpt-oss: MXFP4 experts
-# repacked without touching a value, the fused gate_up tensor split by rows (even rows gate, odd rows up), vectors,
-# biases and the router in F32, every other weight in the dtype the base stores it.
-GGUF_FILE = "model.gguf"
-
-
-def gguf_pre_tokenizer(tokenizer) -> str:
-    """The name llama.cpp gives the tokenizer's pre-tokenizer: gpt-4o for gpt-oss's (o200k's split, then byte-level);
-    gpt-2 for a plain byte-level one (the demo's). Anything else is one line: llama.cpp would split text differently."""
-    # private: transformers.integrations.gguf's GGUF_PRE_TOKENIZER_SPLITS; checked against transformers 5.23.0
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre])
-    if [s.get("type") for s in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if [s.get("type") for s in steps] == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        names = [n for n, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == steps[0]["pattern"].get("Regex")]
-        if names:
-            return "gpt-4o" if "gpt-4o" in names else names[0]
-    raise UsageError("--merge-format gguf: this tokenizer's pre-tokenizer is not one llama.cpp knows (gpt-oss's "
-                     "o200k split or plain byte-level); use --merge-format mxfp4 or bf16")
-
-
-def gguf_vocabulary(tokenizer, vocab_size: int) -> tuple:
-    """(tokens, token types) over the model's whole vocabulary, as llama.cpp's converter lists them (gguf's own
-    vocabulary readers do not pad to the embedding's rows): ids without a token are [PAD<id>], unused."""
-    import gguf
-
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        tokens.append(token if token is not None else f"[PAD{i}]")
-        if token is None:
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            special = added[i].special or re.fullmatch(r"<\|.*\|>", token)
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, types
-
-
-def ggml_mxfp4(blocks, scales):
-    """The checkpoint's MXFP4 as ggml's block_mxfp4 bytes, every value kept: per block of 32, its scale byte, then 16
-    bytes whose byte j holds value j (low nibble) and value j+16 (high); the checkpoint packs values 2j, 2j+1 in
-    byte j. [..., groups, 16] blocks and [..., groups] scales -> [..., groups * 17] bytes."""
-    import torch
-
-    # by hand: gguf quantizes floats afresh (choosing its own scales); the checkpoint's bytes are kept as they are
-    values = torch.stack((blocks & 15, blocks >> 4), -1).flatten(-2)  # [..., groups, 32] in order
-    packed = values[..., :16] | (values[..., 16:] << 4)
-    return torch.cat((scales.unsqueeze(-1), packed), -1).flatten(-2)
-
-
-def gguf_plan(layout: dict, experts_bf16: bool, layers: int) -> list:
-    """[(GGUF name, GGML type, byte shape, base tensor, row parity or None)] in the base's order, from the headers
-    alone: the writer needs every tensor's name and size before the first byte of data."""
-    import gguf
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, layers)
-    kind = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
-    size = {"F32": 4, "F16": 2}
-    plan = []
-
-    def add(hf_name, ggml_type, shape, source, part=None):
-        plan.append((names.get_name(hf_name, try_suffixes=(".weight", ".bias")), ggml_type, shape, source, part))
-
-    for name, (_, shape, dtype) in layout.items():
-        weight = name.removesuffix("_blocks")
-        if name.endswith("_scales") and f"{name[:-7]}_blocks" in layout:
-            continue
-        expert = weight.rsplit(".", 1)[-1] in MXFP4_TENSORS
-        if expert:  # [E, in, out] (or MXFP4 [E, out, groups, 16]) -> ggml's [E, out, in], gate_up split by rows
-            stem = weight.rsplit(".", 1)[0]
-            if name.endswith("_blocks") and not experts_bf16:
-                ggml_type, (experts, rows, row_bytes) = gguf.GGMLQuantizationType.MXFP4, (shape[0], shape[1],
-                                                                                         shape[2] * 17)
-            else:
-                experts, cols, rows = stored_shape(layout, weight)
-                stored_bf16 = name.endswith("_blocks") or dtype == "BF16"
-                ggml_type = gguf.GGMLQuantizationType.BF16 if stored_bf16 else kind.get(dtype)
-                row_bytes = cols * (2 if stored_bf16 else size.get(dtype, 0))
-            if weight.endswith("gate_up_proj"):
-                add(f"{stem}.gate_proj.weight", ggml_type, (experts, rows // 2, row_bytes), weight, 0)
-                add(f"{stem}.up_proj.weight", ggml_type, (experts, rows // 2, row_bytes), weight, 1)
-            else:
-                add(f"{stem}.down_proj.weight", ggml_type, (experts, rows, row_bytes), weight)
-        elif name.endswith("gate_up_proj_bias"):
-            stem = name.rsplit(".", 1)[0]
-            for part, half in enumerate(("gate", "up")):
-                add(f"{stem}.{half}_proj.bias", gguf.GGMLQuantizationType.F32, (shape[0], shape[1] // 2 * 4), name,
-                    part)
-        else:  # llama.cpp wants vectors (norms, biases, sinks) and the router in F32, as its converter writes them
-            f32 = len(shape) == 1 or name.endswith("_bias") or ".router." in name
-            gguf_name = name.replace("down_proj_bias", "down_proj.bias") + (".weight" if name.endswith("sinks") else "")
-            ggml_type = gguf.GGMLQuantizationType.F32 if f32 else kind.get(dtype, gguf.GGMLQuantizationType.BF16)
-            width = 4 if f32 else size.get(dtype, 2)
-            add(gguf_name, ggml_type, (*shape[:-1], shape[-1] * width), name)
-    return plan
-
-
-def gguf_tensor(get, entry: tuple, layout: dict, updates: dict):
-    """One planned tensor's bytes: W + s·BA where the adapter changes W (merged_tensor), then ggml's layout."""
-    import gguf
-    import torch
-
-    _, ggml_type, _, source, part = entry
-    rows = slice(part, None, 2) if part is not None else slice(None)
-    if ggml_type == gguf.GGMLQuantizationType.MXFP4:
-        data = ggml_mxfp4(get(f"{source}_blocks")[:, rows], get(f"{source}_scales")[:, rows])
-    elif source.rsplit(".", 1)[-1] in MXFP4_TENSORS:
-        data = merged_tensor(get, source, source in layout, updates, to_bf16=False).transpose(1, 2)[:, rows]
-    else:
-        data = merged_tensor(get, source, True, updates, to_bf16=False)
-        data = data[..., rows] if part is not None else data
-        data = data.float() if ggml_type == gguf.GGMLQuantizationType.F32 else data
-    return data.contiguous().view(torch.uint8).numpy()
-
-
-def write_gguf(config, layout: dict, updates: dict, path: Path, tokenizer, experts_bf16: bool, title: str):
-    """The merged model as one GGUF, streamed: every tensor's name and size first, then the data one tensor at a time
-    (gguf's add_tensor would hold them all). The metadata is what llama.cpp's gpt-oss loader reads; the tokenizer's
-    merges, special ids and chat template come from gguf's SpecialVocab."""
-    import tempfile
-
-    import gguf
-    import numpy as np
-
-    pre = gguf_pre_tokenizer(tokenizer)
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    mxfp4 = any(n.endswith("_blocks") for n in layout) and not experts_bf16
-    plan = gguf_plan(layout, experts_bf16, config.num_hidden_layers)
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(title)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_expert_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", None)))
-    if rope.get("rope_type") == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(rope["factor"])
-        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-        writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
-        writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_expert_count(config.num_local_experts)
-    writer.add_expert_used_count(config.num_experts_per_tok)
-    writer.add_sliding_window(config.sliding_window)
-    writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE if mxfp4 else gguf.LlamaFileType.MOSTLY_BF16)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tokens, types = gguf_vocabulary(tokenizer, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    with tempfile.TemporaryDirectory() as saved:  # SpecialVocab reads the tokenizer's files
-        tokenizer.save_pretrained(saved)
-        gguf.SpecialVocab(saved, load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
-    for name, ggml_type, shape, _, _ in plan:
-        writer.add_tensor_info(name, shape, np.uint8, math.prod(shape), raw_dtype=ggml_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    with contextlib.ExitStack() as stack:
-        get = base_tensors(layout, stack)
-        for entry in plan:
-            writer.write_tensor_data(gguf_tensor(get, entry, layout, updates))
-    writer.close()
-
-
-def gguf_reader(path: Path, layout: dict, experts_bf16: bool, layers: int) -> tuple:
-    """For the tensor check, from the written file: (read, {base tensor: file} for each base tensor whose GGUF tensors
-    are all there). read(base tensor name) gives it as written, back in the base's layout (gate and up rows
-    interleaved again, experts transposed back)."""
-    import gguf
-    import torch
-
-    data = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    plan = gguf_plan(layout, experts_bf16, layers)
-    found = {source for *_, source, _ in plan} - {source for name, *_, source, _ in plan if name not in data}
-    weight_map = {name: path.name for name, _ in output_tensors(layout, experts_bf16)
-                  if name in found or name.removesuffix("_blocks").removesuffix("_scales") in found}
-    dtypes = {gguf.GGMLQuantizationType.BF16: torch.bfloat16, gguf.GGMLQuantizationType.F16: torch.float16,
-              gguf.GGMLQuantizationType.F32: torch.float32}
-
-    def read(name):
-        parts = [(data[n], t) for n, t, _, source, _ in plan if source == name]
-        halves = [torch.from_numpy(tensor.data.copy()).view(torch.uint8).view(dtypes[t]) for tensor, t in parts]
-        if len(halves) == 2:  # rows 0, 2, 4, ... came from the first, 1, 3, 5, ... from the second
-            halves = [torch.stack(halves, 2).flatten(1, 2)]
-        return halves[0].transpose(1, 2) if name.rsplit(".", 1)[-1] in MXFP4_TENSORS else halves[0]
-
-    return read, weight_map
 
 
 def run_merge(cfg: MergeRun, runtime: Runtime | None = None) -> dict:
@@ -3506,6 +2983,537 @@ def run_merge(cfg: MergeRun, runtime: Runtime | None = None) -> dict:
           "merge_check.json)" if as_gguf else f"({size} of safetensors, config, generation config, tokenizer, "
                                            "merge_check.json)"))
     return record
+
+
+def read_lora_adapter(adapter: str) -> tuple:
+    """(adapter_config, {PEFT module path: {"A": lora_A, "B": lora_B}}) of a train run's adapter. Anything the
+    streaming merge cannot fold exactly (not LoRA, DoRA, trained biases or embeddings, extra saved modules) or cannot
+    read (a missing or corrupt file) is one line, before anything is written."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(adapter)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--adapter {adapter}: adapter_config.json is not readable JSON ({type(e).__name__})") from None
+    extras = [k for k in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices") if config.get(k)]
+    if config.get("peft_type") != "LORA" or extras:
+        with_extras = f" with {', '.join(extras)}" if extras else ""
+        raise UsageError(f"--adapter {adapter} is a {config.get('peft_type')} adapter{with_extras}; merge folds plain "
+                         "LoRA (as train mode writes it): serve this one unmerged")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"--adapter {adapter} has no adapter_model.safetensors (a train run that did not finish?)")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"--adapter {adapter}: adapter_model.safetensors is corrupt "
+                         f"({str(e).splitlines()[0]})") from None
+    pairs = {}
+    for key, tensor in state.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if not match or tensor.ndim != 2:
+            raise UsageError(f"--adapter {adapter} holds {key}, which is no LoRA A/B matrix; merge folds plain LoRA "
+                             "only")
+        pairs.setdefault(match[1], {})[match[2]] = tensor
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
+            raise UsageError(f"--adapter {adapter}: {module} has no matching lora_A/lora_B pair; the file is damaged")
+    return config, pairs
+
+
+def checkpoint_layout(files: list) -> dict:
+    """{tensor name: (file, shape, safetensors dtype)} of a checkpoint, from the shards' headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    layout = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as shard:
+                for name in shard.keys():
+                    view = shard.get_slice(name)
+                    layout[name] = (file, tuple(view.get_shape()), view.get_dtype())
+        except SafetensorError as e:
+            raise UsageError(f"{file} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return layout
+
+
+def plan_updates(layout: dict, adapter_config: dict, pairs: dict, adapter: str, model: str) -> dict:
+    """{base weight name: (A, B, scale)}: each LoRA pair matched to the weight it adapts, by name and shape. Linear
+    layers: W [out, in] += s·B@A. Expert tensors (PEFT's target_parameters, nested as base_layer): W [E, in, out]."""
+    targets = adapter_config.get("target_parameters") or []
+    updates = {}
+    for key, pair in pairs.items():
+        module = re.sub(r"(\.base_layer)+$", "", key)
+        a_rows, in_features = pair["A"].shape
+        out_features = pair["B"].shape[0]
+        candidates = [f"{module}.weight"] + [f"{module}.{t.rsplit('.', 1)[-1]}" for t in targets
+                                             if module.endswith(t.rsplit(".", 1)[0])]
+        shapes = {c: stored_shape(layout, c) for c in candidates}
+        fits = [c for c, shape in shapes.items() if shape and c not in updates and (
+            shape == (out_features, in_features) if len(shape) == 2
+            else len(shape) == 3 and a_rows % shape[0] == 0 and shape[1:] == (in_features, out_features))]
+        if len(fits) != 1:
+            found = ", ".join(f"{c} {list(s)}" for c, s in shapes.items() if s) or f"no {candidates[0]}"
+            raise UsageError(f"--adapter {adapter} does not fit {model}: its {module} update is {out_features}x"
+                             f"{in_features} and the model has {found}; was it trained on another base?")
+        name = fits[0]
+        experts = shapes[name][0] if len(shapes[name]) == 3 else 1
+        alpha = adapter_config.get("lora_alpha", 8)
+        for pattern, value in (adapter_config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = value
+        rank = a_rows // experts
+        scale = alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+        updates[name] = (pair["A"], pair["B"], scale)
+    return updates
+
+
+def stored_shape(layout: dict, name: str) -> tuple | None:
+    """The shape of a weight as the model holds it: MXFP4 blocks [E, out, in/32, 16] hold an [E, in, out] weight."""
+    if name in layout:
+        return layout[name][1]
+    if f"{name}_blocks" in layout:
+        experts, rows, groups, _ = layout[f"{name}_blocks"][1]
+        return experts, groups * 32, rows
+    return None
+
+
+def gguf_pre_tokenizer(tokenizer) -> str:
+    """The name llama.cpp gives the tokenizer's pre-tokenizer: gpt-4o for gpt-oss's (o200k's split, then byte-level);
+    gpt-2 for a plain byte-level one (the demo's). Anything else is one line: llama.cpp would split text differently."""
+    # private: transformers.integrations.gguf's GGUF_PRE_TOKENIZER_SPLITS; checked against transformers 5.23.0
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    if [s.get("type") for s in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if [s.get("type") for s in steps] == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        names = [n for n, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == steps[0]["pattern"].get("Regex")]
+        if names:
+            return "gpt-4o" if "gpt-4o" in names else names[0]
+    raise UsageError("--merge-format gguf: this tokenizer's pre-tokenizer is not one llama.cpp knows (gpt-oss's "
+                     "o200k split or plain byte-level); use --merge-format mxfp4 or bf16")
+
+
+def logits_check_skipped(layout: dict, on_cuda: bool) -> str | None:
+    """Why the logits check cannot run here, or None: it holds the model in bf16 with its experts dequantized, once
+    with the adapter and once merged (one after the other), and wants a fifth more for activations."""
+    values = sum(math.prod(shape) * (2 if name.endswith("_blocks") else 0 if name.endswith("_scales") else 1)
+                 for name, (_, shape, _) in layout.items())
+    need, free = 2 * values * 1.2, free_memory(on_cuda)
+    if need <= free:
+        return None
+    where = "on the GPU" if on_cuda else "of RAM"
+    return (f"it holds the model in bf16 ({need / 1.2 / 2**30:.1f} GiB, {need / 2**30:.1f} GiB with activations) and "
+            f"this machine has {free / 2**30:.1f} GiB free {where}")
+
+
+def free_memory(on_cuda: bool) -> int:
+    """Bytes free where the logits check would load the model: the GPU's, or the machine's available RAM."""
+    import psutil
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if on_cuda else psutil.virtual_memory().available
+
+
+def stream_merge(layout: dict, updates: dict, staging: Path, to_bf16: bool) -> dict:
+    """Write the merged checkpoint into staging, one output shard at a time, reading the base tensor by tensor
+    through safetensors' memory map (closed after each shard, so its pages leave memory). Returns the weight map."""
+    from safetensors.torch import save_file
+
+    shards, size = [[]], 0
+    for name, nbytes in output_tensors(layout, to_bf16):
+        if shards[-1] and size + nbytes > MERGE_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    weight_map = {}
+    for file, names in zip(files, shards):
+        with contextlib.ExitStack() as stack:
+            get = base_tensors(layout, stack)
+            tensors = {name: merged_tensor(get, name, name in layout, updates, to_bf16) for name in names}
+            save_file(tensors, str(staging / file), metadata={"format": "pt"})
+            del tensors
+        weight_map.update(dict.fromkeys(names, file))
+    if len(files) > 1:
+        total = sum(nbytes for _, nbytes in output_tensors(layout, to_bf16))
+        (staging / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return weight_map
+
+
+MERGE_SHARD_BYTES = 2 * 2**30  # output shards of at most this size: the merge holds about one shard in memory
+
+
+def output_tensors(layout: dict, to_bf16: bool) -> list:
+    """(output name, bytes) in the base's order. bf16 output: each MXFP4 blocks+scales pair becomes one bf16 weight."""
+    items = []
+    for name, (_, shape, dtype) in layout.items():
+        if to_bf16 and name.endswith("_scales") and f"{name[:-7]}_blocks" in layout:
+            continue
+        if to_bf16 and name.endswith("_blocks") and f"{name[:-7]}_scales" in layout:
+            items.append((name[:-7], 2 * 2 * math.prod(shape)))  # two 4-bit values a byte, two bytes each
+        else:
+            size = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 2)
+            items.append((name, math.prod(shape) * (2 if to_bf16 and dtype in ("F64", "F32") else size)))
+    return items
+
+
+def base_tensors(layout: dict, stack: contextlib.ExitStack):
+    """get(name): a base tensor, read through safetensors' memory map, each shard opened once and closed with stack."""
+    from safetensors import safe_open
+
+    opened = {}
+
+    def get(name):
+        file = layout[name][0]
+        if file not in opened:
+            opened[file] = stack.enter_context(safe_open(str(file), "pt"))
+        return opened[file].get_tensor(name)
+
+    return get
+
+
+def merged_tensor(get, name: str, stored: bool, updates: dict, to_bf16: bool):
+    """One output tensor: W + s·BA computed in fp32 and rounded once (to bf16, or to the dtype the base stores);
+    with to_bf16 an MXFP4 weight is dequantized by transformers' dequantizer first; any other tensor as stored."""
+    import torch
+    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    update = updates.get(name)
+    if not stored:  # stored as MXFP4 blocks and scales
+        weight = convert_moe_packed_tensors(get(f"{name}_blocks"), get(f"{name}_scales"),
+                                            dtype=torch.float32 if update else torch.bfloat16,
+                                            rows_per_chunk=MXFP4_ROWS_PER_CHUNK)
+        target = torch.bfloat16
+    else:
+        weight = get(name)
+        target = torch.bfloat16 if to_bf16 and weight.is_floating_point() else weight.dtype
+    if update:
+        weight = weight.float() + lora_delta(*update, tuple(weight.shape))
+    return weight.to(target).contiguous()
+
+
+def lora_delta(a, b, scale: float, shape: tuple, dtype=None):
+    """s·B@A in the weight's shape (fp32 unless dtype says otherwise). Experts, as PEFT's ParamWrapper computes it:
+    A [E·r, in] and B [out, r·E] give one [in, out] update per expert."""
+    import torch
+
+    a, b = a.to(dtype or torch.float32), b.to(dtype or torch.float32)
+    if len(shape) == 2:
+        return (b @ a) * scale
+    experts = shape[0]
+    rank = a.shape[0] // experts
+    b, a = b.reshape(b.shape[0], rank, experts), a.reshape(experts, rank, a.shape[-1])
+    return torch.einsum("ore,eri->eio", b, a) * scale
+
+
+def write_merge_configs(config, base_dir: Path, staging: Path, tokenizer, to_bf16: bool):
+    """config.json as the base's (its quantization_config kept) or, for bf16, without it; generation_config.json
+    stopping on <|return|> and <|call|>; the tokenizer."""
+    import torch
+    from transformers import GenerationConfig
+
+    if to_bf16:
+        config = unquantized_config(config)
+        config.dtype = torch.bfloat16
+        config.save_pretrained(staging)
+    else:
+        shutil.copyfile(base_dir / "config.json", staging / "config.json")
+    try:
+        generation = GenerationConfig.from_pretrained(base_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    generation.eos_token_id = [e for e in dict.fromkeys([*eos, *tokenizer.convert_tokens_to_ids(STOP_TOKENS)])
+                               if e is not None]
+    generation.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+# --merge-format gguf: one file for llama.cpp and the apps built on it (Ollama, LM Studio), written with gguf, llama.cpp's
+# own writer library, in the layout its converter (convert_hf_to_gguf.py, GptOssModel) gives gpt-oss: MXFP4 experts
+# repacked without touching a value, the fused gate_up tensor split by rows (even rows gate, odd rows up), vectors,
+# biases and the router in F32, every other weight in the dtype the base stores it.
+GGUF_FILE = "model.gguf"
+
+
+def write_gguf(config, layout: dict, updates: dict, path: Path, tokenizer, experts_bf16: bool, title: str):
+    """The merged model as one GGUF, streamed: every tensor's name and size first, then the data one tensor at a time
+    (gguf's add_tensor would hold them all). The metadata is what llama.cpp's gpt-oss loader reads; the tokenizer's
+    merges, special ids and chat template come from gguf's SpecialVocab."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    pre = gguf_pre_tokenizer(tokenizer)
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    mxfp4 = any(n.endswith("_blocks") for n in layout) and not experts_bf16
+    plan = gguf_plan(layout, experts_bf16, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(title)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_expert_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", None)))
+    if rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE if mxfp4 else gguf.LlamaFileType.MOSTLY_BF16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, types = gguf_vocabulary(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as saved:  # SpecialVocab reads the tokenizer's files
+        tokenizer.save_pretrained(saved)
+        gguf.SpecialVocab(saved, load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
+    for name, ggml_type, shape, _, _ in plan:
+        writer.add_tensor_info(name, shape, np.uint8, math.prod(shape), raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with contextlib.ExitStack() as stack:
+        get = base_tensors(layout, stack)
+        for entry in plan:
+            writer.write_tensor_data(gguf_tensor(get, entry, layout, updates))
+    writer.close()
+
+
+def gguf_vocabulary(tokenizer, vocab_size: int) -> tuple:
+    """(tokens, token types) over the model's whole vocabulary, as llama.cpp's converter lists them (gguf's own
+    vocabulary readers do not pad to the embedding's rows): ids without a token are [PAD<id>], unused."""
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        tokens.append(token if token is not None else f"[PAD{i}]")
+        if token is None:
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            special = added[i].special or re.fullmatch(r"<\|.*\|>", token)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def gguf_plan(layout: dict, experts_bf16: bool, layers: int) -> list:
+    """[(GGUF name, GGML type, byte shape, base tensor, row parity or None)] in the base's order, from the headers
+    alone: the writer needs every tensor's name and size before the first byte of data."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, layers)
+    kind = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16}
+    size = {"F32": 4, "F16": 2}
+    plan = []
+
+    def add(hf_name, ggml_type, shape, source, part=None):
+        plan.append((names.get_name(hf_name, try_suffixes=(".weight", ".bias")), ggml_type, shape, source, part))
+
+    for name, (_, shape, dtype) in layout.items():
+        weight = name.removesuffix("_blocks")
+        if name.endswith("_scales") and f"{name[:-7]}_blocks" in layout:
+            continue
+        expert = weight.rsplit(".", 1)[-1] in MXFP4_TENSORS
+        if expert:  # [E, in, out] (or MXFP4 [E, out, groups, 16]) -> ggml's [E, out, in], gate_up split by rows
+            stem = weight.rsplit(".", 1)[0]
+            if name.endswith("_blocks") and not experts_bf16:
+                ggml_type, (experts, rows, row_bytes) = gguf.GGMLQuantizationType.MXFP4, (shape[0], shape[1],
+                                                                                         shape[2] * 17)
+            else:
+                experts, cols, rows = stored_shape(layout, weight)
+                stored_bf16 = name.endswith("_blocks") or dtype == "BF16"
+                ggml_type = gguf.GGMLQuantizationType.BF16 if stored_bf16 else kind.get(dtype)
+                row_bytes = cols * (2 if stored_bf16 else size.get(dtype, 0))
+            if weight.endswith("gate_up_proj"):
+                add(f"{stem}.gate_proj.weight", ggml_type, (experts, rows // 2, row_bytes), weight, 0)
+                add(f"{stem}.up_proj.weight", ggml_type, (experts, rows // 2, row_bytes), weight, 1)
+            else:
+                add(f"{stem}.down_proj.weight", ggml_type, (experts, rows, row_bytes), weight)
+        elif name.endswith("gate_up_proj_bias"):
+            stem = name.rsplit(".", 1)[0]
+            for part, half in enumerate(("gate", "up")):
+                add(f"{stem}.{half}_proj.bias", gguf.GGMLQuantizationType.F32, (shape[0], shape[1] // 2 * 4), name,
+                    part)
+        else:  # llama.cpp wants vectors (norms, biases, sinks) and the router in F32, as its converter writes them
+            f32 = len(shape) == 1 or name.endswith("_bias") or ".router." in name
+            gguf_name = name.replace("down_proj_bias", "down_proj.bias") + (".weight" if name.endswith("sinks") else "")
+            ggml_type = gguf.GGMLQuantizationType.F32 if f32 else kind.get(dtype, gguf.GGMLQuantizationType.BF16)
+            width = 4 if f32 else size.get(dtype, 2)
+            add(gguf_name, ggml_type, (*shape[:-1], shape[-1] * width), name)
+    return plan
+
+
+def gguf_tensor(get, entry: tuple, layout: dict, updates: dict):
+    """One planned tensor's bytes: W + s·BA where the adapter changes W (merged_tensor), then ggml's layout."""
+    import gguf
+    import torch
+
+    _, ggml_type, _, source, part = entry
+    rows = slice(part, None, 2) if part is not None else slice(None)
+    if ggml_type == gguf.GGMLQuantizationType.MXFP4:
+        data = ggml_mxfp4(get(f"{source}_blocks")[:, rows], get(f"{source}_scales")[:, rows])
+    elif source.rsplit(".", 1)[-1] in MXFP4_TENSORS:
+        data = merged_tensor(get, source, source in layout, updates, to_bf16=False).transpose(1, 2)[:, rows]
+    else:
+        data = merged_tensor(get, source, True, updates, to_bf16=False)
+        data = data[..., rows] if part is not None else data
+        data = data.float() if ggml_type == gguf.GGMLQuantizationType.F32 else data
+    return data.contiguous().view(torch.uint8).numpy()
+
+
+def ggml_mxfp4(blocks, scales):
+    """The checkpoint's MXFP4 as ggml's block_mxfp4 bytes, every value kept: per block of 32, its scale byte, then 16
+    bytes whose byte j holds value j (low nibble) and value j+16 (high); the checkpoint packs values 2j, 2j+1 in
+    byte j. [..., groups, 16] blocks and [..., groups] scales -> [..., groups * 17] bytes."""
+    import torch
+
+    # by hand: gguf quantizes floats afresh (choosing its own scales); the checkpoint's bytes are kept as they are
+    values = torch.stack((blocks & 15, blocks >> 4), -1).flatten(-2)  # [..., groups, 32] in order
+    packed = values[..., :16] | (values[..., 16:] << 4)
+    return torch.cat((scales.unsqueeze(-1), packed), -1).flatten(-2)
+
+
+def gguf_reader(path: Path, layout: dict, experts_bf16: bool, layers: int) -> tuple:
+    """For the tensor check, from the written file: (read, {base tensor: file} for each base tensor whose GGUF tensors
+    are all there). read(base tensor name) gives it as written, back in the base's layout (gate and up rows
+    interleaved again, experts transposed back)."""
+    import gguf
+    import torch
+
+    data = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    plan = gguf_plan(layout, experts_bf16, layers)
+    found = {source for *_, source, _ in plan} - {source for name, *_, source, _ in plan if name not in data}
+    weight_map = {name: path.name for name, _ in output_tensors(layout, experts_bf16)
+                  if name in found or name.removesuffix("_blocks").removesuffix("_scales") in found}
+    dtypes = {gguf.GGMLQuantizationType.BF16: torch.bfloat16, gguf.GGMLQuantizationType.F16: torch.float16,
+              gguf.GGMLQuantizationType.F32: torch.float32}
+
+    def read(name):
+        parts = [(data[n], t) for n, t, _, source, _ in plan if source == name]
+        halves = [torch.from_numpy(tensor.data.copy()).view(torch.uint8).view(dtypes[t]) for tensor, t in parts]
+        if len(halves) == 2:  # rows 0, 2, 4, ... came from the first, 1, 3, 5, ... from the second
+            halves = [torch.stack(halves, 2).flatten(1, 2)]
+        return halves[0].transpose(1, 2) if name.rsplit(".", 1)[-1] in MXFP4_TENSORS else halves[0]
+
+    return read, weight_map
+
+
+def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates: dict, to_bf16: bool,
+                         read=None) -> dict:
+    """Every merged tensor as written against W + s·BA recomputed in fp64: off by no more than rounding the exact
+    sum once to the stored dtype (plus fp32's error in s·BA), and every base tensor present in the output. read(name)
+    gives a written tensor in the base's layout (default: from the safetensors shards)."""
+    import torch
+    from safetensors import safe_open
+    # private: transformers.integrations.mxfp4's convert_moe_packed_tensors; checked against transformers 5.23.0
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    missing = [n for n, _ in output_tensors(layout, to_bf16) if n not in weight_map]
+    worst = 0.0
+    for name, (a, b, scale) in updates.items():
+        if read:
+            written = read(name)
+        else:
+            with safe_open(str(staging / weight_map[name]), "pt") as f:
+                written = f.get_tensor(name)
+        with contextlib.ExitStack() as stack:
+            open_base = lambda n: stack.enter_context(safe_open(str(layout[n][0]), "pt")).get_tensor(n)
+            base = (open_base(name) if name in layout else convert_moe_packed_tensors(
+                open_base(f"{name}_blocks"), open_base(f"{name}_scales"), dtype=torch.float32,
+                rows_per_chunk=MXFP4_ROWS_PER_CHUNK)).double()
+        delta = lora_delta(a, b, scale, tuple(base.shape), torch.float64)
+        exact = base + delta
+        magnitude = base.abs() + lora_delta(a.abs(), b.abs(), abs(scale), tuple(base.shape), torch.float64)
+        bound = (torch.finfo(written.dtype).eps * exact.abs() + (a.shape[0] + 2) * torch.finfo(torch.float32).eps
+                 * magnitude).clamp(min=torch.finfo(written.dtype).tiny)
+        worst = max(worst, float(((written.double() - exact).abs() / bound).max()))
+        del written, base, delta, exact, magnitude, bound
+    return {"tensors": len(updates), "worst_error_over_bound": worst, "missing": missing[:5],
+            "passed": worst <= 1.0 and not missing}
+
+
+def merge_logits_check(cfg: MergeRun, runtime: Runtime, staging: Path) -> dict:
+    """Today's check on the written files: base+adapter (PEFT, in bf16) against the merged directory as transformers
+    loads it, on MERGE_CHECK_PROMPTS; one model in memory at a time."""
+    import gc
+
+    import torch
+
+    def load(source: str):  # in bf16, the MXFP4 experts dequantized, attention as this machine runs it
+        return load_model(source, load_model_config(source), torch.bfloat16, resolve_attention("auto", runtime.on_cuda),
+                          runtime.device, runtime.device_map)
+
+    model = with_adapter(load(cfg.model), cfg.adapter)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
+    tokenizer.padding_side = "left"
+    batch = tokenizer.apply_chat_template([build_chat(prompt, language) for prompt, language in MERGE_CHECK_PROMPTS],
+                                          add_generation_prompt=True, padding=True, return_tensors="pt",
+                                          return_dict=True).to(model.device)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        tuned = model(**batch).logits.float()[real]
+        with model.disable_adapter():
+            base = model(**batch).logits.float()[real]
+    del model
+    gc.collect()
+    merged = load(str(staging)).eval()
+    with torch.no_grad():
+        after = merged(**batch.to(merged.device)).logits.float()[real]
+    del merged
+    gc.collect()
+    return merge_agreement(tuned, base, after)
+
+
+MERGE_CHECK_PROMPTS = (("What is 7 x 8?", "German"), ("Quelle est la capitale de l'Australie ?", "French"),
+                       ("How many days are there in a leap year?", "Chinese"))
+
+
+def merge_agreement(tuned, base, merged) -> dict:
+    """How closely the merged model's logits follow base+adapter. Storing W + BA in bf16 rounds every weight by up
+    to 2**-9 of itself: on the demo model that moves the logits by 2.2-2.4% (relative L2) and changes the top token
+    at under 0.5% of positions. An adapter whose changes are smaller than that rounding is erased by it, as one
+    dropped by an MXFP4 base is, so the merged logits must also sit much nearer the tuned model's than the base's."""
+    relative = lambda a, b: float((a - b).norm() / b.norm())
+    check = {"relative_error": relative(merged, tuned), "top1_agreement": float((merged.argmax(-1) == tuned.argmax(-1))
+                                                                               .float().mean()),
+             "adapter_effect": relative(tuned, base), "positions": tuned.shape[0]}
+    check["adapter_kept"] = 1 - float((merged - tuned).norm() / max(float((tuned - base).norm()), 1e-30))
+    check["passed"] = (check["relative_error"] <= MERGE_TOLERANCE["relative_error"]
+                       and check["top1_agreement"] >= MERGE_TOLERANCE["top1_agreement"]
+                       and check["adapter_kept"] >= MERGE_TOLERANCE["adapter_kept"])
+    return check
+
+
+MERGE_TOLERANCE = {"relative_error": 0.05, "top1_agreement": 0.98, "adapter_kept": 0.5}
 
 
 # -----------------------------------------------------------------------------
