@@ -55,7 +55,8 @@ DEMO_PRETRAIN = HERE / "data" / "demo_pretrain.jsonl"
 DEMO_QUESTIONS = HERE / "data" / "demo_eval_questions.jsonl"
 EVAL_QUESTIONS = HERE / "data" / "eval_questions.jsonl"
 LANGUAGES_FILE = HERE / "data" / "languages.tsv"
-DEMO_CACHE = Path(os.environ.get("GPT_OSS_SFT_CACHE", Path.home() / ".cache" / "gpt_oss_20b_sft"))
+# the tool's own files, kept between runs: the demo's models, and the record of the files chat's /save wrote
+CACHE = Path(os.environ.get("GPT_OSS_SFT_CACHE", Path.home() / ".cache" / "gpt_oss_20b_sft"))
 DEFAULT_MODEL = "openai/gpt-oss-20b"
 DEFAULT_OUTPUT_DIR = "gpt-oss-20b-multilingual-reasoner"
 DEMO_OUTPUT_DIR = "demo_output"
@@ -640,8 +641,10 @@ class TrainSettings:
     optim: str = setting("adamw_torch_fused", "optimizer, one of transformers' names")
     weight_decay: float = setting(0.01, "weight decay", check="not_negative")
     gradient_checkpointing: bool = setting(True, "recompute activations in the backward pass to save memory")
-    checkpoint_every: int = setting(1, "recompute every N-th decoder layer only, the others keep their activations "
-                                       "(2+: quicker steps on GPUs with memory to spare)", check="positive")
+    recompute_every_nth_layer: int = setting(1, "with --gradient-checkpointing: recompute every N-th decoder layer "
+                                                "only, the others keep their activations (2+: quicker steps on GPUs "
+                                                "with memory to spare; --checkpoint-every is its old name)",
+                                             "checkpoint_every", check="positive")
     router_aux_loss_coef: float = setting(0.0, "MoE load-balancing loss weight (TRL would add 0.9 x the config's)",
                                           check="not_negative")
     compile: bool = setting(False, "torch.compile each decoder layer's MoE block (router and experts), dynamic shapes")
@@ -718,11 +721,12 @@ class Train(ModelMode):
             raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
         if cfg.resume and cfg.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: pick one")
-        if cfg.checkpoint_every > 1 and not cfg.gradient_checkpointing:
-            raise UsageError("--checkpoint-every chooses which layers --gradient-checkpointing recomputes: drop one of them")
-        if cfg.checkpoint_every > 1 and cfg.fsdp:
-            raise UsageError("--checkpoint-every applies to the Trainer's checkpointing; under --fsdp FSDP checkpoints every "
-                             "layer itself: drop --checkpoint-every")
+        if cfg.recompute_every_nth_layer > 1 and not cfg.gradient_checkpointing:
+            raise UsageError("--recompute-every-nth-layer chooses which layers --gradient-checkpointing recomputes: "
+                             "drop one of them")
+        if cfg.recompute_every_nth_layer > 1 and cfg.fsdp:
+            raise UsageError("--recompute-every-nth-layer applies to the Trainer's checkpointing; under --fsdp FSDP "
+                             "checkpoints every layer itself: drop --recompute-every-nth-layer")
         if cfg.deepspeed and cfg.fsdp:
             raise UsageError("--deepspeed and --fsdp are two ways to shard the model: pick one")
         if cfg.deepspeed and cfg.deepspeed != "zero3":
@@ -811,7 +815,7 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     steps_per_run = optimizer_steps_per_run(cfg, len(dataset), runtime.world_size)
     done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
     if cfg.resume and done >= (cfg.max_steps or steps_per_run):
-        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # published last: the adapter is whole
+        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # moved in last: the adapter is whole
             print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
                   " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
             return None
@@ -906,7 +910,7 @@ def build_sft_config(cfg: TrainRun, runtime: Runtime, sampler: str | None = None
         eval_strategy="epoch" if cfg.eval_split else "no",
         per_device_eval_batch_size=cfg.batch_size,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5.23's name; gradient_checkpointing warns
-        activation_checkpointing_kwargs={"every_n_layers": cfg.checkpoint_every},
+        activation_checkpointing_kwargs={"every_n_layers": cfg.recompute_every_nth_layer},
         bf16=on_cuda,
         use_cpu=not on_cuda,
         logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it) so the run can stop on it
@@ -1081,7 +1085,7 @@ def make_trainer(cfg: TrainRun, model, tokenizer, train_dataset, args, callbacks
     class SeededSFTTrainer(SFTTrainer):
         def create_model_card(self, *args, **kwargs):
             """Nothing: TRL's card would land in the output folder at each checkpoint, outside any record; the run
-            publishes its own (render_model_card) with the adapter."""
+            writes its own (render_model_card) with the adapter."""
 
         # private: Trainer._get_train_sampler, BatchRebalanceSampler; checked against transformers 5.23.0
         def _get_train_sampler(self, train_dataset=None):
@@ -1138,7 +1142,7 @@ def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
 
 
 def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
-    """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, published into the output
+    """The adapter, tokenizer, run_summary.json, speed.json, loss_curve.png and model card, moved into the output
     folder file by file with adapter_config.json last. Every rank takes part in saving (sharded weights are
     gathered); rank 0 writes the rest and returns the summary."""
     import torch
@@ -1161,7 +1165,7 @@ def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, sta
              "attn_implementation": trainer.model.config._attn_implementation,
              "experts_implementation": trainer.model.config._experts_implementation, "sampler": sampler,
              **{name: settings[name] for name in ("packing", "chunked_loss", "gradient_checkpointing",
-                                                      "checkpoint_every", "compile", "use_4bit", "batch_size",
+                                                      "recompute_every_nth_layer", "compile", "use_4bit", "batch_size",
                                                       "gradient_accumulation_steps", "max_seq_length")},
              "rows": stats["rows_used"]}
     summary = {
@@ -1187,7 +1191,7 @@ def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, sta
     (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (staging / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
     (staging / "README.md").write_text(render_model_card(summary))
-    publish(staging, out)
+    move_staged_into_place(staging, out)
     return summary
 
 
@@ -1546,7 +1550,7 @@ def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens:
                       "longest_row_tokens": max(lengths, default=0)}
 
 
-# Multilingual-Thinking's tokens per row, log-normal (mean 1,200); the README says how it was fitted
+# Multilingual-Thinking's tokens per row, log-normal (mean 1,200); NOTES.md says how it was fitted
 LENGTH_PROFILE = {"mu": 6.928, "sigma": 0.57, "min": 256, "max": 8192}
 SYNTHETIC_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
 SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be are from or have an they which one "
@@ -1931,6 +1935,11 @@ class InferSettings:
                                         "chat: on)")
     raw: bool = setting(False, "print the whole harmony transcript (infer)")
 
+    @property
+    def answer_language(self) -> str | None:
+        """The one language infer and chat answer in: the first --answer-language names (eval rotates them all)."""
+        return (self.answer_languages or [None])[0]
+
 
 @dataclass(frozen=True)
 class InferRun(InferSettings, GenerationSettings, ModelSettings, CommonSettings):
@@ -1963,7 +1972,7 @@ class Infer(GenerationMode):
 
 def run_infer(cfg: InferRun, runtime: Runtime | None = None) -> dict:
     prompt = read_prompt(cfg)
-    chat = build_chat(prompt, cfg.reasoning_language, (cfg.answer_languages or [None])[0])
+    chat = build_chat(prompt, cfg.reasoning_language, cfg.answer_language)
     model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg), chat=chat)
     printer = AnswerPrinter(tokenizer, cfg.reasoning_language, sys.stdout, styled(sys.stdout)) if cfg.stream else None
     try:
@@ -2324,7 +2333,7 @@ def run_chat(cfg: InferRun, runtime: Runtime | None = None, ask=input) -> "ChatS
     """Questions in a loop, the model loaded once; /commands change the session (CHAT_HELP)."""
     if sys.stdin is None:
         raise UsageError("--mode chat reads your questions on stdin, which is closed")
-    session = ChatSession(cfg.reasoning_language, (cfg.answer_languages or [None])[0], cfg.reasoning_effort,
+    session = ChatSession(cfg.reasoning_language, cfg.answer_language, cfg.reasoning_effort,
                           any_language=cfg.allow_any_language)  # derive() has made the names canonical
     model, tokenizer = load_for_inference(cfg, runtime or find_runtime(cfg))
     if sys.stdin.isatty():
@@ -2462,7 +2471,7 @@ def save_chat(path: str, rows: tuple) -> str:
 WRITTEN_BY = "gpt_oss_20b_sft.py --mode chat"  # in every row /save writes: where the row came from
 
 
-SAVED_CHATS = DEMO_CACHE / "saved_chats.json"  # every file /save wrote, as it wrote it: the only files it replaces
+SAVED_CHATS = CACHE / "saved_chats.json"  # every file /save wrote, as it wrote it: the only files it replaces
 
 
 def chat_turn(cfg: InferRun, model, tokenizer, session: ChatSession, question: str) -> tuple:
@@ -2747,7 +2756,7 @@ def detect_language(text: str | None) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _language_detector():
-    # lingua over every language it knows: the most accurate candidate on data/langid_check.jsonl (README)
+    # lingua over every language it knows: the most accurate candidate on data/langid_check.jsonl (NOTES.md)
     from lingua import LanguageDetectorBuilder
 
     return LanguageDetectorBuilder.from_all_languages().build()
@@ -2956,7 +2965,7 @@ def run_merge(cfg: MergeRun, runtime: Runtime | None = None) -> dict:
                             "so nothing was written.")
         print(f"checked: the {tensors['tensors']} merged weights equal W + s·BA rounded once (worst error "
               f"{tensors['worst_error_over_bound']:.2f}x the rounding bound) and every other tensor is there")
-        logits = {"skipped": skipped} if skipped else merge_logits_check(cfg, runtime, staging)
+        logits = {"skipped": skipped} if skipped else compare_merged_logits(cfg, runtime, staging)
         if skipped:
             print(f"skipped the logits check: {skipped}; the tensor check above ran")
         else:
@@ -2972,17 +2981,17 @@ def run_merge(cfg: MergeRun, runtime: Runtime | None = None) -> dict:
                                 "below bf16 rounding.")
             print(f"verified: merged logits equal base+adapter within bf16 tolerance on {len(MERGE_CHECK_PROMPTS)} "
                   f"prompts: {numbers}")
-        record = {"passed": True, "format": written, "base": cfg.model,
-                  "adapter": cfg.adapter, "weights_rewritten": sorted(updates),
-                  "checks_run": ["tensors"] + ([] if skipped else ["logits"]),
-                  "tensor_check": tensors, "logits_check": logits}
-        (staging / "merge_check.json").write_text(json.dumps(record, indent=2) + "\n")
+        checked = {"passed": True, "format": written, "base": cfg.model,
+                   "adapter": cfg.adapter, "weights_rewritten": sorted(updates),
+                   "checks_run": ["tensors"] + ([] if skipped else ["logits"]),
+                   "tensor_check": tensors, "logits_check": logits}
+        (staging / "merge_check.json").write_text(json.dumps(checked, indent=2) + "\n")
     size = sum(p.stat().st_size for p in out.glob("*.gguf" if as_gguf else "*.safetensors"))
     size = f"{size / 2**30:.2f} GiB" if size > 2**30 else f"{size / 2**20:.1f} MiB"
     print(f"wrote the merged model to {out}/ " + (f"({GGUF_FILE}, {size}, with its tokenizer and chat template; "
           "merge_check.json)" if as_gguf else f"({size} of safetensors, config, generation config, tokenizer, "
                                            "merge_check.json)"))
-    return record
+    return checked
 
 
 def read_lora_adapter(adapter: str) -> tuple:
@@ -3461,7 +3470,7 @@ def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates:
             "passed": worst <= 1.0 and not missing}
 
 
-def merge_logits_check(cfg: MergeRun, runtime: Runtime, staging: Path) -> dict:
+def compare_merged_logits(cfg: MergeRun, runtime: Runtime, staging: Path) -> dict:
     """Today's check on the written files: base+adapter (PEFT, in bf16) against the merged directory as transformers
     loads it, on MERGE_CHECK_PROMPTS; one model in memory at a time."""
     import gc
@@ -3526,10 +3535,10 @@ HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|c
 
 
 def demo_model_dir(use_4bit: bool = False) -> Path:
-    return DEMO_CACHE / ("tiny-gpt-oss-mxfp4" if use_4bit else "tiny-gpt-oss")
+    return CACHE / ("tiny-gpt-oss-mxfp4" if use_4bit else "tiny-gpt-oss")
 
 
-def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
+def build_demo_model(directory: Path = CACHE / "tiny-gpt-oss") -> Path:
     """Write (once) a tiny gpt-oss checkpoint: 2 layers, 4 experts, a 1k byte-level BPE trained on the demo's texts,
     pre-trained to think in English whatever language the system prompt names (gpt-oss's own situation)."""
     built = lambda: (directory / "config.json").exists() and (directory / "tokenizer.json").exists()  # noqa: E731
@@ -3657,11 +3666,11 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
 def ensure_demo_model(cfg: CommonSettings):
     """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit)."""
     try:
-        DEMO_CACHE.mkdir(parents=True, exist_ok=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         if e.errno in NO_ROOM:
             raise
-        raise UsageError(f"the demo's cache {DEMO_CACHE} cannot be made ({(e.strerror or str(e)).lower()}); set "
+        raise UsageError(f"the demo's cache {CACHE} cannot be made ({(e.strerror or str(e)).lower()}); set "
                          "GPT_OSS_SFT_CACHE to a folder you can write") from None
     tiny = build_demo_model()
     if cfg.model == str(demo_model_dir(use_4bit=True)):
@@ -3729,7 +3738,7 @@ def is_main_process() -> bool:
 
 def end_process_group():
     """Leave the launcher's process group before exit: a live gloo/NCCL group can abort at interpreter exit
-    ("terminate called without an active exception", seen with torch 2.14.1 under accelerate launch)."""
+    ("terminate called without an active exception", seen with torch 2.13 under accelerate launch)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -3914,7 +3923,7 @@ def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replac
         record(out, out / path.name)
 
 
-def publish(staging: Path, out: Path, last: str = "adapter_config.json"):
+def move_staged_into_place(staging: Path, out: Path, last: str = "adapter_config.json"):
     """The finished files of staging (a folder inside out) moved into out by swap_in, adapter_config.json last: a
     folder holding it holds a complete adapter (PEFT and infer look for that file)."""
     swap_in(staging, out, owner_of(out), last)

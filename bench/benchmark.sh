@@ -26,7 +26,7 @@ flags_for() {
     ours_grouped) echo "--sampler group_by_length" ;;
     ours_packing) echo "--packing" ;;
     ours_compile) echo "--compile" ;;
-    ours_checkpoint_every2) echo "--checkpoint-every 2" ;;
+    ours_checkpoint_every2) echo "--recompute-every-nth-layer 2" ;;
     ours_no_checkpointing) echo "--no-gradient-checkpointing" ;;
     baseline) echo "--attn-implementation eager --no-packing --no-chunked-loss --sampler random" ;;
     baseline_b4) echo "--attn-implementation eager --no-packing --no-chunked-loss --sampler random --batch_size 4 --gradient_accumulation_steps 4" ;;

@@ -37,7 +37,7 @@ def test_print_config_shows_the_seed_recipe():
 # What this change meant to change in --print-config, against what it printed before (tests/print_config_before.json)
 RENAMED = {"limit": "max_samples", "answer_language": "answer_languages"}  # --limit and --answer-language still work
 ADDED = {"min_lr_rate": None, "eval_batch_size": 32, "eval_split": None, "merge_format": "mxfp4",
-         "merge_logits_check": True, "allow_any_language": False, "checkpoint_every": 1, "compile": False,
+         "merge_logits_check": True, "allow_any_language": False, "recompute_every_nth_layer": 1, "compile": False,
          "stream": False}  # stream: stdout is no terminal
 DEMO_RUN = {"learning_rate": 0.03, "num_train_epochs": 5, "gradient_checkpointing": False}
 ON_PURPOSE = {
@@ -57,7 +57,7 @@ SPLIT = {"--mode eval --demo": {"max_samples": "max_questions", "reasoning_langu
 def test_print_config_shows_what_it_showed_before_but_for_the_named_changes(command):
     before = json.loads((ROOT / "tests" / "print_config_before.json").read_text())[command]
     expected = {RENAMED.get(k, k): v for k, v in before.items() if k != "runtime"}
-    expected.update(ADDED, json=True, **{k: v.replace("<CACHE>", str(sft.DEMO_CACHE)) if isinstance(v, str) else v
+    expected.update(ADDED, json=True, **{k: v.replace("<CACHE>", str(sft.CACHE)) if isinstance(v, str) else v
                                          for k, v in ON_PURPOSE.get(command, {}).items()})
     expected = {SPLIT.get(command, {}).get(k, k): v for k, v in expected.items()}
     fields = {f.name for f in dataclasses.fields(sft.MODES[command.split()[1] if "--mode" in command else "train"].settings)}

@@ -140,9 +140,9 @@ def test_zero3_preset_is_valid_for_the_pinned_deepspeed():
     (["--deepspeed", "zero3", "--fsdp"], "--deepspeed and --fsdp are two ways to shard the model: pick one"),
     (["--deepspeed", "missing.json"], "--deepspeed missing.json: not 'zero3' and not a readable DeepSpeed JSON file"),
     (["--use_4bit", "--fsdp"], "--use_4bit with --deepspeed/--fsdp"),
-    (["--checkpoint-every", "2", "--fsdp"], "under --fsdp FSDP checkpoints every layer itself"),
-    (["--checkpoint-every", "2", "--no-gradient-checkpointing"], "--checkpoint-every chooses which layers"),
-    (["--checkpoint-every", "0"], "--checkpoint_every must be a positive integer"),
+    (["--recompute-every-nth-layer", "2", "--fsdp"], "under --fsdp FSDP checkpoints every layer itself"),
+    (["--recompute-every-nth-layer", "2", "--no-gradient-checkpointing"], "--recompute-every-nth-layer chooses which layers"),
+    (["--checkpoint-every", "0"], "--recompute_every_nth_layer (--checkpoint_every) must be a positive integer"),
 ])
 def test_bad_parallel_flags(argv, needle):
     with pytest.raises(sft.UsageError, match=None) as e:

@@ -148,7 +148,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_good_checkpoints(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_publish_moves_adapter_config_last(tmp_path, monkeypatch):
+def test_move_staged_into_place_moves_adapter_config_last(tmp_path, monkeypatch):
     staging, out = tmp_path / ".final.tmp1", tmp_path / "out"
     staging.mkdir()
     out.mkdir()
@@ -157,7 +157,7 @@ def test_publish_moves_adapter_config_last(tmp_path, monkeypatch):
     moved = []
     real_replace = os.replace
     monkeypatch.setattr(sft.os, "replace", lambda a, b: (moved.append(sft.Path(b).name), real_replace(a, b)))
-    sft.publish(staging, out)
+    sft.move_staged_into_place(staging, out)
     assert moved[-1] == "adapter_config.json" and len(moved) == 4
     assert not staging.exists() and (out / "tokenizer.json").read_text() == "tokenizer.json"
 

@@ -250,7 +250,7 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
     assert summary["optimizer_steps_per_run"] == 5  # ceil(16 / 16) x the demo's 5 epochs: the configured run
     assert summary["tokens_per_second"] > 0 and summary["padded_tokens_per_second"] >= summary["tokens_per_second"]
     assert summary["rows"] == 16 and summary["packing"] is False and summary["sampler"] == "batch_rebalance"
-    assert summary["compile"] is False and summary["checkpoint_every"] == 1
+    assert summary["compile"] is False and summary["recompute_every_nth_layer"] == 1
     assert summary["experts_implementation"] == "grouped_mm"  # transformers' default; it falls back to eager silently
 
 
@@ -297,12 +297,12 @@ def test_samplers_split_a_step_differently_but_give_its_gradient(tiny, demo_mode
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-7)
 
 
-def test_checkpoint_every_recomputes_every_nth_layer_with_the_same_gradients(tiny, demo_model, tmp_path):
+def test_recompute_every_nth_layer_keeps_the_gradients(tiny, demo_model, tmp_path):
     _, tokenizer, examples = tiny
     found = {}
     for every in ("1", "2"):
         cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / every), "--report_to", "none",
-                      "--max-steps", "1", "--gradient-checkpointing", "--checkpoint-every", every)  # off in the demo
+                      "--max-steps", "1", "--gradient-checkpointing", "--recompute-every-nth-layer", every)  # off in the demo
         layers = []
         found[every] = one_step_gradients(cfg, tokenizer, examples, layers)[0], layers
     assert found["1"][1] == [True, True] and found["2"][1] == [True, False]  # the demo's two layers
