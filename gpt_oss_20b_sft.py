@@ -12,7 +12,8 @@
     torchrun --nproc_per_node=2 gpt_oss_20b_sft.py             # several GPUs (also deepspeed, accelerate launch)
 
 Reads top to bottom: the modes and main(), their settings, train (the recipe), the data and the model it reads and
-loads, infer, chat, eval, merge, the demo, and last the machinery the chapters use: errors, processes and files.
+loads, what makes training quicker or smaller (speed and memory), infer, chat, eval, merge, the demo, and last the
+machinery the chapters use: errors, processes and files. Each mode's chapter opens with its settings and its Mode.
 """
 
 import argparse
@@ -605,7 +606,7 @@ def describe_runtime(cfg: CommonSettings, runtime: Runtime) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Train
+# Train (the options that make it quicker or smaller live in "Speed and memory", after Model)
 
 
 @dataclass(frozen=True)
@@ -881,14 +882,6 @@ def optimizer_steps_per_run(cfg: TrainRun, rows: int, world_size: int = 1) -> in
     return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
 
 
-def sampler_for(cfg: TrainRun, rows: int, processes: int = 1) -> str:
-    """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
-    last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
-    micro_batches = cfg.gradient_accumulation_steps * processes
-    last_step_rows = rows % (cfg.batch_size * micro_batches)
-    return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
-
-
 def build_sft_config(cfg: TrainRun, runtime: Runtime, sampler: str | None = None):
     from trl import SFTConfig
 
@@ -981,58 +974,6 @@ def training_model(cfg: TrainRun, config, runtime: Runtime):
     if runtime.on_cuda or cfg.compile:
         watch_recompiles()
     return model
-
-
-def make_speed_meter(model, runtime: Runtime, warmup_steps: int = 2):
-    """A Trainer callback timing optimizer steps after warm-up and counting the tokens they processed.
-
-    Real tokens are the non-pad ones (the attention mask's ones, or every token of a padding-free batch); padded
-    tokens are everything the model computed on. Counted by a hook on the model's forward, once per micro-batch.
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    class SpeedMeter(TrainerCallback):
-        def __init__(self):
-            self.real = self.padded = 0
-            self.steps = []  # (seconds, real tokens, padded tokens) per measured optimizer step
-
-        def count(self, module, args, kwargs):
-            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-            if module.training and ids is not None:
-                self.padded += ids.numel()
-                self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if runtime.on_cuda:
-                torch.cuda.synchronize()
-            self.start, self.real, self.padded = time.perf_counter(), 0, 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if runtime.on_cuda:
-                torch.cuda.synchronize()
-            self.steps.append((time.perf_counter() - self.start, self.real, self.padded))
-
-        def summary(self, optimizer_steps_per_run: int) -> dict:
-            measured = self.steps[warmup_steps:] if len(self.steps) > warmup_steps else self.steps[-1:]
-            seconds = sum(m[0] for m in measured)  # 0 when no step finished (e.g. out of memory in the first)
-            step_seconds = seconds / len(measured) if measured else None
-            # Counted on this process; the other ranks get batches of the same size, hence x world size.
-            per_second = lambda i: round(sum(m[i] for m in measured) * runtime.world_size / seconds, 1) if seconds else None
-            gib = lambda peak: round(peak() / 2**30, 2) if runtime.on_cuda else None
-            return {"gpu": runtime.device_name, "processes": runtime.world_size,
-                    "steps_measured": len(measured),
-                    "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
-                    "tokens_per_second": per_second(1), "padded_tokens_per_second": per_second(2),
-                    "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
-                    "peak_memory_gib": {"allocated": gib(torch.cuda.max_memory_allocated),
-                                        "reserved": gib(torch.cuda.max_memory_reserved)},
-                    "optimizer_steps_per_run": optimizer_steps_per_run,
-                    "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2) if measured else None}
-
-    meter = SpeedMeter()
-    model.register_forward_pre_hook(meter.count, with_kwargs=True)
-    return meter
 
 
 def make_nonfinite_guard(output_dir: str):
@@ -1306,7 +1247,7 @@ def push_adapter(out: Path, repo_id: str):
 
 
 # -----------------------------------------------------------------------------
-# Data
+# Data (--synthetic-data's generated rows live in "Speed and memory", after Model)
 
 REQUIRED_FLAT_COLUMNS = ("reasoning_language", "user", "analysis", "final")
 REASONING_PREFIX = "reasoning language: "
@@ -1550,37 +1491,8 @@ def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens:
                       "longest_row_tokens": max(lengths, default=0)}
 
 
-# Multilingual-Thinking's tokens per row, log-normal (mean 1,200); NOTES.md says how it was fitted
-LENGTH_PROFILE = {"mu": 6.928, "sigma": 0.57, "min": 256, "max": 8192}
-SYNTHETIC_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
-SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be are from or have an they which one "
-                   "you were all there would their we him been has when who will more no if out so what up its about "
-                   "into than them can only other new some could time these two may then do first any my now such "
-                   "like our over even most made after also did many before must through back years where much way "
-                   "well down should because each just those people how too little state good very make world still "
-                   "own see work long get here between both life being under never day same another know while last "
-                   "might great old year off come since against go came right used take three").split()
-
-
-def synthetic_rows(n: int, seed: int = 0) -> list:
-    """n rows in the dataset's flat schema, about one word per token, lengths drawn from LENGTH_PROFILE."""
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        total = int(min(max(rng.lognormvariate(LENGTH_PROFILE["mu"], LENGTH_PROFILE["sigma"]), LENGTH_PROFILE["min"]),
-                        LENGTH_PROFILE["max"]))
-        body = total - 140  # the template's system preamble, headers, developer and user turns take about 140
-        words = lambda k: " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(max(k, 1)))
-        rows.append({"reasoning_language": SYNTHETIC_LANGUAGES[i % len(SYNTHETIC_LANGUAGES)],
-                     "developer": "You are a helpful assistant.", "user": words(30),
-                     "analysis": words(int(body * 0.65)), "final": words(int(body * 0.35))})
-    return rows
-
-
 # -----------------------------------------------------------------------------
-# Model
+# Model (--use_4bit's MXFP4 experts and the masks of --packing and flex attention live in "Speed and memory", next)
 
 
 def load_model_config(source: str):
@@ -1658,12 +1570,166 @@ def unquantized_config(config, **overrides):
     return type(config).from_dict({**values, **overrides})
 
 
+def checkpoint_quantization(config) -> str | None:
+    quant = getattr(config, "quantization_config", None)
+    return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+
+
+def checkpoint_dir(source: str) -> Path:
+    """A local directory, or a hub repo's weights and configs (downloaded once into the HF cache)."""
+    directory = Path(source)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(source, allow_patterns=["model*.safetensors", "*.json"]))
+        except Exception as e:  # the hub raises many types; the user needs the message only
+            raise _hub_error(source, e) from e
+    return directory
+
+
+def checkpoint_files(source: str) -> list:
+    """The safetensors files of a local directory or of a hub repo."""
+    files = sorted(checkpoint_dir(source).glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{source} has no .safetensors weights")
+    return files
+
+
+def load_model(source: str, config, dtype, attention: str, device: str, device_map: str | None,
+               use_4bit: bool = False, random_init: bool = False, seed: int = 0, training: bool = False):
+    """gpt-oss from source (a local directory or a hub id) in dtype, onto device_map (None: where the launcher's
+    library places it); with use_4bit the experts stay MXFP4 (random_init: random weights on device), otherwise MXFP4
+    experts are dequantized so LoRA can train on them and merge into them."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    kwargs = dict(dtype=dtype, attn_implementation=attention)
+    if use_4bit:
+        if not random_init and checkpoint_quantization(config) != "mxfp4":
+            raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {source}'s experts "
+                             "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
+        model = load_mxfp4_model(source, config, device, random_init, seed, **kwargs)
+    elif random_init:
+        torch.manual_seed(seed)
+        with torch.device(device_map or "cpu"):
+            model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
+    else:
+        if checkpoint_quantization(config) == "mxfp4":
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, **kwargs)
+        except OSError as e:
+            raise _hub_error(source, e) from e
+    model.config.use_cache = not training
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Speed and memory: what makes a training step quicker or a model fit, kept apart from the recipe. The sampler
+# (batch_rebalance), the speed meter behind speed.json, --synthetic-data's rows for a preflight (with --random-init: will
+# this fit my GPU, and how fast is it?), --use_4bit's MXFP4 experts, and the masks of --packing and flex attention
+
+
+def sampler_for(cfg: TrainRun, rows: int, processes: int = 1) -> str:
+    """The sampler to use: batch_rebalance gives every micro-batch of a step at least one row, repeating rows when the
+    last step has fewer rows than micro-batches; there random, which trains each row once, takes its place."""
+    micro_batches = cfg.gradient_accumulation_steps * processes
+    last_step_rows = rows % (cfg.batch_size * micro_batches)
+    return "random" if cfg.sampler == "batch_rebalance" and 0 < last_step_rows < micro_batches else cfg.sampler
+
+
+def make_speed_meter(model, runtime: Runtime, warmup_steps: int = 2):
+    """A Trainer callback timing optimizer steps after warm-up and counting the tokens they processed.
+
+    Real tokens are the non-pad ones (the attention mask's ones, or every token of a padding-free batch); padded
+    tokens are everything the model computed on. Counted by a hook on the model's forward, once per micro-batch.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class SpeedMeter(TrainerCallback):
+        def __init__(self):
+            self.real = self.padded = 0
+            self.steps = []  # (seconds, real tokens, padded tokens) per measured optimizer step
+
+        def count(self, module, args, kwargs):
+            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            if module.training and ids is not None:
+                self.padded += ids.numel()
+                self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if runtime.on_cuda:
+                torch.cuda.synchronize()
+            self.start, self.real, self.padded = time.perf_counter(), 0, 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if runtime.on_cuda:
+                torch.cuda.synchronize()
+            self.steps.append((time.perf_counter() - self.start, self.real, self.padded))
+
+        def summary(self, optimizer_steps_per_run: int) -> dict:
+            measured = self.steps[warmup_steps:] if len(self.steps) > warmup_steps else self.steps[-1:]
+            seconds = sum(m[0] for m in measured)  # 0 when no step finished (e.g. out of memory in the first)
+            step_seconds = seconds / len(measured) if measured else None
+            # Counted on this process; the other ranks get batches of the same size, hence x world size.
+            per_second = lambda i: round(sum(m[i] for m in measured) * runtime.world_size / seconds, 1) if seconds else None
+            gib = lambda peak: round(peak() / 2**30, 2) if runtime.on_cuda else None
+            return {"gpu": runtime.device_name, "processes": runtime.world_size,
+                    "steps_measured": len(measured),
+                    "step_seconds": round(step_seconds, 3) if step_seconds is not None else None,
+                    "tokens_per_second": per_second(1), "padded_tokens_per_second": per_second(2),
+                    "real_token_share": round(sum(m[1] for m in measured) / max(sum(m[2] for m in measured), 1), 3),
+                    "peak_memory_gib": {"allocated": gib(torch.cuda.max_memory_allocated),
+                                        "reserved": gib(torch.cuda.max_memory_reserved)},
+                    "optimizer_steps_per_run": optimizer_steps_per_run,
+                    "projected_run_minutes": round(optimizer_steps_per_run * step_seconds / 60, 2) if measured else None}
+
+    meter = SpeedMeter()
+    model.register_forward_pre_hook(meter.count, with_kwargs=True)
+    return meter
+
+
+# Multilingual-Thinking's tokens per row, log-normal (mean 1,200); NOTES.md says how it was fitted
+LENGTH_PROFILE = {"mu": 6.928, "sigma": 0.57, "min": 256, "max": 8192}
+
+
+SYNTHETIC_LANGUAGES = ("English", "French", "German", "Spanish", "Italian")
+
+
+SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be are from or have an they which one "
+                   "you were all there would their we him been has when who will more no if out so what up its about "
+                   "into than them can only other new some could time these two may then do first any my now such "
+                   "like our over even most made after also did many before must through back years where much way "
+                   "well down should because each just those people how too little state good very make world still "
+                   "own see work long get here between both life being under never day same another know while last "
+                   "might great old year off come since against go came right used take three").split()
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list:
+    """n rows in the dataset's flat schema, about one word per token, lengths drawn from LENGTH_PROFILE."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        total = int(min(max(rng.lognormvariate(LENGTH_PROFILE["mu"], LENGTH_PROFILE["sigma"]), LENGTH_PROFILE["min"]),
+                        LENGTH_PROFILE["max"]))
+        body = total - 140  # the template's system preamble, headers, developer and user turns take about 140
+        words = lambda k: " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(max(k, 1)))
+        rows.append({"reasoning_language": SYNTHETIC_LANGUAGES[i % len(SYNTHETIC_LANGUAGES)],
+                     "developer": "You are a helpful assistant.", "user": words(30),
+                     "analysis": words(int(body * 0.65)), "final": words(int(body * 0.35))})
+    return rows
+
+
 # The checkpoint stores each expert weight in MXFP4: 4-bit e2m1 values in blocks of 32 sharing one power-of-two
 # scale. --use_4bit keeps them so and dequantizes one layer's experts at a time, in its forward, to the values
 # Mxfp4Config(dequantize=True) loads (bit for bit, tested); checkpointing recomputes, so it dequantizes again.
 MXFP4_TENSORS = ("gate_up_proj", "down_proj")
-FLEX_BLOCK = 128  # flex attention's block: padded batches are padded to a multiple of it, one compiled shape per bucket
-RECOMPILE_LIMIT = 64  # torch's default 8 < max_seq_length 2048 / 128 buckets
+
+
 MXFP4_ROWS_PER_CHUNK = 2**21  # rows of 32 values per step: transformers' default, a whole layer, takes GBs of temporaries
 
 
@@ -1686,11 +1752,6 @@ def dequantize_mxfp4(blocks, scales, dtype, rows_per_chunk: int = MXFP4_ROWS_PER
         exponents = scales[e0:e1].int().sub_(127).unsqueeze(-1)
         torch.ldexp(values, exponents, out=out[e0:e1].transpose(1, 2).view(e1 - e0, rows, groups, 32))
     return out
-
-
-def checkpoint_quantization(config) -> str | None:
-    quant = getattr(config, "quantization_config", None)
-    return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1720,27 +1781,6 @@ def mxfp4_experts_class():
                 del self.gate_up_proj, self.down_proj  # the autograd graph keeps what backward needs
 
     return Mxfp4Experts
-
-
-def checkpoint_dir(source: str) -> Path:
-    """A local directory, or a hub repo's weights and configs (downloaded once into the HF cache)."""
-    directory = Path(source)
-    if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            directory = Path(snapshot_download(source, allow_patterns=["model*.safetensors", "*.json"]))
-        except Exception as e:  # the hub raises many types; the user needs the message only
-            raise _hub_error(source, e) from e
-    return directory
-
-
-def checkpoint_files(source: str) -> list:
-    """The safetensors files of a local directory or of a hub repo."""
-    files = sorted(checkpoint_dir(source).glob("*.safetensors"))
-    if not files:
-        raise UsageError(f"{source} has no .safetensors weights")
-    return files
 
 
 def load_mxfp4_model(source: str, config, device: str, random_init: bool, seed: int, dtype, attn_implementation: str):
@@ -1780,33 +1820,54 @@ def load_mxfp4_model(source: str, config, device: str, random_init: bool, seed: 
     return model
 
 
-def load_model(source: str, config, dtype, attention: str, device: str, device_map: str | None,
-               use_4bit: bool = False, random_init: bool = False, seed: int = 0, training: bool = False):
-    """gpt-oss from source (a local directory or a hub id) in dtype, onto device_map (None: where the launcher's
-    library places it); with use_4bit the experts stay MXFP4 (random_init: random weights on device), otherwise MXFP4
-    experts are dequantized so LoRA can train on them and merge into them."""
-    import torch
-    from transformers import AutoModelForCausalLM, Mxfp4Config
+FLEX_BLOCK = 128  # flex attention's block: padded batches are padded to a multiple of it, one compiled shape per bucket
 
-    kwargs = dict(dtype=dtype, attn_implementation=attention)
-    if use_4bit:
-        if not random_init and checkpoint_quantization(config) != "mxfp4":
-            raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {source}'s experts "
-                             "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
-        model = load_mxfp4_model(source, config, device, random_init, seed, **kwargs)
-    elif random_init:
-        torch.manual_seed(seed)
-        with torch.device(device_map or "cpu"):
-            model = AutoModelForCausalLM.from_config(unquantized_config(config), **kwargs)
-    else:
-        if checkpoint_quantization(config) == "mxfp4":
-            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, **kwargs)
-        except OSError as e:
-            raise _hub_error(source, e) from e
-    model.config.use_cache = not training
-    return model
+
+RECOMPILE_LIMIT = 64  # torch's default 8 < max_seq_length 2048 / 128 buckets
+
+
+def attach_document_masks(model):
+    """Give each row of a padding-free batch its own causal and sliding-window mask, and right-padded flex batches
+    masks without the padding term.
+
+    GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
+    before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
+    calls them for eager's block-diagonal masks and builds flex's BlockMasks from the boundaries
+    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks. A
+    right-padded flex batch gets padded_block_masks, cached by length.
+    """
+    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
+                                            create_sliding_window_causal_mask, flex_attention_mask)
+
+    decoder = model.get_decoder()
+
+    def build_masks(module, args, kwargs):
+        position_ids, padding = kwargs.get("position_ids"), kwargs.get("attention_mask")
+        # private: config._attn_implementation, GptOssModel.forward's keywords; checked against transformers 5.23.0
+        flex = ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask
+        if kwargs.get("past_key_values") is not None:
+            return None
+        if flex and getattr(padding, "ndim", 0) == 2 and bool((padding[:, 1:] <= padding[:, :-1]).all()):  # right-padded
+            kwargs["attention_mask"] = padded_block_masks(padding.shape[1], module.config.sliding_window,
+                                                          str(padding.device))
+            return args, kwargs
+        if position_ids is None or padding is not None:
+            return None
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = module.embed_tokens(kwargs.pop("input_ids"))
+        mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+                           position_ids=position_ids)
+        if flex and len(embeds) == 1:
+            masks = {"full_attention": document_block_mask(position_ids),
+                     "sliding_attention": document_block_mask(position_ids, module.config.sliding_window)}
+        else:
+            masks = {"full_attention": create_causal_mask(**mask_kwargs),
+                     "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask=masks)
+        return args, kwargs
+
+    return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
 
 
 def document_block_mask(position_ids, sliding_window: int | None = None, block: int = 128):
@@ -1880,48 +1941,6 @@ def watch_recompiles(limit: int = RECOMPILE_LIMIT):
         dynamo_log.addHandler(RecompileLimitNote())
 
 
-def attach_document_masks(model):
-    """Give each row of a padding-free batch its own causal and sliding-window mask, and right-padded flex batches
-    masks without the padding term.
-
-    GptOssModel builds its masks without position_ids, so in a flattened batch every row would attend to the rows
-    before it. transformers' own mask builders find the rows from position_ids (each row restarts at 0); this hook
-    calls them for eager's block-diagonal masks and builds flex's BlockMasks from the boundaries
-    (document_block_mask), once per forward: the layers and the checkpoint recompute get the same masks. A
-    right-padded flex batch gets padded_block_masks, cached by length.
-    """
-    from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask,
-                                            create_sliding_window_causal_mask, flex_attention_mask)
-
-    decoder = model.get_decoder()
-
-    def build_masks(module, args, kwargs):
-        position_ids, padding = kwargs.get("position_ids"), kwargs.get("attention_mask")
-        # private: config._attn_implementation, GptOssModel.forward's keywords; checked against transformers 5.23.0
-        flex = ALL_MASK_ATTENTION_FUNCTIONS[module.config._attn_implementation] is flex_attention_mask
-        if kwargs.get("past_key_values") is not None:
-            return None
-        if flex and getattr(padding, "ndim", 0) == 2 and bool((padding[:, 1:] <= padding[:, :-1]).all()):  # right-padded
-            kwargs["attention_mask"] = padded_block_masks(padding.shape[1], module.config.sliding_window,
-                                                          str(padding.device))
-            return args, kwargs
-        if position_ids is None or padding is not None:
-            return None
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            embeds = module.embed_tokens(kwargs.pop("input_ids"))
-        mask_kwargs = dict(config=module.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
-                           position_ids=position_ids)
-        if flex and len(embeds) == 1:
-            masks = {"full_attention": document_block_mask(position_ids),
-                     "sliding_attention": document_block_mask(position_ids, module.config.sliding_window)}
-        else:
-            masks = {"full_attention": create_causal_mask(**mask_kwargs),
-                     "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
-        kwargs.update(inputs_embeds=embeds, input_ids=None, attention_mask=masks)
-        return args, kwargs
-
-    return decoder.register_forward_pre_hook(build_masks, with_kwargs=True)
 # -----------------------------------------------------------------------------
 # Infer
 
