@@ -73,10 +73,12 @@ class Mode:
     mode says otherwise."""
 
     name: str  # --mode's value
+    summary: str  # what it does, in --mode's help
     settings: type  # its settings: one frozen dataclass of the groups it reads (a run gets no other field)
     during: str  # what the out-of-memory message calls it
     defaults: dict = {}  # settings that differ in this mode (the demo's come on top)
     outputs: str | None = None  # the exact names of the files it writes (None: it writes nothing); see sort_outputs
+    output_help: str | None = None  # its default --output_dir, as --help says it
     takes_adapter = True  # --adapter is the adapter it runs (under --demo, where none is given: the demo's)
     streams_model = False  # reads the checkpoint tensor by tensor instead of loading the model
     every_rank = False  # under a launcher every process runs it; otherwise rank 0 alone
@@ -244,25 +246,23 @@ def setting(default=None, help="", *aliases, check=None, factory=None, section=N
 class CommonSettings:
     """what to run (every mode)"""
     mode: "Literal[tuple(MODES)]" = setting(  # the registered modes' names, read when the parser is built
-        "train", "train an adapter, infer (answer one prompt), chat (talk to it), eval (reasoning-language match) or "
-                 "merge it into its base; --mode X --help lists X's settings")
+        "train", "{modes}; --mode X --help lists X's settings")
     demo: bool = setting(False, "the whole pipeline offline on CPU: a tiny gpt-oss, the bundled rows, base vs tuned at the end")
     print_config: bool = setting(False, "print the resolved settings as YAML (--json: JSON) and exit; they work as a --config")
     json: bool = setting(False, "print JSON: --print-config's settings, infer's answer ({reasoning_language, analysis, "
                                 "final, complete, tokens})")
     model: str | None = setting(None, f"hub id or local directory (default {DEFAULT_MODEL}; with --adapter: its base)")
-    adapter: str | None = setting(None, "a LoRA adapter directory from train mode (infer, chat, eval, merge; train "
-                                        "refuses it: --resume continues a run)")
-    output_dir: str | None = setting(None, f"where outputs go (default: train {DEFAULT_OUTPUT_DIR}, demo "
-                                           f"{DEMO_OUTPUT_DIR}, eval <adapter>/eval, merge <adapter>-merged; infer and "
-                                           "chat write nothing)", "output")
+    adapter: str | None = setting(None, "a LoRA adapter directory from train mode ({adapter_modes}; train refuses it: "
+                                        "--resume continues a run)")
+    output_dir: str | None = setting(None, "where outputs go (default: {output_dirs}; {no_outputs} write nothing)",
+                                     "output")
     overwrite: bool = setting(False, "replace this mode's earlier outputs in --output_dir (never files it did not write)")
     local_rank: int | None = setting(None, argparse.SUPPRESS)  # the deepspeed launcher passes it to every mode
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """the model and what it is told (train, infer, chat, eval; merge streams the checkpoint)"""
+    """the model and what it is told ({readers}; merge streams the checkpoint)"""
     use_4bit: bool = setting(False, "keep the experts in MXFP4 as shipped, dequantized one layer at a time: 14 GB of "
                                     "weights instead of 42")
     attn_implementation: Literal["auto", "eager", "flex_attention"] = setting(
@@ -291,7 +291,7 @@ class ModelMode(Mode):
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """generation (infer, chat, eval)"""
+    """generation ({readers})"""
     answer_languages: list[str] | None = setting(None, "language of the final answer (eval: several, rotated)",
                                                  "answer_language")
     temperature: float = setting(0.6, "sampling temperature; 0 = greedy", check="not_negative")
@@ -377,16 +377,16 @@ class Parser(OneLineErrors, TrlParser):
 
     # private: _add_dataclass_arguments, _parse_dataclass_field (HfArgumentParser); checked against transformers 5.23.0
     def _add_dataclass_arguments(self, dtype):
-        group, hints = self.add_argument_group(dtype.__doc__), get_type_hints(dtype)
+        group, hints = self.add_argument_group(with_modes(dtype.__doc__, dtype)), get_type_hints(dtype)
         for f in fields(dtype):
             group = self.add_argument_group(f.metadata["section"]) if f.metadata["section"] else group
-            f.type = hints[f.name]
+            f.type, text = hints[f.name], with_modes(f.metadata["help"], dtype)
             if f.type in (bool, bool | None):
                 group.add_argument(*dict.fromkeys((f"--{f.name}", f"--{f.name.replace('_', '-')}")),
-                                   action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+                                   action=argparse.BooleanOptionalAction, default=f.default, help=text)
             else:  # the check is for validate() and the section for the line above, not for argparse
                 plain = copy.copy(f)
-                plain.metadata = {k: v for k, v in f.metadata.items() if k not in ("check", "section")}
+                plain.metadata = {**{k: v for k, v in f.metadata.items() if k not in ("check", "section")}, "help": text}
                 self._parse_dataclass_field(group, plain)
 
     def knows(self, flag: str) -> str | None:
@@ -394,6 +394,22 @@ class Parser(OneLineErrors, TrlParser):
         # private: argparse's _option_string_actions; checked against Python 3.11.7
         action = self._option_string_actions.get(flag)
         return action.dest if action and action.dest != "help" else None
+
+
+def with_modes(text: str, group: type) -> str:
+    """A help text with the modes' facts put in from MODES, so that a mode shows in --help by being registered:
+    {modes} what each does, {readers} the modes that read this group, {adapter_modes} those that take --adapter,
+    {output_dirs} their default output folders and {no_outputs} those that write nothing."""
+    summaries = [mode.summary for mode in MODES.values()]
+    readers = [name for name, mode in MODES.items() if group in mode.settings.__mro__]
+    facts = {"{modes}": ", ".join(summaries[:-1]) + " or " + summaries[-1],
+             "{readers}": f"--mode {readers[0]}" if len(readers) == 1 else ", ".join(readers),
+             "{adapter_modes}": ", ".join(name for name, mode in MODES.items() if mode.takes_adapter),
+             "{output_dirs}": ", ".join(mode.output_help for mode in MODES.values() if mode.outputs),
+             "{no_outputs}": listed([name for name, mode in MODES.items() if not mode.outputs])}
+    for placeholder, fact in facts.items():
+        text = text.replace(placeholder, fact)
+    return text
 
 
 def readers(flag: str) -> str | None:
@@ -611,7 +627,7 @@ def describe_runtime(cfg: CommonSettings, runtime: Runtime) -> dict:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """data (--mode train)"""
+    """data ({readers})"""
     dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "hub dataset id or a local .jsonl/.json/.parquet file")
     dataset_split: str = setting("train", "split of a hub dataset")
     reasoning_languages: list[str] | None = setting(None, "keep only the rows reasoning in these languages (default: all)")
@@ -685,6 +701,8 @@ class Train(ModelMode):
     """--mode train: a LoRA adapter trained on the rows with TRL's SFTTrainer."""
 
     name, settings, during = "train", TrainRun, "training"
+    summary = "train an adapter"
+    output_help = f"train {DEFAULT_OUTPUT_DIR}, demo {DEMO_OUTPUT_DIR}"
     outputs = (r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
                r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
                r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
@@ -1947,7 +1965,7 @@ def watch_recompiles(limit: int = RECOMPILE_LIMIT):
 
 @dataclass(frozen=True)
 class InferSettings:
-    """one answer or a conversation (infer, chat)"""
+    """one answer or a conversation ({readers})"""
     prompt: str | None = setting(None, "the user message (infer; default: stdin)")
     reasoning_language: str = setting("English", "language of the analysis channel (chat: /lang changes it)")
     stream: bool | None = setting(None, "print the answer while it is generated (default: when stdout is a terminal; "
@@ -1970,6 +1988,7 @@ class Infer(GenerationMode):
     """--mode infer: one answer to one prompt."""
 
     name, settings, during = "infer", InferRun, "inference"
+    summary = "infer (answer one prompt)"
 
     def run(self, cfg, runtime):
         return run_infer(cfg, runtime)
@@ -2335,6 +2354,7 @@ class Chat(Infer):
     """--mode chat: a conversation, the model loaded once; infer's settings."""
 
     name, during = "chat", "chat"
+    summary = "chat (talk to it)"
     defaults = dict(stream=True)
 
     def run(self, cfg, runtime):
@@ -2535,7 +2555,7 @@ def ctrl_c_sets(event: threading.Event):
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """evaluation (--mode eval)"""
+    """evaluation ({readers})"""
     eval_reasoning_languages: list[str] | None = setting(None, "reasoning languages to ask for (default: 8)",
                                                          "reasoning_languages")
     question_languages: list[str] | None = setting(None, "languages the questions are asked in (default: all, rotated)")
@@ -2558,6 +2578,8 @@ class Eval(GenerationMode):
     """--mode eval: the reasoning's language and the answers scored, base against tuned."""
 
     name, settings, during = "eval", EvalRun, "evaluation"
+    summary = "eval (reasoning-language match)"
+    output_help = "eval <adapter>/eval"
     defaults = dict(temperature=0.0, max_new_tokens=1024)  # greedy (repeatable), with room for the reasoning
     outputs = r"eval_results\.json|eval_summary\.md|eval_summary\.png"
 
@@ -2895,7 +2917,7 @@ def plot_match_rates(rows: list, path: Path):
 
 @dataclass(frozen=True)
 class MergeSettings:
-    """merging (--mode merge)"""
+    """merging ({readers})"""
     merge_format: Literal["mxfp4", "bf16", "gguf"] = setting(
         "mxfp4", "mxfp4 writes the base's own format (MXFP4 experts copied byte for byte, ~13 GB); bf16 dequantizes "
                  "them (~42 GB; chosen by itself for an adapter on expert tensors); gguf writes one model.gguf for "
@@ -2914,6 +2936,8 @@ class Merge(Mode):
     """--mode merge: the adapter folded into its base, streamed tensor by tensor."""
 
     name, settings, during = "merge", MergeRun, "merging"
+    summary = "merge it into its base"
+    output_help = "merge <adapter>-merged"
     outputs = (r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|"
                r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja|"
                r"merge_check\.json")
