@@ -34,38 +34,21 @@ def test_print_config_shows_the_seed_recipe():
                                       "--demo and tiny local models run"}  # said up front, before anything else fails
 
 
-# What this change meant to change in --print-config, against what it printed before (tests/print_config_before.json)
-RENAMED = {"limit": "max_samples", "answer_language": "answer_languages"}  # --limit and --answer-language still work
-ADDED = {"min_lr_rate": None, "eval_batch_size": 32, "eval_split": None, "merge_format": "mxfp4",
-         "merge_logits_check": True, "allow_any_language": False, "recompute_every_nth_layer": 1, "compile": False,
-         "stream": False}  # stream: stdout is no terminal
-DEMO_RUN = {"learning_rate": 0.03, "num_train_epochs": 5, "gradient_checkpointing": False}
-ON_PURPOSE = {
-    # the model the demo runs on, shown instead of set at run time; the demo's run that teaches the toy its languages
-    "--demo": {"model": "<CACHE>/tiny-gpt-oss", **DEMO_RUN},
-    "--mode eval --demo": {"model": "<CACHE>/tiny-gpt-oss", "adapter": "demo_output",  # likewise
-                           "batch_size": 8,  # eval's generation batch is eval_batch_size now, not batch_size
-                           "max_new_tokens": 96, "eval_file": "<ROOT>/data/demo_eval_questions.jsonl"},
-    "--mode infer": {"output_dir": None},  # infer writes nothing
-}
-# Settings split by mode: each mode prints its own groups' fields only, and eval's two fields that meant something
-# else in train have names of their own (--limit, --max_samples and --reasoning-languages still set them in eval)
-SPLIT = {"--mode eval --demo": {"max_samples": "max_questions", "reasoning_languages": "eval_reasoning_languages"}}
-
-
-@pytest.mark.parametrize("command", ["--mode train", "--demo", "--mode eval --demo", "--mode infer"])
-def test_print_config_shows_what_it_showed_before_but_for_the_named_changes(command):
-    before = json.loads((ROOT / "tests" / "print_config_before.json").read_text())[command]
-    expected = {RENAMED.get(k, k): v for k, v in before.items() if k != "runtime"}
-    expected.update(ADDED, json=True, **{k: v.replace("<CACHE>", str(sft.CACHE)) if isinstance(v, str) else v
-                                         for k, v in ON_PURPOSE.get(command, {}).items()})
-    expected = {SPLIT.get(command, {}).get(k, k): v for k, v in expected.items()}
-    fields = {f.name for f in dataclasses.fields(sft.MODES[command.split()[1] if "--mode" in command else "train"].settings)}
-    expected = {k: v for k, v in expected.items() if k in fields}
-    expected = json.loads(json.dumps(expected).replace("<ROOT>", str(ROOT)))
-    now = printed(*command.split())
-    assert set(now) == fields - {"print_config", "local_rank"} | {"runtime"}  # every field of the mode, no other
-    assert {k: v for k, v in now.items() if k != "runtime"} == expected
+@pytest.mark.parametrize("command", ["--mode train", "--demo", "--mode eval --demo", "--mode infer", "--mode merge --demo"])
+def test_print_config_prints_the_mode_s_settings_each_from_its_layers(command):
+    """Every field of the mode and no other; each value the field's default, under the mode's, under the demo's,
+    except the settings worked out from others (derive)."""
+    argv = command.split()
+    mode = sft.MODES[argv[1] if "--mode" in argv else "train"]
+    fields = {f.name: f for f in dataclasses.fields(mode.settings)}
+    now = printed(*argv)
+    assert set(now) == set(fields) - {"print_config", "local_rank"} | {"runtime"}
+    layers = {**mode.defaults, **(sft.DEMO_DEFAULTS if "--demo" in argv else {})}
+    derived = {"mode", "demo", "json", "model", "adapter", "output_dir", *mode.derive(sft.parse(argv))}
+    for name in set(now) - derived - {"runtime"}:
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert now[name] == layers.get(name, default), name
 
 
 @pytest.mark.parametrize("command", [[], ["--demo"], ["--mode", "eval", "--demo", "--limit", "3"],
