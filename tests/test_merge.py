@@ -1,6 +1,7 @@
 """--mode merge streams the checkpoint: MXFP4 kept byte for byte, bf16 on request or for expert LoRA, checks, errors."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -264,3 +265,77 @@ def test_merge_from_a_hub_id_reads_the_hugging_face_cache(mxfp4_base, adapters, 
     record = json.loads((tmp_path / "merged" / "merge_check.json").read_text())
     assert record["base"] == "someone/tiny-gpt-oss-mxfp4" and record["format"] == "mxfp4"
     assert (tmp_path / "merged" / "config.json").read_bytes() == (mxfp4_base / "config.json").read_bytes()
+
+
+def merged_in_memory(demo_model, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32, attn_implementation="eager")
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+
+
+@pytest.mark.slow  # trains, merges and generates: half a minute each
+@pytest.mark.parametrize("targets", [["--target_modules", "q_proj,v_proj"],
+                                     ["--target_modules", "q_proj", "--target_parameters",
+                                      "mlp.experts.gate_up_proj,mlp.experts.down_proj"]], ids=["attention", "experts"])
+def test_merge_writes_a_standard_checkpoint_that_matches_base_plus_adapter(tmp_path, demo_model, targets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "adapter"
+    sft.run_train(resolve("--demo", "--model", str(demo_model), "--output_dir", str(adapter), "--report_to", "none",
+                          "--max_steps", "3", *targets))
+    check = sft.run_merge(resolve("--mode", "merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")))
+    assert check["passed"] and check["logits_check"]["adapter_kept"] > 0.5
+
+    merged = tmp_path / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["GptOssForCausalLM"]
+    assert config["dtype"] == "float32"  # a base without MXFP4 keeps its own dtypes (this one's is fp32)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    stops = set(tokenizer.convert_tokens_to_ids(["<|return|>", "<|call|>"]))
+    assert stops <= set(json.loads((merged / "generation_config.json").read_text())["eos_token_id"])
+    weights = load_file(merged / "model.safetensors")
+    assert not any("lora" in name for name in weights)
+    assert json.loads((merged / "merge_check.json").read_text())["passed"] is True
+
+    reloaded = AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+    expected = merged_in_memory(demo_model, adapter)
+    ids = tokenizer.apply_chat_template(sft.build_chat("What is 7 x 8?", "German"), add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**ids).logits, expected(**ids).logits)
+    base = load_file(demo_model / "model.safetensors")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(weights[name], base[name]) == ("--target_parameters" not in targets)
+
+
+def test_merge_check_fails_when_the_adapter_is_lost():
+    torch.manual_seed(0)
+    base = torch.randn(50, 1024)
+    tuned = base + 0.5 * torch.randn(50, 1024)
+    assert sft.merge_agreement(tuned, base, tuned + 0.001 * torch.randn(50, 1024))["passed"]
+    lost = sft.merge_agreement(tuned, base, base)  # what an MXFP4 base does to expert LoRA
+    assert not lost["passed"] and lost["relative_error"] > 0.3 and lost["adapter_kept"] == 0.0
+
+
+@pytest.mark.slow
+def test_merge_demo_command(demo_folder):
+    tmp_path = demo_folder
+    result = run_cli("--mode", "merge", "--demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verified: merged logits equal base+adapter within bf16 tolerance on 3 prompts" in result.stdout
+    assert (tmp_path / "demo_output-merged" / "model.safetensors").exists()
+    assert not re.search(r"Warning|deprecated|WARNING", result.stdout + result.stderr), result.stderr[-2000:]
+    adapter_config = json.loads((tmp_path / "demo_output" / "adapter_config.json").read_text())
+    assert (sft.Path(adapter_config["base_model_name_or_path"]) / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--mode", "merge"], "--mode merge needs --adapter"),
+    (["--mode", "merge", "--adapter", "."], "--adapter . is not a LoRA adapter directory"),
+])
+def test_merge_bad_inputs(tmp_path, argv, needle):
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+    assert list(tmp_path.iterdir()) == []

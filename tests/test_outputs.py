@@ -1,6 +1,7 @@
 """The tool deletes or replaces only what it wrote: every destructive path run against a folder of the user's files."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -288,3 +289,32 @@ def test_resume_skips_a_checkpoint_cut_short_and_a_run_killed_while_saving_is_no
     assert result.returncode == 0, result.stderr[-2000:]
     assert "run: the run trained all 3 steps and stopped before its adapter was saved; saving it" in result.stdout
     assert (out / "adapter_config.json").is_file() and "nothing to resume" not in result.stdout
+
+
+def test_move_staged_into_place_moves_adapter_config_last(tmp_path, monkeypatch):
+    staging, out = tmp_path / ".final.tmp1", tmp_path / "out"
+    staging.mkdir()
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"):
+        (staging / name).write_text(name)
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(sft.os, "replace", lambda a, b: (moved.append(sft.Path(b).name), real_replace(a, b)))
+    sft.move_staged_into_place(staging, out)
+    assert moved[-1] == "adapter_config.json" and len(moved) == 4
+    assert not staging.exists() and (out / "tokenizer.json").read_text() == "tokenizer.json"
+
+
+def test_staged_directory_writes_whole_or_not_at_all_and_keeps_what_it_did_not_write(tmp_path):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with sft.staged_directory(target) as staging:
+            (staging / "half.safetensors").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and [p.name for p in target.iterdir()] == ["old.txt"]
+    with sft.staged_directory(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    assert snapshot(target) == {"new.txt": b"new", "old.txt": b"old"}  # old.txt is in no record of the tool: it stays

@@ -426,3 +426,26 @@ def test_eval_without_lingua_is_one_line(tmp_path):
     scores = write_jsonl(tmp_path / "outs.jsonl", [{"reasoning_language": "German", "analysis": "Ich denke.", "final": "4"}])
     result = run_without(("lingua",), "--mode", "eval", "--score-file", scores, cwd=tmp_path)
     assert_usage_error(result, "--mode eval detects the languages with lingua: pip install lingua-language-detector")
+
+
+def test_out_of_memory_advice_names_the_flags_for_each_mode():
+    train = sft.out_of_memory_advice(resolve(), 79.1, 79.2, "NVIDIA H100 80GB HBM3")
+    assert train.startswith("CUDA ran out of memory during training (peak 79.1 GiB allocated of 79.2 GiB on NVIDIA H100")
+    assert "--batch_size 4 --gradient_accumulation_steps 4 (same effective batch), --max_seq_length 1024" in train
+    evaluation = sft.out_of_memory_advice(resolve("--mode", "eval"), 70.0, 79.2, "H100")
+    assert "--max_new_tokens 512, --eval_batch_size 16, --use_4bit (the weights take 14 GB instead of 42 GB" in evaluation
+    assert "--use_4bit" not in sft.out_of_memory_advice(resolve("--mode", "eval", "--use_4bit"), 1, 2, "x")
+    assert "whole model in bf16 (about 42 GB for gpt-oss-20b)" in sft.out_of_memory_advice(resolve("--mode", "merge", "--demo"),
+                                                            70.0, 79.2, "H100")
+
+
+def test_out_of_memory_becomes_one_paragraph_exit_1(monkeypatch, capsys):
+    def run_out_of_memory(cfg, runtime):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
+
+    monkeypatch.setattr(sft.MODES["infer"], "run", run_out_of_memory)  # stands in for the GPU
+    monkeypatch.setattr(sft, "gpu_memory_state", lambda: (77.5, 79.2, "NVIDIA H100 80GB HBM3"))
+    assert sft.main(["--mode", "infer", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("CUDA ran out of memory during inference (peak 77.5 GiB")
+    assert "--max_new_tokens 256, --use_4bit" in err and len(err.splitlines()) == 1

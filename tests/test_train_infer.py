@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SHARED, SMALL, TRACKIO_DIR, resolve, run_cli, snapshot
+from conftest import SCRIPT, SHARED, SMALL, TRACKIO_DIR, demo_training, resolve, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -176,22 +177,6 @@ def test_hub_offline_is_one_line(tmp_path, monkeypatch):
         "offline; connect to the Hub once or pass a local directory\n")
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model):
-    out = tmp_path / "out"
-    first = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
-                    "--save_steps", "3", "--max_steps", "3", *SMALL)
-    assert sft.run_train(first).state.global_step == 3
-    assert (out / "checkpoint-3").is_dir()
-    resumed = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
-                      "--save_steps", "3", "--resume", *SMALL)
-    trainer = sft.run_train(resumed)
-    assert trainer.state.global_step == 9
-    before = snapshot(out)
-    assert sft.run_train(resumed) is None  # finished: said so, nothing retrained or rewritten
-    assert snapshot(out) == before
-    assert [e["step"] for e in trainer.state.log_history if "loss" in e][:1] == [1]  # history carried over
-
-
 def test_eval_split_holds_out_rows_and_logs_an_evaluation_loss_each_epoch(tmp_path, demo_model):
     cfg = resolve("--demo", "--model", str(demo_model), "--output_dir", str(tmp_path / "out"), "--report_to", "none",
                   "--eval_split", "0.2", "--limit", "45", "--num_train_epochs", "2")
@@ -233,3 +218,64 @@ def test_demo_infer_answers_the_question_piped_to_it(demo_folder):
     nothing = run_cli("--mode", "infer", "--demo", "--raw", "--max_new_tokens", "4", cwd=tmp_path, stdin="")
     assert nothing.returncode == 0, nothing.stderr[-2000:]  # nothing piped: the demo's own question
     assert "<|start|>user<|message|>What is 7 plus 8?<|end|>" in nothing.stdout
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_at_once_and_keeps_the_good_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("--mode", "train", "--demo", "--report_to", "none", "--learning_rate", "1e30",
+                     "--save_steps", "1", "--output_dir", str(out))
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("The training loss became nan at step 3, so the run stopped there and saved no adapter.")
+    assert f"the last good one runs with --adapter {out / 'checkpoint-2'}" in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert "Traceback" not in result.stderr
+
+
+HUB_SUMMARY = {
+    "config": {**sft.asdict(resolve()), "target_modules": ["q_proj", "v_proj"], "target_parameters": [],
+               "hub_model_id": "you/gpt-oss-20b-multilingual-reasoner"},
+    "versions": {"python": "3.11.7", "torch": "2.11.0", "trl": "1.16.0"},
+    "device": "NVIDIA H100 80GB HBM3", "model_parameters": 20_914_757_184,
+    "reasoning_languages": ["English", "French", "German", "Italian", "Spanish"],
+    "data": {"rows_used": 1000, "rows_truncated": 119, "tokens_per_epoch": 1_114_254,
+             "labelled_tokens_per_epoch": 900_000},
+    "train_loss_first": 1.8123, "train_loss_last": 0.9876, "optimizer_steps": 189, "runtime_seconds": 1800.0,
+    "peak_gpu_memory_gib": 46.7,
+}
+
+
+def test_model_card_renders_offline():
+    card = sft.render_model_card(HUB_SUMMARY)
+    front = card.split("---")[1]
+    assert "base_model: openai/gpt-oss-20b" in front and "- HuggingFaceH4/Multilingual-Thinking" in front
+    assert "language:\n- en\n- fr\n- de\n- it\n- es" in front and "library_name: peft" in front
+    for line in ("| LoRA | r=16, alpha=16, dropout=0.0, modules q_proj, v_proj |",
+                 "| batch | 8 per device x 2 accumulation |",
+                 "| optimizer | adamw_torch_fused, lr 2e-05 cosine, warmup 0.1, weight decay 0.01 |",
+                 "| training loss, first / last logged | 1.8123 / 0.9876 |", "| runtime | 30.0 min |",
+                 "| peak GPU memory (allocated) | 46.7 GiB |", "| device | NVIDIA H100 80GB HBM3 |",
+                 "--mode infer --adapter you/gpt-oss-20b-multilingual-reasoner --reasoning-language German"):
+        assert line in card, line
+
+
+@pytest.mark.slow
+def test_training_writes_the_model_card_and_never_the_hub_token(tmp_path):
+    secret = "hf_NotARealTokenButSecret0123456789"
+    env = {**os.environ, "HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret}
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--mode", "train", *demo_training(), "--max_steps", "2",
+                             "--output_dir", str(out), "--run_name", "token-check"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n# base model: local directory") and "reasoning languages in the training data" in card
+    assert secret not in result.stdout + result.stderr
+    for root in (out, sft.Path(TRACKIO_DIR)):
+        for path in root.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    args = sft.build_sft_config(resolve("--demo"), sft.find_runtime(resolve("--demo")))
+    assert args.push_to_hub is False and args.trackio_space_id is None  # nothing leaves the machine unasked
