@@ -363,7 +363,7 @@ class Parser(OneLineErrors, TrlParser):
     --x/--no-x for every switch and the help in sections, one per group."""
 
     def __init__(self, mode: str):
-        # an unknown mode is refused by --mode's choices (a recipe's: validate)
+        # an unknown mode is refused by --mode's choices (a recipe's: parse)
         mode = mode if mode in MODES else CommonSettings.mode
         super().__init__(MODES[mode].settings.__bases__[::-1], prog="gpt_oss_20b_sft.py", allow_abbrev=False,
                          formatter_class=HelpFormatter,
@@ -434,6 +434,8 @@ def parse(argv: list) -> CommonSettings:
     picked, _ = first.parse_known_args(argv)
     recipe = read_recipe(picked.config) if picked.config else {}
     mode = picked.mode or recipe.get("mode", CommonSettings.mode)
+    if not picked.mode and not (isinstance(mode, str) and mode in MODES):  # the command line's: --mode's choices
+        raise UsageError(f"--mode: {mode!r} is not a valid value; choose from {', '.join(MODES)}")
     demo = picked.demo if picked.demo is not None else recipe.get("demo", False)
     parser, run = Parser(mode), MODES.get(mode, MODES[CommonSettings.mode]).settings
     names = [f.name for f in fields(run)]
