@@ -861,7 +861,8 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     if runtime.rank:
         return trainer
     print(f"saved adapter, model card (README.md), run_summary.json, speed.json and loss_curve.png to {cfg.output_dir}/ "
-          f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f})")
+          f"(loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f}; {stats['rows_truncated']} of "
+          f"{stats['rows_used']} rows cut at {cfg.max_seq_length} tokens)")
     if cfg.push_to_hub:
         push_adapter(Path(cfg.output_dir), cfg.hub_model_id)
     print(json.dumps(summary["speed"]))  # also in speed.json, which bench/benchmark.sh reads
@@ -870,7 +871,8 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
 
 def training_chats(cfg: TrainRun) -> list:
     """The conversations to train on, every row checked before anything is loaded."""
-    rows = synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data else read_rows(cfg.dataset, cfg.dataset_split)
+    rows = (synthetic_rows(cfg.synthetic_data, cfg.seed, cfg.max_seq_length) if cfg.synthetic_data
+            else read_rows(cfg.dataset, cfg.dataset_split))
     return prepare_chats(rows, cfg.reasoning_languages, cfg.max_samples, cfg.allow_any_language)
 
 
@@ -1487,15 +1489,22 @@ def tokenize_chat(tokenizer, chat: list, train_on_all_tokens: bool = False, wher
     return {"input_ids": ids, "labels": labels}
 
 
+@functools.lru_cache(maxsize=None)
+def longest_token(tokenizer) -> int:
+    """The most characters one token spans: its vocabulary form's length (bytes, for a byte-level BPE)."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
 def tokenize_chats(tokenizer, chats: list, max_length: int, train_on_all_tokens: bool = False,
                    reasoning_effort: str = "medium"):
-    """Tokenize and cut to max_length. Returns (examples, stats); rows left with no labelled token are dropped."""
+    """Tokenize and cut to max_length, keeping the start as TRL does. Returns (examples, stats); rows left with no
+    labelled token are dropped."""
+    # each text is first cut to twice what max_length tokens can span: a 50 MB row is never tokenized whole, and the
+    # tokens kept are those of the whole row (the cut can reach them only through one word that long)
+    keep = 2 * max_length * longest_token(tokenizer)
     examples, truncated, dropped = [], 0, 0
     for index, chat in enumerate(chats):
-        characters = sum(len(m["content"]) + len(m.get("thinking") or "") for m in chat)
-        if characters > 64 * max_length:  # it could only be cut, after tokenizing it whole (GBs for a 50 MB row)
-            raise UsageError(f"training example {index + 1} is {characters:,} characters, far over --max_seq_length "
-                             f"{max_length:,} tokens: shorten or drop it")
+        chat = [{k: v[:keep] if isinstance(v, str) else v for k, v in m.items()} for m in chat]
         ex = tokenize_chat(tokenizer, chat, train_on_all_tokens, f"training example {index + 1}", reasoning_effort)
         if len(ex["input_ids"]) > max_length:
             truncated += 1
@@ -1727,15 +1736,17 @@ SYNTHETIC_WORDS = ("the of and to in is that it for on with as was at by this be
                    "might great old year off come since against go came right used take three").split()
 
 
-def synthetic_rows(n: int, seed: int = 0) -> list:
-    """n rows in the dataset's flat schema, about one word per token, lengths drawn from LENGTH_PROFILE."""
+def synthetic_rows(n: int, seed: int = 0, max_tokens: int | None = None) -> list:
+    """n rows in the dataset's flat schema, about one word per token, lengths drawn from LENGTH_PROFILE and capped at
+    max_tokens (what a run at that --max_seq_length keeps of a real row)."""
     import random
 
     rng = random.Random(seed)
+    longest = min(LENGTH_PROFILE["max"], max_tokens or LENGTH_PROFILE["max"])
     rows = []
     for i in range(n):
         total = int(min(max(rng.lognormvariate(LENGTH_PROFILE["mu"], LENGTH_PROFILE["sigma"]), LENGTH_PROFILE["min"]),
-                        LENGTH_PROFILE["max"]))
+                        longest))
         body = total - 140  # the template's system preamble, headers, developer and user turns take about 140
         words = lambda k: " ".join(rng.choice(SYNTHETIC_WORDS) for _ in range(max(k, 1)))
         rows.append({"reasoning_language": SYNTHETIC_LANGUAGES[i % len(SYNTHETIC_LANGUAGES)],

@@ -14,8 +14,8 @@
 # check_attention.txt, mask_bench.txt. One process per run: a run that runs out of memory or crashes takes nothing
 # after it down, and each starts with an empty GPU.
 #
-# Without a GPU (or DRY=1): the same command on the demo's tiny model, 3 steps per run, to check the command itself
-# on a CPU; its numbers mean nothing.
+# Without a GPU (or DRY=1): the same command on the demo's tiny model (3 steps of 2 rows of 512 tokens per run, no
+# run's own cap) to check the command itself on a CPU; tests/test_bench.py runs it. Its numbers mean nothing.
 set -u
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -46,7 +46,7 @@ $PYTHON -c "import importlib, torch; print('versions:', {m: importlib.import_mod
 if [ "$DRY" = 1 ] || ! $PYTHON -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   DRY=1
   MODEL=$($PYTHON -c "import gpt_oss_20b_sft as s; print(s.build_demo_model())" 2>> "$OUT/logs.txt" | tail -1) || exit 1
-  export EXTRA_FLAGS="--max_seq_length 256 --batch_size 2 --gradient_accumulation_steps 2"
+  export EXTRA_FLAGS="--max_seq_length 512 --batch_size 2 --gradient_accumulation_steps 1 --synthetic-data 16"
   echo "DRY run on the CPU with $MODEL: checks the command, measures nothing" >> "$OUT/machine.txt"
 fi
 echo "model $MODEL" >> "$OUT/machine.txt"
@@ -57,8 +57,9 @@ BIG=$WORK/gpt-oss-120b-shape LAYERS=36 EXPERTS=128
 mkdir -p "$BIG" && cp "$MODEL"/*token* "$MODEL"/*.jinja "$BIG"/ 2>/dev/null
 $PYTHON -c "import json,sys; c=json.load(open(sys.argv[1]+'/config.json')); n=int(sys.argv[3]); c.update(num_hidden_layers=n, num_local_experts=int(sys.argv[4]), num_experts_per_tok=4, experts_per_token=4, layer_types=['sliding_attention','full_attention']*(n//2)); json.dump(c, open(sys.argv[2]+'/config.json','w'))" "$MODEL" "$BIG" $LAYERS $EXPERTS
 
-# seconds a step may take: its cap, or what is left less 10 s to write results; 0 (skip) under 30 s
-seconds_for() { local l=$(( $(left) - 10 )); local c=$(( $1 < l ? $1 : l )); echo $(( c < 30 ? 0 : c )); }
+# seconds a step may take: its cap (none in a DRY run, which measures nothing), or what is left less 10 s to write
+# results; 0 (skip) under 30 s
+seconds_for() { local l=$(( $(left) - 10 )); local c=$(( $1 < l && DRY != 1 ? $1 : l )); echo $(( c < 30 ? 0 : c )); }
 
 # one training run: NAME STEPS CAP [MODEL_DIR LABEL]; its row goes into $OUT/results.jsonl, the table is redrawn
 run() {
@@ -80,7 +81,8 @@ grep -q '"run": "baseline".*tokens_per_second' "$OUT/results.jsonl" 2>/dev/null 
 run ours_4bit 4 90
 cap=$(seconds_for 60)           # packed rows against alone: logits, router top-k sets, layer 0's attention
 if [ "$cap" = 0 ]; then echo "== check_attention: skipped, out of time" >> "$OUT/logs.txt"
-else timeout "$cap" $PYTHON bench/check_attention.py "$MODEL" --layers $([ "$DRY" = 1 ] && echo 2 || echo 4) 2>&1 \
+else timeout "$cap" $PYTHON bench/check_attention.py "$MODEL" $([ "$DRY" = 1 ] && echo "--layers 2 --lengths 60,180,140 \
+  --timed-lengths 100,100,110,120" || echo "--layers 4") 2>&1 \
   | grep '^{' > "$OUT/check_attention.txt"; fi
 run ours_packing 5 90
 run ours_checkpoint_every2 4 80

@@ -1,11 +1,14 @@
 """Reading rows, validating the schema, building the chat, filtering."""
 
 import json
+import math
+import subprocess
+import sys
 
 import pytest
 
 import gpt_oss_20b_sft as sft
-from conftest import assert_usage_error, run_cli, write_jsonl
+from conftest import ROOT, assert_usage_error, run_cli, write_jsonl
 
 FLAT = {"reasoning_language": "French", "developer": "You are terse.", "user": "2+2?", "analysis": "Deux plus deux.",
         "final": "4"}
@@ -129,17 +132,63 @@ def test_cli_missing_and_empty_dataset(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_row_no_token_budget_could_hold_is_one_line_before_it_is_tokenized(tmp_path, demo_model):
-    """A 4 MB row with --max_seq_length 512 could only be cut; tokenizing it whole first is what costs GBs (a 50 MB
-    row: 8.6 GB). Refused in one line, nothing written; a row just under the bound is cut as before."""
-    huge = {**FLAT, "analysis": "denke " * 700_000}
-    data = write_jsonl(tmp_path / "big.jsonl", [FLAT, huge])
-    out = run_cli("--dataset", data, "--model", str(demo_model), "--max_seq_length", "512", "--output_dir",
-                  str(tmp_path / "out"), "--report_to", "none", cwd=tmp_path)
-    assert_usage_error(out, "training example 2 is 4,200,")
-    assert "characters, far over --max_seq_length 512 tokens: shorten or drop it" in out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+@pytest.mark.parametrize("which", ["demo", "real"])
+def test_long_texts_are_cut_before_tokenizing_to_what_tokenizing_the_whole_row_keeps(which, request, pinned_date):
+    """Every text is cut before it is tokenized, yet the rows come out as TRL makes them: the whole row tokenized,
+    then its first max_length tokens kept, ids and labels alike; each is counted as cut."""
+    tokenizer = (sft.load_tokenizer(str(request.getfixturevalue("demo_model"))) if which == "demo"
+                 else request.getfixturevalue("real_tokenizer"))
+    sentence = "Zuerst rechne ich 17 x 23 = 391, dann prüfe ich das Ergebnis noch einmal. "
+    rows = [{**FLAT, "analysis": sentence * 400}, {**FLAT, "user": "Warum? " * 3000, "final": "Weil. " * 900},
+            {**FLAT, "final": "Darum " * 5000}, FLAT]
+    chats = sft.prepare_chats(rows)
+    whole = [sft.tokenize_chat(tokenizer, chat) for chat in chats]
+    for max_length in (300, 512):  # past the template's system preamble (86 real tokens, 203 of the demo's)
+        examples, stats = sft.tokenize_chats(tokenizer, chats, max_length)
+        kept = [{k: v[:max_length] for k, v in ex.items()} for ex in whole
+                if any(label != -100 for label in ex["labels"][1:max_length])]
+        assert examples == kept
+        assert stats["rows_truncated"] == 3 and stats["rows_dropped_no_labels_left"] == 1  # the long question's
+        assert all(len(whole[i]["input_ids"]) > 10 * max_length for i in range(2))  # ten times what a row keeps
+
+
+def test_training_cuts_rows_ten_times_too_long_counts_them_and_trains_on_them(tmp_path, demo_model):
+    """--max_seq_length 64 on rows ten times longer: a run, not a refusal; the rows are cut, counted in the data
+    line, the run summary and the end-of-run line, and trained on. The loss is on every token: 64 tokens do not reach
+    past the template's system preamble to the assistant's turn."""
+    long = {**FLAT, "analysis": "Deux plus deux font quatre, je le vérifie encore une fois. " * 60}
+    data = write_jsonl(tmp_path / "rows.jsonl", [long] * 8)
+    out = run_cli("--model", str(demo_model), "--dataset", data, "--max_seq_length", "64", "--train_on_all_tokens",
+                  "--max-steps", "2", "--batch_size", "2", "--report_to", "none", "--output_dir", str(tmp_path / "out"),
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data: 8 rows, 8 cut at 64 tokens" in out.stdout and "8 of 8 rows cut at 64 tokens)" in out.stdout
     tokenizer = sft.load_tokenizer(str(demo_model))
-    under = sft.prepare_chats([{**FLAT, "analysis": "denke " * 5_000}])
-    examples, stats = sft.tokenize_chats(tokenizer, under, max_length=512)
-    assert stats["rows_truncated"] == 1 and len(examples[0]["input_ids"]) == 512
+    assert len(sft.tokenize_chat(tokenizer, sft.prepare_chats([long])[0])["input_ids"]) > 10 * 64
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert {k: summary["data"][k] for k in ("rows_used", "rows_truncated", "longest_row_tokens",
+                                            "labelled_tokens_per_epoch")} == {
+        "rows_used": 8, "rows_truncated": 8, "longest_row_tokens": 64, "labelled_tokens_per_epoch": 8 * 63}
+    assert math.isfinite(summary["train_loss_last"])
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_50_mb_row_at_the_default_length_costs_under_a_gigabyte_and_trains_cut(tmp_path, demo_model):
+    """A 50 MB row used to be tokenized whole before it was cut (8.6 GB); now it trains, cut at the default 2,048
+    tokens, for less than 1 GB more than the process held before it read the data (peak resident memory)."""
+    data = write_jsonl(tmp_path / "big.jsonl", [FLAT, {**FLAT, "analysis": "denke nach " * 5_000_000}])
+    assert (tmp_path / "big.jsonl").stat().st_size > 50_000_000
+    wrapper = ("import resource, sys; import gpt_oss_20b_sft as s, torch, transformers, trl, peft, datasets; "
+               "s.load_tokenizer(sys.argv[1]); before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+               "code = s.main(sys.argv[2:]); "
+               "print('grew', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", wrapper, str(demo_model), "--model", str(demo_model), "--dataset", data,
+                          "--max-steps", "1", "--batch_size", "2", "--report_to", "none",
+                          "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data: 2 rows, 1 cut at 2048 tokens" in out.stdout
+    grew_kib = int(out.stdout.split("grew ")[1].split()[0])
+    assert grew_kib < 1024 * 1024, f"{grew_kib / 1024:.0f} MiB"
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["data"]["rows_truncated"] == 1 and summary["data"]["longest_row_tokens"] == 2048

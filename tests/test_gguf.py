@@ -3,16 +3,18 @@ against transformers on a tiny random gpt-oss with the real 201,088-token tokeni
 
 import json
 
-import gguf
-import llama_cpp
 import numpy as np
 import pytest
 import torch
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-import gpt_oss_20b_sft as sft
-from conftest import SHARED, assert_usage_error, resolve, run_cli, snapshot
-from test_merge import ATTENTION, EXPERTS, make_adapter
+EXTRAS = "the serving extras are not installed (requirements-serve.txt; README, 'Serve it')"
+gguf = pytest.importorskip("gguf", reason=EXTRAS)
+llama_cpp = pytest.importorskip("llama_cpp", reason=EXTRAS)
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
+
+import gpt_oss_20b_sft as sft  # noqa: E402
+from conftest import SHARED, assert_usage_error, resolve, run_cli, snapshot  # noqa: E402
+from test_merge import ATTENTION, EXPERTS, make_adapter  # noqa: E402
 
 pytestmark = [pytest.mark.real_tokenizer, pytest.mark.slow]  # slow: a real-vocabulary model, built and merged (a minute)
 

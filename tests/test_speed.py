@@ -232,6 +232,9 @@ def test_synthetic_rows_follow_the_profile(real_tokenizer):
     assert 1000 < mean < 1400, mean  # the profile's mean is 1,200 tokens
     _, capped = sft.tokenize_chats(real_tokenizer, chats, max_length=1024)
     assert 780 < capped["tokens_per_epoch"] / capped["rows_used"] < 920  # measured on the real data: 852
+    fitted = sft.prepare_chats(sft.synthetic_rows(200, seed=1, max_tokens=1024))  # what a run at 1,024 tokens makes
+    _, made = sft.tokenize_chats(real_tokenizer, fitted, max_length=100_000)
+    assert 780 < made["tokens_per_epoch"] / made["rows_used"] < 920 and made["longest_row_tokens"] <= 1024 * 1.1
 
 
 @pytest.mark.slow
