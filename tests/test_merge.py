@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
 from conftest import SCRIPT, resolve, run_cli, snapshot
