@@ -2451,6 +2451,18 @@ def score_output(reasoning_language: str, analysis: str, final: str | None, answ
     return scores
 
 
+# Reasoning this short is none to speak of: the model "stopped thinking" and jumped to its answer, what users report
+# after LoRA on gpt-oss when the analysis channel goes missing. Uncounted (no tokenizer), 16 characters stand in.
+STOPPED_THINKING_TOKENS = 8
+
+
+def stopped_thinking(analysis: str | None, reasoning_tokens: int | None) -> bool:
+    """Whether the reasoning is empty or only a few tokens long."""
+    if isinstance(reasoning_tokens, int):
+        return reasoning_tokens < STOPPED_THINKING_TOKENS
+    return len("".join((analysis or "").split())) < 2 * STOPPED_THINKING_TOKENS
+
+
 def _expected_answer(value, where: str) -> dict | None:
     if value is None or isinstance(value, dict) and (set(value) == {"number"} or set(value) == {"accepted"}):
         return value
@@ -2547,6 +2559,7 @@ def summarize_scores(items: list) -> list:
                          "answer_language_match": _mean([i.get("answer_language_match") for i in group]),
                          "accuracy": _mean([i.get("correct") for i in group]),
                          "reasoning_tokens": _mean([i.get("reasoning_tokens") for i in group]),
+                         "stopped_thinking": _mean([i["stopped_thinking"] for i in group]),
                          "malformed": _mean([i["malformed"] for i in group])})
     return rows
 
@@ -2554,15 +2567,16 @@ def summarize_scores(items: list) -> list:
 def summary_table(rows: list) -> str:
     percent = lambda v: "–" if v is None else f"{100 * v:.0f}%"
     lines = ["| reasoning language | model | n | reasoning in language | share of reasoning in language | "
-             "answer in language | answer correct | reasoning tokens | no final answer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "answer in language | answer correct | reasoning tokens | stopped thinking | no final answer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = list(dict.fromkeys(r["reasoning_language"] for r in rows))  # each language's models on adjacent rows
     for r in sorted(rows, key=lambda r: order.index(r["reasoning_language"])):
         language = r["reasoning_language"] + ("" if r["reasoning_language"] in TRAINED_LANGUAGES + ("all",) else " *")
         tokens = "–" if r["reasoning_tokens"] is None else f"{r['reasoning_tokens']:.0f}"
         lines.append(f"| {language} | {r['model']} | {r['n']} | {percent(r['reasoning_language_match'])} | "
                      f"{percent(r['reasoning_language_share'])} | {percent(r['answer_language_match'])} | "
-                     f"{percent(r['accuracy'])} | {tokens} | {percent(r['malformed'])} |")
+                     f"{percent(r['accuracy'])} | {tokens} | {percent(r['stopped_thinking'])} | "
+                     f"{percent(r['malformed'])} |")
     if any(r["reasoning_language"] not in TRAINED_LANGUAGES + ("all",) for r in rows):
         lines.append("\n\\* not among Multilingual-Thinking's reasoning languages (unseen in training).")
     return "\n".join(lines)
@@ -2637,7 +2651,8 @@ def run_eval(cfg: EvalRun) -> dict:
         if not isinstance(item.get("reasoning_tokens"), int):
             item["reasoning_tokens"] = tokenizer and len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
         item.update(score_output(item["reasoning_language"], item["analysis"], item.get("final"),
-                                 item.get("answer_language"), item.get("expected")))
+                                 item.get("answer_language"), item.get("expected")),
+                    stopped_thinking=stopped_thinking(item["analysis"], item["reasoning_tokens"]))
     rows = summarize_scores(items)
     table = summary_table(rows)
     out = Path(cfg.output_dir)
