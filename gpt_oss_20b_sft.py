@@ -23,6 +23,7 @@ import csv
 import difflib
 import errno
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -3285,13 +3286,24 @@ HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|c
                           "<|start|>", "<|end|>", "<|message|>", "<|call|>", "<|endofprompt|>"]
 
 
+DEMO_BASE_RECIPE = 2  # raised whenever the build itself changes (steps, tokenizer, sizes): a new folder in the cache
+
+
+@functools.lru_cache(maxsize=None)
+def demo_base_key() -> str:
+    """The cached base's name: the build's recipe and its pre-training data, so that a cache made from older data or
+    by an older build is not used (it stays where it is, beside the new one)."""
+    return f"v{DEMO_BASE_RECIPE}-{hashlib.sha256(DEMO_PRETRAIN.read_bytes()).hexdigest()[:10]}"
+
+
 def demo_model_dir(use_4bit: bool = False) -> Path:
-    return DEMO_CACHE / ("tiny-gpt-oss-mxfp4" if use_4bit else "tiny-gpt-oss")
+    return DEMO_CACHE / f"tiny-gpt-oss{'-mxfp4' if use_4bit else ''}-{demo_base_key()}"
 
 
-def build_demo_model(directory: Path = DEMO_CACHE / "tiny-gpt-oss") -> Path:
+def build_demo_model(directory: Path | None = None) -> Path:
     """Write (once) a tiny gpt-oss checkpoint: 2 layers, 4 experts, a 1k byte-level BPE trained on the demo's texts,
     pre-trained to think in English whatever language the system prompt names (gpt-oss's own situation)."""
+    directory = directory or demo_model_dir()
     built = lambda: (directory / "config.json").exists() and (directory / "tokenizer.json").exists()  # noqa: E731
     if built():
         return directory

@@ -42,8 +42,9 @@ ADDED = {"min_lr_rate": None, "eval_batch_size": 32, "eval_split": None, "merge_
 DEMO_RUN = {"learning_rate": 0.03, "num_train_epochs": 5, "gradient_checkpointing": False}
 ON_PURPOSE = {
     # the model the demo runs on, shown instead of set at run time; the demo's run that teaches the toy its languages
-    "--demo": {"model": "<CACHE>/tiny-gpt-oss", **DEMO_RUN},
-    "--mode eval --demo": {"model": "<CACHE>/tiny-gpt-oss", "adapter": "demo_output",  # likewise
+    # (named by its pre-training data since issue 39, so that a cache built from older data is not used)
+    "--demo": {"model": str(sft.demo_model_dir()), **DEMO_RUN},
+    "--mode eval --demo": {"model": str(sft.demo_model_dir()), "adapter": "demo_output",  # likewise
                            "batch_size": 8,  # eval's generation batch is eval_batch_size now, not batch_size
                            "max_new_tokens": 96, "eval_file": "<ROOT>/data/demo_eval_questions.jsonl"},
     "--mode infer": {"output_dir": None},  # infer writes nothing
