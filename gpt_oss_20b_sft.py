@@ -3353,7 +3353,7 @@ def write_demo_model(directory: Path):
         tokenizer.save_pretrained(staging)
 
 
-def pretrain_demo_model(model, tokenizer, steps: int = 150, batch_size: int = 32):
+def pretrain_demo_model(model, tokenizer, steps: int = 250, batch_size: int = 32):
     """Full training on data/demo_pretrain.jsonl: harmony chats that reason in English whatever language their
     system prompt names, and plain "reasoning language: X" documents in the five languages. The base then writes
     harmony, knows the languages, and ignores the instruction, as gpt-oss does before the LoRA run."""
