@@ -46,7 +46,7 @@ ON_PURPOSE = {
     "--demo": {"model": str(sft.demo_model_dir()), **DEMO_RUN},
     "--mode eval --demo": {"model": str(sft.demo_model_dir()), "adapter": "demo_output",  # likewise
                            "batch_size": 8,  # eval's generation batch is eval_batch_size now, not batch_size
-                           "max_new_tokens": 96, "eval_file": "<ROOT>/data/demo_eval_questions.jsonl"},
+                           "max_new_tokens": 224, "eval_file": "<ROOT>/data/demo_eval_questions.jsonl"},
     "--mode infer": {"output_dir": None},  # infer writes nothing
 }
 # Settings split by mode: each mode prints its own groups' fields only, and eval's two fields that meant something
@@ -139,7 +139,7 @@ def test_aliases_and_lists():
 
 def test_layers_mode_then_demo_then_recipe_then_flags(tmp_path):
     assert (resolve("--mode", "eval").temperature, resolve("--mode", "infer").temperature) == (0.0, 0.6)
-    assert resolve("--mode", "eval", "--demo").max_new_tokens == 96  # the demo's layer is above the mode's
+    assert resolve("--mode", "eval", "--demo").max_new_tokens == 224  # the demo's layer is above the mode's
     cfg = resolve("--demo")
     assert cfg.dataset.endswith("data/demo_sample.jsonl") and cfg.output_dir == "demo_output"
     recipe = tmp_path / "r.yaml"

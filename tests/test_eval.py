@@ -130,7 +130,7 @@ def test_eval_defaults(tmp_path):
     assert (cfg.temperature, cfg.max_new_tokens, cfg.eval_batch_size) == (0.0, 1024, 32)
     assert (cfg.output_dir, cfg.model) == (str(tmp_path / "a" / "eval"), "some/base")  # next to it; its base
     cfg = resolve("--mode", "eval", "--demo")
-    assert cfg.compare_base and cfg.output_dir == "demo_output/eval" and cfg.max_new_tokens == 96
+    assert cfg.compare_base and cfg.output_dir == "demo_output/eval" and cfg.max_new_tokens == 224
     assert resolve("--mode", "eval", "--temperature", "0.7").temperature == 0.7  # sampling by flag
     assert resolve("--mode", "infer").temperature == 0.6
 
@@ -234,7 +234,7 @@ def test_eval_demo_end_to_end(demo_folder):
     assert len(items) == 2 * 5 * 4 and [i["model"] for i in items[::20]] == ["base", "tuned"]
     assert [i["reasoning_language"] for i in items[:20:4]] == list(sft.TRAINED_LANGUAGES)  # the demo's five
     assert all(isinstance(i["reasoning_language_match"], bool) and "reasoning_language_detected" in i for i in items)
-    assert all(i["tokens"] <= 96 and isinstance(i["reasoning_tokens"], int) for i in items)
+    assert all(i["tokens"] <= 224 and isinstance(i["reasoning_tokens"], int) for i in items)
     assert "| all | tuned | 20 |" in result.stdout and (out / "eval_summary.md").read_text() in result.stdout + "\n"
 
 
