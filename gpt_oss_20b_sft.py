@@ -24,6 +24,7 @@ import csv
 import difflib
 import errno
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -316,9 +317,10 @@ class GenerationMode(ModelMode):
 # What --demo changes, each for a reason (each mode takes the ones among its settings): its rows and questions, written
 # for a 2-layer model (data/make_demo_data.py); a learning rate and passes that teach a tiny model the instruction in a
 # minute of CPU (NOTES.md); no gradient checkpointing, which saves memory a tiny model does not need and costs CPU
-# time; room for its two-sentence answers.
+# time; room for its three-sentence reasoning and the answer (at 96 tokens 24% of the tuned toy's held-out answers
+# were cut off before the final channel, 16% at 224: the rest are loops that no length ends; NOTES.md).
 DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=3e-2, num_train_epochs=5,
-                     gradient_checkpointing=False, max_new_tokens=96, eval_file=str(DEMO_QUESTIONS),
+                     gradient_checkpointing=False, max_new_tokens=224, eval_file=str(DEMO_QUESTIONS),
                      reasoning_language="German")
 DEMO_QUESTION = "What is 7 plus 8?"  # infer's, where no question is piped in; none of the demo's data asks it (a test)
 
@@ -2650,7 +2652,8 @@ def run_eval(cfg: EvalRun, runtime: Runtime | None = None) -> dict:
         if not isinstance(item.get("reasoning_tokens"), int):
             item["reasoning_tokens"] = tokenizer and len(tokenizer(item["analysis"], add_special_tokens=False)["input_ids"])
         item.update(score_output(item["reasoning_language"], item["analysis"], item.get("final"),
-                                 item.get("answer_language"), item.get("expected")))
+                                 item.get("answer_language"), item.get("expected")),
+                    stopped_thinking=stopped_thinking(item["analysis"], item["reasoning_tokens"]))
     rows = summarize_scores(items)
     table = summary_table(rows)
     out = Path(cfg.output_dir)
@@ -2800,6 +2803,18 @@ def score_output(reasoning_language: str, analysis: str, final: str | None, answ
     return scores
 
 
+# Reasoning this short is none to speak of: the model "stopped thinking" and jumped to its answer, what users report
+# after LoRA on gpt-oss when the analysis channel goes missing. Uncounted (no tokenizer), 16 characters stand in.
+STOPPED_THINKING_TOKENS = 8
+
+
+def stopped_thinking(analysis: str | None, reasoning_tokens: int | None) -> bool:
+    """Whether the reasoning is empty or only a few tokens long."""
+    if isinstance(reasoning_tokens, int):
+        return reasoning_tokens < STOPPED_THINKING_TOKENS
+    return len("".join((analysis or "").split())) < 2 * STOPPED_THINKING_TOKENS
+
+
 def detect_language(text: str | None) -> str | None:
     """The most likely language of the text; None when it has no letters (e.g. "56")."""
     if not text or not _has_letters(text):
@@ -2878,6 +2893,7 @@ def summarize_scores(items: list) -> list:
                          "answer_language_match": _mean([i.get("answer_language_match") for i in group]),
                          "accuracy": _mean([i.get("correct") for i in group]),
                          "reasoning_tokens": _mean([i.get("reasoning_tokens") for i in group]),
+                         "stopped_thinking": _mean([i["stopped_thinking"] for i in group]),
                          "malformed": _mean([i["malformed"] for i in group])})
     return rows
 
@@ -2890,15 +2906,16 @@ def _mean(values: list):
 def summary_table(rows: list) -> str:
     percent = lambda v: "–" if v is None else f"{100 * v:.0f}%"
     lines = ["| reasoning language | model | n | reasoning in language | share of reasoning in language | "
-             "answer in language | answer correct | reasoning tokens | no final answer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "answer in language | answer correct | reasoning tokens | stopped thinking | no final answer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = list(dict.fromkeys(r["reasoning_language"] for r in rows))  # each language's models on adjacent rows
     for r in sorted(rows, key=lambda r: order.index(r["reasoning_language"])):
         language = r["reasoning_language"] + ("" if r["reasoning_language"] in TRAINED_LANGUAGES + ("all",) else " *")
         tokens = "–" if r["reasoning_tokens"] is None else f"{r['reasoning_tokens']:.0f}"
         lines.append(f"| {language} | {r['model']} | {r['n']} | {percent(r['reasoning_language_match'])} | "
                      f"{percent(r['reasoning_language_share'])} | {percent(r['answer_language_match'])} | "
-                     f"{percent(r['accuracy'])} | {tokens} | {percent(r['malformed'])} |")
+                     f"{percent(r['accuracy'])} | {tokens} | {percent(r['stopped_thinking'])} | "
+                     f"{percent(r['malformed'])} |")
     if any(r["reasoning_language"] not in TRAINED_LANGUAGES + ("all",) for r in rows):
         lines.append("\n\\* not among Multilingual-Thinking's reasoning languages (unseen in training).")
     return "\n".join(lines)
@@ -3590,13 +3607,24 @@ HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|c
                           "<|start|>", "<|end|>", "<|message|>", "<|call|>", "<|endofprompt|>"]
 
 
+DEMO_BASE_RECIPE = 2  # raised whenever the build itself changes (steps, tokenizer, sizes): a new folder in the cache
+
+
+@functools.lru_cache(maxsize=None)
+def demo_base_key() -> str:
+    """The cached base's name: the build's recipe and its pre-training data, so that a cache made from older data or
+    by an older build is not used (it stays where it is, beside the new one)."""
+    return f"v{DEMO_BASE_RECIPE}-{hashlib.sha256(DEMO_PRETRAIN.read_bytes()).hexdigest()[:10]}"
+
+
 def demo_model_dir(use_4bit: bool = False) -> Path:
-    return CACHE / ("tiny-gpt-oss-mxfp4" if use_4bit else "tiny-gpt-oss")
+    return CACHE / f"tiny-gpt-oss{'-mxfp4' if use_4bit else ''}-{demo_base_key()}"
 
 
-def build_demo_model(directory: Path = CACHE / "tiny-gpt-oss") -> Path:
+def build_demo_model(directory: Path | None = None) -> Path:
     """Write (once) a tiny gpt-oss checkpoint: 2 layers, 4 experts, a 1k byte-level BPE trained on the demo's texts,
     pre-trained to think in English whatever language the system prompt names (gpt-oss's own situation)."""
+    directory = directory or demo_model_dir()
     built = lambda: (directory / "config.json").exists() and (directory / "tokenizer.json").exists()  # noqa: E731
     if built():
         return directory
@@ -3646,7 +3674,7 @@ def write_demo_model(directory: Path):
         tokenizer.save_pretrained(staging)
 
 
-def pretrain_demo_model(model, tokenizer, steps: int = 150, batch_size: int = 32):
+def pretrain_demo_model(model, tokenizer, steps: int = 250, batch_size: int = 32):
     """Full training on data/demo_pretrain.jsonl: harmony chats that reason in English whatever language their
     system prompt names, and plain "reasoning language: X" documents in the five languages. The base then writes
     harmony, knows the languages, and ignores the instruction, as gpt-oss does before the LoRA run."""

@@ -121,7 +121,7 @@ def test_aliases_and_lists():
 
 def test_layers_mode_then_demo_then_recipe_then_flags(tmp_path):
     assert (resolve("--mode", "eval").temperature, resolve("--mode", "infer").temperature) == (0.0, 0.6)
-    assert resolve("--mode", "eval", "--demo").max_new_tokens == 96  # the demo's layer is above the mode's
+    assert resolve("--mode", "eval", "--demo").max_new_tokens == 224  # the demo's layer is above the mode's
     cfg = resolve("--demo")
     assert cfg.dataset.endswith("data/demo_sample.jsonl") and cfg.output_dir == "demo_output"
     recipe = tmp_path / "r.yaml"

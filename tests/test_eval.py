@@ -49,6 +49,18 @@ def test_an_answer_without_letters_has_no_language_to_judge():
     assert scores["correct"] is True
 
 
+def test_stopped_thinking_is_reasoning_empty_or_a_few_tokens_long():
+    """The column users look for after LoRA on gpt-oss: the model answers without an analysis channel."""
+    assert sft.stopped_thinking("", 0) and sft.stopped_thinking("Okay.", 2) and sft.stopped_thinking(None, None)
+    assert not sft.stopped_thinking(GERMAN, 20) and not sft.stopped_thinking(CHINESE, 8)
+    assert sft.stopped_thinking("Also, 56.", None) and not sft.stopped_thinking(GERMAN, None)  # uncounted: characters
+    rows = sft.summarize_scores([{"model": "m", "reasoning_language": "German", "reasoning_language_match": False,
+                                  "reasoning_language_share": 0.0, "malformed": False, "stopped_thinking": stopped}
+                                 for stopped in (True, False, False, False)])
+    assert rows[0]["stopped_thinking"] == 0.25
+    assert "| reasoning tokens | stopped thinking | no final answer |" in sft.summary_table(rows).splitlines()[0]
+
+
 @pytest.mark.parametrize("text, values", [
     ("1.000 Meter", {1000.0, 1.0}),            # thousands in German, a decimal in English: both readings count
     ("It is 2,5 km.", {2.5}),
@@ -118,7 +130,7 @@ def test_eval_defaults(tmp_path):
     assert (cfg.temperature, cfg.max_new_tokens, cfg.eval_batch_size) == (0.0, 1024, 32)
     assert (cfg.output_dir, cfg.model) == (str(tmp_path / "a" / "eval"), "some/base")  # next to it; its base
     cfg = resolve("--mode", "eval", "--demo")
-    assert cfg.compare_base and cfg.output_dir == "demo_output/eval" and cfg.max_new_tokens == 96
+    assert cfg.compare_base and cfg.output_dir == "demo_output/eval" and cfg.max_new_tokens == 224
     assert resolve("--mode", "eval", "--temperature", "0.7").temperature == 0.7  # sampling by flag
     assert resolve("--mode", "infer").temperature == 0.6
 
@@ -162,12 +174,12 @@ def test_score_file_gives_the_expected_numbers(tmp_path):
     overall = next(r for r in report["summary"] if r["reasoning_language"] == "all")
     assert overall == {"model": "vllm", "reasoning_language": "all", "n": 4, "reasoning_language_match": 0.75,
                        "reasoning_language_share": 0.75, "answer_language_match": 1.0, "accuracy": 0.5,
-                       "reasoning_tokens": 17.5, "malformed": 0.25}
+                       "reasoning_tokens": 17.5, "stopped_thinking": 0.0, "malformed": 0.25}
     german = next(r for r in report["summary"] if r["reasoning_language"] == "German")
     assert (german["n"], german["reasoning_language_match"]) == (2, 0.5)
     table = (tmp_path / "report" / "eval_summary.md").read_text()
-    assert "| Korean * | vllm | 1 | 100% | 100% | 100% | 100% | 8 | 0% |" in table
-    assert "| all | vllm | 4 | 75% | 75% | 100% | 50% | 18 | 25% |" in table and table.splitlines()[0] in result.stdout
+    assert "| Korean * | vllm | 1 | 100% | 100% | 100% | 100% | 8 | 0% | 0% |" in table
+    assert "| all | vllm | 4 | 75% | 75% | 100% | 50% | 18 | 0% | 25% |" in table and table.splitlines()[0] in result.stdout
     assert (tmp_path / "report" / "eval_summary.png").stat().st_size > 10_000
 
 
@@ -222,7 +234,7 @@ def test_eval_demo_end_to_end(demo_folder):
     assert len(items) == 2 * 5 * 4 and [i["model"] for i in items[::20]] == ["base", "tuned"]
     assert [i["reasoning_language"] for i in items[:20:4]] == list(sft.TRAINED_LANGUAGES)  # the demo's five
     assert all(isinstance(i["reasoning_language_match"], bool) and "reasoning_language_detected" in i for i in items)
-    assert all(i["tokens"] <= 96 and isinstance(i["reasoning_tokens"], int) for i in items)
+    assert all(i["tokens"] <= 224 and isinstance(i["reasoning_tokens"], int) for i in items)
     assert "| all | tuned | 20 |" in result.stdout and (out / "eval_summary.md").read_text() in result.stdout + "\n"
 
 
@@ -234,4 +246,4 @@ def test_score_file_offline_without_a_tokenizer(tmp_path, capsys):
     assert result["items"][0]["reasoning_tokens"] is None and result["items"][0]["reasoning_language_match"] is True
     assert "note: reasoning tokens not counted: the tokenizer of openai/gpt-oss-20b is not on this machine" \
         in capsys.readouterr().out
-    assert "| German | outputs | 1 | 100% | 100% | – | – | – | 0% |" in (tmp_path / "r" / "eval_summary.md").read_text()
+    assert "| German | outputs | 1 | 100% | 100% | – | – | – | 0% | 0% |" in (tmp_path / "r" / "eval_summary.md").read_text()
