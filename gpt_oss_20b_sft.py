@@ -319,7 +319,7 @@ class GenerationMode(ModelMode):
 # minute of CPU (NOTES.md); no gradient checkpointing, which saves memory a tiny model does not need and costs CPU
 # time; room for its three-sentence reasoning and the answer (at 96 tokens 24% of the tuned toy's held-out answers
 # were cut off before the final channel, 16% at 224: the rest are loops that no length ends; NOTES.md).
-DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=3e-2, num_train_epochs=5,
+DEMO_DEFAULTS = dict(dataset=str(DEMO_DATASET), max_seq_length=512, learning_rate=3e-2, num_train_epochs=10,
                      gradient_checkpointing=False, max_new_tokens=224, eval_file=str(DEMO_QUESTIONS),
                      reasoning_language="German")
 DEMO_QUESTION = "What is 7 plus 8?"  # infer's, where no question is piped in; none of the demo's data asks it (a test)
@@ -3038,7 +3038,8 @@ def run_merge(cfg: MergeRun, runtime: Runtime | None = None) -> dict:
                             "so nothing was written.")
         print(f"checked: the {tensors['tensors']} merged weights equal W + s·BA rounded once (worst error "
               f"{tensors['worst_error_over_bound']:.2f}x the rounding bound) and every other tensor is there")
-        logits = {"skipped": skipped} if skipped else compare_merged_logits(cfg, runtime, staging)
+        logits = {"skipped": skipped} if skipped else compare_merged_logits(cfg, runtime, staging,
+                                                                            exact=written == "base dtypes")
         if skipped:
             print(f"skipped the logits check: {skipped}; the tensor check above ran")
         else:
@@ -3543,15 +3544,18 @@ def check_merged_tensors(staging: Path, weight_map: dict, layout: dict, updates:
             "passed": worst <= 1.0 and not missing}
 
 
-def compare_merged_logits(cfg: MergeRun, runtime: Runtime, staging: Path) -> dict:
-    """Today's check on the written files: base+adapter (PEFT, in bf16) against the merged directory as transformers
-    loads it, on MERGE_CHECK_PROMPTS; one model in memory at a time."""
+def compare_merged_logits(cfg: MergeRun, runtime: Runtime, staging: Path, exact: bool = False) -> dict:
+    """Today's check on the written files: base+adapter (PEFT) against the merged directory as transformers loads it,
+    on MERGE_CHECK_PROMPTS; one model in memory at a time. Both in bf16, as they are served, unless the merge kept
+    the base's own dtypes (exact: a float32 test model on CPU is compared in float32, not rounded twice to bf16)."""
     import gc
 
     import torch
 
-    def load(source: str):  # in bf16, the MXFP4 experts dequantized, attention as this machine runs it
-        return load_model(source, load_model_config(source), torch.bfloat16, resolve_attention("auto", runtime.on_cuda),
+    dtype = runtime.dtype if exact else torch.bfloat16
+
+    def load(source: str):  # the MXFP4 experts dequantized, attention as this machine runs it
+        return load_model(source, load_model_config(source), dtype, resolve_attention("auto", runtime.on_cuda),
                           runtime.device, runtime.device_map)
 
     model = with_adapter(load(cfg.model), cfg.adapter)
@@ -3581,9 +3585,10 @@ MERGE_CHECK_PROMPTS = (("What is 7 x 8?", "German"), ("Quelle est la capitale de
 
 def merge_agreement(tuned, base, merged) -> dict:
     """How closely the merged model's logits follow base+adapter. Storing W + BA in bf16 rounds every weight by up
-    to 2**-9 of itself: on the demo model that moves the logits by 2.2-2.4% (relative L2) and changes the top token
-    at under 0.5% of positions. An adapter whose changes are smaller than that rounding is erased by it, as one
-    dropped by an MXFP4 base is, so the merged logits must also sit much nearer the tuned model's than the base's."""
+    to 2**-9 of itself: on the demo model (64 wide, its logits often near ties) that moves the logits by up to 5.4%
+    (relative L2) and changes the top token at up to 2.1% of positions (NOTES.md). An adapter whose changes are
+    smaller than that rounding is erased by it, as one dropped by an MXFP4 base is, so the merged logits must also
+    sit much nearer the tuned model's than the base's."""
     relative = lambda a, b: float((a - b).norm() / b.norm())
     check = {"relative_error": relative(merged, tuned), "top1_agreement": float((merged.argmax(-1) == tuned.argmax(-1))
                                                                                .float().mean()),
@@ -3595,7 +3600,7 @@ def merge_agreement(tuned, base, merged) -> dict:
     return check
 
 
-MERGE_TOLERANCE = {"relative_error": 0.05, "top1_agreement": 0.98, "adapter_kept": 0.5}
+MERGE_TOLERANCE = {"relative_error": 0.08, "top1_agreement": 0.95, "adapter_kept": 0.5}
 
 
 # -----------------------------------------------------------------------------
@@ -3607,7 +3612,7 @@ HARMONY_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|c
                           "<|start|>", "<|end|>", "<|message|>", "<|call|>", "<|endofprompt|>"]
 
 
-DEMO_BASE_RECIPE = 2  # raised whenever the build itself changes (steps, tokenizer, sizes): a new folder in the cache
+DEMO_BASE_RECIPE = 3  # raised whenever the build itself changes (steps, tokenizer, sizes): a new folder in the cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -3644,10 +3649,10 @@ def write_demo_model(directory: Path):
     # private: trl.chat_template_utils' gptoss_chat_template (trl does not export it); checked against trl 1.16.0
     from trl.chat_template_utils import gptoss_chat_template
 
+    texts = [row["text"] if "text" in row else demo_chat_text(row) for row in read_rows(str(DEMO_PRETRAIN))]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    texts = [json.dumps(row, ensure_ascii=False) for row in read_rows(str(DEMO_PRETRAIN))]
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=HARMONY_SPECIAL_TOKENS,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|return|>",
@@ -3666,7 +3671,8 @@ def write_demo_model(directory: Path):
     try:
         torch.manual_seed(0)
         model = GptOssForCausalLM(config)
-        pretrain_demo_model(model, tokenizer)
+        pretrain_demo_model(model, [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts],
+                            tokenizer.pad_token_id)
     finally:
         torch.set_num_threads(threads)
     with staged_directory(directory) as staging:
@@ -3674,28 +3680,40 @@ def write_demo_model(directory: Path):
         tokenizer.save_pretrained(staging)
 
 
-def pretrain_demo_model(model, tokenizer, steps: int = 250, batch_size: int = 32):
-    """Full training on data/demo_pretrain.jsonl: harmony chats that reason in English whatever language their
-    system prompt names, and plain "reasoning language: X" documents in the five languages. The base then writes
-    harmony, knows the languages, and ignores the instruction, as gpt-oss does before the LoRA run."""
+def demo_chat_text(row: dict) -> str:
+    """A pre-training chat as training renders it, all tokens learned; the template stamps today's date, pinned here
+    so that the base is the same whatever day it is built."""
+    # private: trl.chat_template_utils' gptoss_training_chat_template, transformers' render_jinja_template; checked
+    # against trl 1.16.0 and transformers 5.23.0
+    from transformers.utils.chat_template_utils import render_jinja_template
+    from trl.chat_template_utils import gptoss_training_chat_template
+
+    rendered, _ = render_jinja_template([row_to_messages(row)], chat_template=gptoss_training_chat_template)
+    return re.sub(r"Current date: \d{4}-\d{2}-\d{2}", "Current date: 2025-08-05", rendered[0])
+
+
+def pretrain_demo_model(model, texts: list, pad_id: int, steps: int = 250, batch_size: int = 32,
+                        micro_batch_size: int = 8):
+    """Full training on data/demo_pretrain.jsonl's token ids: harmony chats that reason in English whatever
+    language their system prompt names, and plain "reasoning language: X" documents in the five languages. The base
+    then writes harmony, knows the languages, and ignores the instruction, as gpt-oss does before the LoRA run."""
     import torch
 
-    texts = []
-    for row in read_rows(str(DEMO_PRETRAIN)):
-        if "text" in row:  # a plain document
-            texts.append(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
-        else:
-            texts.append(tokenize_chat(tokenizer, row_to_messages(row), train_on_all_tokens=True)["input_ids"])
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        batch = [texts[order[(step * batch_size + k) % len(order)]] for k in range(batch_size)]
-        width = max(map(len, batch))
-        ids = torch.tensor([b + [tokenizer.pad_token_id] * (width - len(b)) for b in batch])
-        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
-        loss = model(input_ids=ids, attention_mask=mask, labels=torch.where(mask == 1, ids, -100)).loss
-        loss.backward()
+        batch = sorted((texts[order[(step * batch_size + k) % len(order)]] for k in range(batch_size)), key=len)
+        predicted = sum(len(b) - 1 for b in batch)  # each micro-batch's loss is summed over them: one batch's gradient
+        # micro-batches of similar lengths: less padding, and tensors small enough for malloc to reuse (the whole
+        # batch at once spent half its time in the kernel mapping fresh pages)
+        for start in range(0, batch_size, micro_batch_size):
+            micro = batch[start:start + micro_batch_size]
+            width = max(map(len, micro))
+            ids = torch.tensor([b + [pad_id] * (width - len(b)) for b in micro])
+            mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in micro])
+            model(input_ids=ids, attention_mask=mask, labels=torch.where(mask == 1, ids, -100),
+                  num_items_in_batch=predicted).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()

@@ -69,7 +69,7 @@ def demo_training(*extra) -> list:
     """The demo's training as plain flags, without the answer and the table --demo ends with (a quarter of a short
     demo run's time): for the tests of a run's mechanics. test_config checks these resolve to --demo's settings."""
     return ["--model", str(sft.build_demo_model()), "--dataset", str(sft.DEMO_DATASET), "--max_seq_length", "512",
-            "--learning_rate", "3e-2", "--num_train_epochs", "5", "--no-gradient-checkpointing", *extra]
+            "--learning_rate", "3e-2", "--num_train_epochs", "10", "--no-gradient-checkpointing", *extra]
 
 
 def run_cli(*args, cwd=ROOT, stdin=None, timeout=300, env=None):

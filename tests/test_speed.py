@@ -54,7 +54,9 @@ def assert_packed_rows_see_only_themselves(model, examples, show_the_leak=True, 
     start = 0
     for i, logits in enumerate(alone):
         n = len(logits)
-        torch.testing.assert_close(packed[start:start + n], logits, atol=1e-5, rtol=1e-5)
+        # float32 sums in another order (flex against eager) differ by a few ulps of the largest logits; a leak, by
+        # more than 1e-2
+        torch.testing.assert_close(packed[start:start + n], logits, atol=5e-5, rtol=1e-5)
         if i > 0 and show_the_leak:
             assert (leaky[start:start + n] - logits).abs().max() > 1e-2
         start += n
@@ -250,7 +252,7 @@ def test_preflight_prints_the_json_summary_line(tmp_path):
                 "peak_memory_gib"):
         assert key in summary
     assert summary["gpu"] == "cpu" and set(summary["peak_memory_gib"]) == {"allocated", "reserved"}
-    assert summary["optimizer_steps_per_run"] == 5  # ceil(16 / 16) x the demo's 5 epochs: the configured run
+    assert summary["optimizer_steps_per_run"] == 10  # ceil(16 / 16) x the demo's 10 epochs: the configured run
     assert summary["tokens_per_second"] > 0 and summary["padded_tokens_per_second"] >= summary["tokens_per_second"]
     assert summary["rows"] == 16 and summary["packing"] is False and summary["sampler"] == "batch_rebalance"
     assert summary["compile"] is False and summary["recompute_every_nth_layer"] == 1

@@ -188,15 +188,24 @@ def test_eval_split_holds_out_rows_and_logs_an_evaluation_loss_each_epoch(tmp_pa
 
 
 def test_the_demo_base_is_the_same_tensors_every_build(tmp_path, monkeypatch):
-    """Built twice, the second time with another thread count and the other core busy, the tiny base is bit for bit
-    the same, so every test and every user's demo starts from the same model. Its first 10 pre-training steps: a sum
-    that the thread count or the load could reorder shows in the first step."""
+    """Built twice, the second time on another day, with another thread count and the other core busy, the tiny base
+    is bit for bit the same, so every test and every user's demo starts from the same model. Its first 10
+    pre-training steps: a sum that the thread count or the load could reorder shows in the first step."""
+    import datetime
+
     from safetensors.torch import load_file
+    from transformers.utils import chat_template_utils
+
+    class NewYear(datetime.datetime):  # the chat template stamps today's date into every chat
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2031, 1, 1)
 
     monkeypatch.setattr(sft, "pretrain_demo_model", functools.partial(sft.pretrain_demo_model, steps=10))
     once = sft.build_demo_model(tmp_path / "once")
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     threads = torch.get_num_threads()
+    monkeypatch.setattr(chat_template_utils, "datetime", NewYear)
     try:
         torch.set_num_threads(2)
         again = sft.build_demo_model(tmp_path / "again")
