@@ -6,6 +6,7 @@
     python gpt_oss_20b_sft.py --mode infer --reasoning-language German --prompt "What is 7 x 8?"
     python gpt_oss_20b_sft.py --mode chat --adapter DIR        # talk to it: the model loads once, answers stream
     python gpt_oss_20b_sft.py --mode eval --adapter DIR --compare-base   # reasoning-language match, accuracy
+    python gpt_oss_20b_sft.py --mode grpo --adapter DIR --reasoning-languages Chinese   # add a language by RL
     python gpt_oss_20b_sft.py --mode merge --adapter DIR       # one standalone checkpoint for serving
     python gpt_oss_20b_sft.py --demo                           # the whole pipeline offline, on CPU, tiny model
     python gpt_oss_20b_sft.py --print-config                   # the resolved settings (YAML), loads nothing
@@ -78,6 +79,7 @@ class Mode:
     settings: type  # its settings: one frozen dataclass of the groups it reads (a run gets no other field)
     during: str  # what the out-of-memory message calls it
     defaults: dict = {}  # settings that differ in this mode (the demo's come on top)
+    demo_defaults: dict = {}  # what --demo changes in this mode, on top of DEMO_DEFAULTS
     outputs: str | None = None  # the exact names of the files it writes (None: it writes nothing); see sort_outputs
     output_help: str | None = None  # its default --output_dir, as --help says it
     takes_adapter = True  # --adapter is the adapter it runs (under --demo, where none is given: the demo's)
@@ -452,7 +454,7 @@ def parse(argv: list) -> CommonSettings:
         raise UsageError(f"--config {picked.config}: unknown setting {key!r}"
                          + (f" (did you mean {close[0]}?)" if close else "; --help lists them"))
     parser.set_defaults_with_config(**{**(MODES[mode].defaults if mode in MODES else {}),
-                                       **(DEMO_DEFAULTS if demo else {}), **recipe})  # each mode takes its own
+                                       **(DEMO_DEFAULTS | MODES.get(mode, Mode).demo_defaults if demo else {}), **recipe})
     namespace, unknown = parser.parse_known_args(argv)
     for flag in (arg.split("=")[0] for arg in unknown if arg.startswith("--")):
         if readers(flag):
@@ -2939,6 +2941,381 @@ def plot_match_rates(rows: list, path: Path):
     ax.grid(axis="y", alpha=0.3)
     ax.figure.tight_layout()
     ax.figure.savefig(path, dpi=120)
+
+
+# -----------------------------------------------------------------------------
+# GRPO: a second stage that teaches a reasoning language from prompts alone (reinforcement learning with TRL's
+# GRPOTrainer, rewarded for the reasoning's language); the defaults' sources and measurements are in NOTES.md
+
+
+@dataclass(frozen=True)
+class GrpoSettings:
+    """prompts and rewards ({readers})"""
+    dataset: str = setting("HuggingFaceH4/Multilingual-Thinking", "prompts: a hub dataset's user turns or a local "
+                                                                  ".jsonl/.json/.parquet/.csv with 'user'")
+    dataset_split: str = setting("train", "split of a hub dataset")
+    reasoning_languages: list[str] | None = setting(None, "ask each prompt in each of these languages (default: the "
+                                                          "row's reasoning_language)")
+    max_samples: int | None = setting(None, "only the first N prompts, before they are asked in each language",
+                                      "limit", check="positive")
+    language_reward: float = setting(1.0, "weight of the reasoning-language reward", check="not_negative")
+    format_reward: float = setting(0.5, "weight of the format reward (analysis and final answer, both closed)",
+                                   check="not_negative")
+    correctness_reward: float = setting(1.0, "weight of the answer check, on rows with an 'answer'",
+                                        check="not_negative")
+    answer_language_reward: float = setting(0.5, "weight of the answer's language, on rows with an 'answer_language'",
+                                            check="not_negative")
+    num_generations: int = setting(8, "completions per prompt, each scored against the others", check="positive",
+                                   section="reinforcement learning")
+    max_completion_length: int = setting(1024, "tokens per completion at most", check="positive")
+    temperature: float = setting(1.0, "sampling temperature of the completions", check="above_zero")
+    beta: float = setting(0.0, "KL penalty towards the starting model (0: none, and no reference model in memory)",
+                          check="not_negative")
+    loss_type: Literal["dr_grpo", "grpo", "dapo", "bnpo"] = setting("dr_grpo", "TRL's GRPO loss")
+    epsilon_high: float = setting(0.28, "upper clip of the probability ratio (clip-higher)", check="above_zero")
+    learning_rate: float = setting(1e-5, "peak learning rate", check="above_zero")
+    batch_size: int = setting(8, "completions per device per micro-batch", "per_device_train_batch_size",
+                              check="positive")
+    gradient_accumulation_steps: int = setting(4, "micro-batches per optimizer step", check="positive")
+    num_train_epochs: float = setting(1.0, "passes over the prompts", check="above_zero")
+    max_steps: int | None = setting(None, "stop after N optimizer steps", check="positive")
+    resume: bool = setting(False, "continue from the newest complete checkpoint in --output_dir")
+    logging_steps: int = setting(1, "log every N optimizer steps", check="positive")
+    save_steps: int = setting(50, "checkpoint every N optimizer steps", check="positive")
+    report_to: Literal["trackio", "wandb", "tensorboard", "none"] = setting(
+        "trackio", "experiment tracking (trackio logs stay local)")
+
+
+@dataclass(frozen=True)
+class GrpoRun(GrpoSettings, ModelSettings, CommonSettings):
+    """--mode grpo"""
+
+
+@register
+class Grpo(ModelMode):
+    """--mode grpo: the given adapter (or a new one on the base) trained further with GRPO, rewarded for reasoning
+    in the language the system prompt names."""
+
+    name, settings, during = "grpo", GrpoRun, "GRPO training"
+    summary = "grpo (teach a reasoning language from prompts)"
+    output_help = "grpo gpt-oss-20b-grpo, demo demo_grpo_output"
+    outputs = (r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+               r"chat_template\.jinja|training_args\.bin|run_summary\.json|reward_curve\.png|README\.md|"
+               r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
+               r"trainer_state\.json")
+    demo_defaults = dict(learning_rate=2e-3, num_generations=8, max_completion_length=160, batch_size=16,
+                         gradient_accumulation_steps=1, max_steps=30, max_samples=40, save_steps=10,
+                         reasoning_languages=["French", "German", "Spanish", "Italian"])
+    every_rank = resumes = True
+
+    def run(self, cfg, runtime):
+        return run_grpo(cfg, runtime)
+
+    def output_dir(self, cfg, adapter):
+        return "demo_grpo_output" if cfg.demo else "gpt-oss-20b-grpo"
+
+    def derive(self, cfg):
+        return dict(reasoning_languages=language_names(cfg.reasoning_languages, "--reasoning-languages",
+                                                       self.any_language(cfg)))
+
+    def any_language(self, cfg):
+        return False  # the reward reads the reasoning's language with the detector: it must know the language
+
+    def check(self, cfg):
+        if cfg.allow_any_language:
+            raise UsageError("--allow-any-language: grpo rewards the reasoning's language with the language detector, "
+                             "which knows only its 75 languages; drop it")
+        if importlib.util.find_spec("lingua") is None:
+            raise UsageError("--mode grpo rewards the reasoning's language with lingua: pip install "
+                             "lingua-language-detector")
+        if cfg.num_generations < 2:
+            raise UsageError("--num_generations must be at least 2: GRPO scores each completion against the others "
+                             "of its prompt")
+        completions = cfg.batch_size * cfg.gradient_accumulation_steps * world_size()
+        if completions % cfg.num_generations:
+            raise UsageError(f"--num_generations {cfg.num_generations} must divide the completions of one optimizer "
+                             f"step ({cfg.batch_size} x {cfg.gradient_accumulation_steps} x {world_size()} "
+                             f"process{'es' * (world_size() > 1)} = {completions}), so each prompt's completions are "
+                             "scored together")
+        if not any(weight for weight in reward_weights(cfg).values()):
+            raise UsageError("every reward weight is 0: nothing to learn from (--language_reward is 1 by default)")
+        if cfg.resume and cfg.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other: pick one")
+        if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+            raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
+        if cfg.adapter:
+            read_lora_adapter(cfg.adapter)  # a folder that is not a LoRA adapter is one line here, not PEFT's traceback
+
+    def inputs(self, cfg):
+        return {"the prompts": cfg.dataset}
+
+    def strategy(self, cfg, world_size):
+        return "ddp" if world_size > 1 else "single"
+
+    def use_less_memory(self, cfg):
+        return (f"To use less: --num_generations {max(cfg.num_generations // 2, 2)} --batch_size "
+                f"{max(cfg.batch_size // 2, 1)}, --max_completion_length {max(cfg.max_completion_length // 2, 64)}"
+                + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)") + ".")
+
+    def hub_repos(self, cfg):
+        return [] if Path(cfg.dataset).expanduser().exists() else [cfg.dataset]
+
+    def after_demo(self, cfg, runtime):
+        if runtime.rank == 0:
+            grpo_demo_table(cfg)
+
+
+def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
+    """Prompts asked in each language, completions sampled and scored by the rewards, the adapter updated (TRL's
+    GRPOTrainer); the adapter, run_summary.json, reward_curve.png and a model card, as train writes them."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    runtime = runtime or find_runtime(cfg)
+    check_output_dir(cfg)
+    prompts = grpo_prompts(cfg)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
+    config = load_model_config(cfg.model)
+    asked = [p["reasoning_language"] for p in prompts]
+    print(f"prompts: {len(prompts)} ({', '.join(f'{asked.count(lang)} in {lang}' for lang in dict.fromkeys(asked))}), "
+          f"{cfg.num_generations} completions each")
+    if runtime.rank == 0:
+        claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume)
+    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
+                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, seed=cfg.seed, training=True)
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
+    callbacks = [make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
+    class QuietGRPOTrainer(GRPOTrainer):
+        def create_model_card(self, *args, **kwargs):
+            """Nothing: TRL's card would land in the output folder at each checkpoint, outside the record."""
+
+    trainer = QuietGRPOTrainer(model=model, reward_funcs=grpo_reward_functions(cfg, tokenizer),
+                               args=grpo_config(cfg, runtime), train_dataset=Dataset.from_list(prompts),
+                               processing_class=tokenizer, callbacks=callbacks,
+                               peft_config=None if cfg.adapter else build_lora_config(TrainRun()))  # train's LoRA
+    checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
+        last = latest_checkpoint(Path(cfg.output_dir))
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
+            f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
+            else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
+    summary = save_grpo_run(cfg, runtime, trainer, result, prompts)
+    if runtime.rank == 0:
+        rewards = summary["reward_first"], summary["reward_last"]
+        print(f"saved adapter, model card (README.md), run_summary.json and reward_curve.png to {cfg.output_dir}/ "
+              f"(mean reward {rewards[0]:.3f} -> {rewards[1]:.3f} over {summary['optimizer_steps']} steps)")
+    return trainer
+
+
+def grpo_prompts(cfg: GrpoRun) -> list:
+    """One dataset row per prompt and reasoning language: the chat as infer builds it, and what the rewards check."""
+    rows = read_rows(cfg.dataset, cfg.dataset_split)[:cfg.max_samples]
+    prompts = []
+    for number, row in enumerate(rows, 1):
+        where = f"prompt row {number}"
+        user = row.get("user")
+        if not isinstance(user, str) or not user.strip():
+            raise UsageError(f"{where} has no 'user' text (the question): each row needs one, e.g. "
+                             '{"user": "What is 7 x 8?", "answer": 56}')
+        try:
+            expected = _expected_answer(row.get("answer"), where)
+        except UsageError as e:
+            raise UsageError(str(e).replace("'expected'", "'answer'")) from None
+        answer_language = row.get("answer_language") and language_name(row["answer_language"], where, False)
+        own = row.get("reasoning_language")
+        languages = cfg.reasoning_languages or ([language_name(own, where, False)] if own else None)
+        if not languages:
+            raise UsageError(f"{where} has no 'reasoning_language': give --reasoning-languages to ask each prompt "
+                             "in those languages")
+        prompts += [{"prompt": build_chat(user, language, answer_language), "reasoning_language": language,
+                     "answer": json.dumps(expected) if expected else "", "answer_language": answer_language or ""}
+                    for language in languages]
+    if not prompts:
+        raise UsageError(f"{cfg.dataset} holds no prompts")
+    return prompts
+
+
+def grpo_config(cfg: GrpoRun, runtime: Runtime):
+    from trl import GRPOConfig
+
+    settings = asdict(cfg)
+    return GRPOConfig(
+        **{name: settings[name] for name in (  # the settings GRPOConfig takes under the same name
+            "output_dir", "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "num_generations",
+            "max_completion_length", "temperature", "beta", "loss_type", "epsilon_high", "logging_steps",
+            "save_steps", "seed")},
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps or -1,
+        reward_weights=list(reward_weights(cfg).values()),
+        router_aux_loss_coef=0.0,  # as train: TRL would add 0.9 x the router's load-balancing loss to the policy's
+        chat_template_kwargs={"reasoning_effort": cfg.reasoning_effort},  # the system prompt as infer renders it
+        activation_checkpointing=runtime.on_cuda,  # transformers 5.23's name for gradient checkpointing
+        bf16=runtime.on_cuda,
+        use_cpu=not runtime.on_cuda,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN, so the guard stops the run on it
+        save_strategy="steps",
+        save_total_limit=2,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        project="gpt-oss-20b-grpo",
+        run_name=f"{Path(cfg.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        trackio_space_id=None,  # trackio logs stay on this machine
+        push_to_hub=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if runtime.strategy == "ddp" else None,
+    )
+
+
+def reward_weights(cfg: GrpoRun) -> dict:
+    """Each reward's weight, in the order of grpo_reward_functions."""
+    return {"language": cfg.language_reward, "format": cfg.format_reward, "correctness": cfg.correctness_reward,
+            "answer_language": cfg.answer_language_reward}
+
+
+# Reasoning with fewer letters than this (after numbers and formulas are removed) is too short to tell its language:
+# it earns no language reward, or a model would learn to say nothing ("Okay." or "56")
+MIN_REASONING_LETTERS = 20
+
+
+def language_reward(analysis: str | None, language: str) -> float:
+    """The share of the reasoning written in `language` (eval's detector, sentence by sentence), after words without a
+    letter (numbers, formulas) are removed; 0 for reasoning too short to judge. The final answer is not read: an
+    answer in the language must not hide reasoning in another."""
+    kept = "\n".join(" ".join(w for w in line.split() if _has_letters(w)) for line in (analysis or "").splitlines())
+    if sum(ch.isalpha() for ch in kept) < MIN_REASONING_LETTERS:
+        return 0.0
+    return language_share(kept, language)
+
+
+def format_reward(messages: list) -> float:
+    """1 for an analysis message and a final answer, each closed (harmony's <|end|> / <|return|>), else 0."""
+    closed = {name for name, _, done in messages if done}
+    names = [name for name, _, _ in messages]
+    return float({"analysis", "final"} <= closed and all(done for _, _, done in messages) and names[-1] == "final")
+
+
+def correctness_reward(final: str | None, answer: dict | None) -> float | None:
+    """1 for a final answer that holds the expected one (eval's check), 0 otherwise; None where the row has none."""
+    return None if answer is None else float(answer_is_correct(final, answer))
+
+
+def answer_language_reward(final: str | None, language: str | None) -> float | None:
+    """1 for a final answer detected in the asked language; None where the row asks for none."""
+    return None if not language else float(final is not None and detect_language(final) == language)
+
+
+def harmony_messages(ids: list, tokenizer) -> list:
+    """(channel, text, closed) of each message of a completion, read from its token ids as infer reads them."""
+    reader = ChannelReader(tokenizer)
+    for token in [*ids, None]:
+        reader.feed(token)
+    return reader.messages
+
+
+def grpo_reward_functions(cfg: GrpoRun, tokenizer) -> list:
+    """The four rewards as TRL calls them (completion_ids and the dataset's columns), in reward_weights' order. The
+    language reward also logs, per language, its mean and the mean reasoning length: a reward won by shortening the
+    reasoning shows."""
+    def parts(completion_ids):
+        messages = [harmony_messages(ids, tokenizer) for ids in completion_ids]
+        analysis = ["\n".join(t for n, t, _ in m if n == "analysis") for m in messages]
+        final = ["\n".join(t for n, t, _ in m if n == "final") if any(n == "final" for n, _, _ in m) else None
+                 for m in messages]
+        return messages, analysis, final
+
+    def language(completion_ids, reasoning_language, log_metric=None, **_):
+        _, analysis, _ = parts(completion_ids)
+        scores = [language_reward(a, lang) for a, lang in zip(analysis, reasoning_language)]
+        for lang in sorted(set(reasoning_language)):
+            mine = [i for i, other in enumerate(reasoning_language) if other == lang]
+            if log_metric:
+                log_metric(f"language_reward/{lang}", sum(scores[i] for i in mine) / len(mine))
+                log_metric(f"reasoning_tokens/{lang}", sum(len(tokenizer(analysis[i], add_special_tokens=False)
+                                                               ["input_ids"]) for i in mine) / len(mine))
+        return scores
+
+    def format(completion_ids, **_):  # noqa: A001 (TRL logs a reward by its function's name)
+        return [format_reward(m) for m in parts(completion_ids)[0]]
+
+    def correctness(completion_ids, answer, **_):
+        return [correctness_reward(f, json.loads(a) if a else None) for f, a in zip(parts(completion_ids)[2], answer)]
+
+    def answer_language(completion_ids, answer_language, **_):
+        return [answer_language_reward(f, lang) for f, lang in zip(parts(completion_ids)[2], answer_language)]
+
+    return [language, format, correctness, answer_language]
+
+
+def save_grpo_run(cfg: GrpoRun, runtime: Runtime, trainer, result, prompts: list) -> dict:
+    """The adapter and its record, staged and moved in with adapter_config.json last (as train saves)."""
+    out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
+    if runtime.rank == 0:
+        record(out, staging, pending=True)
+    trainer.save_model(str(staging))
+    if runtime.rank:
+        return {}
+    logs = [e for e in trainer.state.log_history if "reward" in e and "step" in e]
+    languages = sorted({p["reasoning_language"] for p in prompts})
+    summary = {
+        "config": asdict(cfg),
+        "versions": library_versions(),
+        "device": runtime.device_name if runtime.on_cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "started_from": cfg.adapter or f"a new LoRA adapter on {cfg.model}",
+        "reasoning_languages": languages,
+        "prompts": len(prompts),
+        "optimizer_steps": trainer.state.global_step,
+        "reward_first": logs[0]["reward"] if logs else None,
+        "reward_last": logs[-1]["reward"] if logs else None,
+        "per_step": [{k: v for k, v in e.items() if k == "step" or k == "reward" or "/" in k} for e in logs],
+        "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+    }
+    plot_rewards(logs, languages, staging / "reward_curve.png")
+    (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (staging / "README.md").write_text(
+        f"---\nbase_model: {cfg.model}\nlibrary_name: peft\ntags: [gpt-oss, grpo, trl, lora]\n---\n\n"
+        f"# {out.name}\n\nLoRA adapter for {cfg.model}, trained with GRPO (TRL) by gpt_oss_20b_sft.py from "
+        f"{summary['started_from']}, rewarded for reasoning in the language the system prompt names "
+        f"(`reasoning language: X`): {', '.join(languages)}. {len(prompts)} prompts, {cfg.num_generations} completions "
+        f"each, {summary['optimizer_steps']} optimizer steps; mean reward {summary['reward_first']} -> "
+        f"{summary['reward_last']}. The settings are in run_summary.json.\n")
+    move_staged_into_place(staging, out)
+    return summary
+
+
+def plot_rewards(logs: list, languages: list, path: Path):
+    """The language reward and the mean reasoning length per language over the steps, side by side."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    reward, length = figure.subplots(1, 2)
+    for language in languages:
+        for ax, key in ((reward, "language_reward"), (length, "reasoning_tokens")):
+            points = [(e["step"], e[f"{key}/{language}"]) for e in logs if f"{key}/{language}" in e]
+            if points:
+                ax.plot(*zip(*points), label=language)
+    reward.set(xlabel="optimizer step", ylabel="language reward (mean)", ylim=(-0.05, 1.05))
+    length.set(xlabel="optimizer step", ylabel="reasoning tokens (mean)")
+    for ax in (reward, length):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def grpo_demo_table(cfg: GrpoRun):
+    """After the demo's GRPO run: base, SFT and GRPO on the demo's held-out questions, one table each (eval's)."""
+    for label, adapter, folder in (("SFT", cfg.adapter, "eval_sft"), ("GRPO", cfg.output_dir, "eval")):
+        print(f"\n{label} ({adapter}) against the base, on questions neither run trained on:")
+        run_eval(parse_config(["--mode", "eval", "--demo", "--adapter", adapter, "--model", cfg.model,
+                               "--reasoning-languages", ",".join(["English", *(cfg.reasoning_languages or [])]),
+                               "--output_dir", str(Path(cfg.output_dir) / folder)]))
 
 
 # -----------------------------------------------------------------------------

@@ -89,7 +89,7 @@ CASES = [
     (["--mode", "infer", "--temperature", "nan", "--prompt", "hi"], "--temperature must be a finite number, got nan"),
     (["--learning_rate=-inf"], "--learning_rate must be a finite number, got -inf"),
     (["--seed=-1"], "--seed must be in [0, 2**32), got -1"),
-    (["MODEL", *TRAIN, "--adapter", "adapter"], "--adapter is for infer, chat, eval and merge: train makes a new adapter"),
+    (["MODEL", *TRAIN, "--adapter", "adapter"], "--adapter is for infer, chat, eval, grpo and merge: train makes a new adapter"),
     (["--model", "./nowhere", *TRAIN], "model directory ./nowhere does not exist"),
     # infer
     (["--mode", "infer", "--json", "--raw", "--prompt", "hi"], "--json and --raw are two output formats"),
@@ -106,8 +106,8 @@ CASES = [
     (["--mode", "eval", "--compare-base"], "--compare-base needs --adapter"),
     # merge
     (["--mode", "merge"], "--mode merge needs --adapter"),
-    (["--mode", "merge", "--adapter", "adapter", "--use_4bit"], "--use_4bit is a train, infer, chat and eval setting; "
-                                                                "--mode merge does not read it"),
+    (["--mode", "merge", "--adapter", "adapter", "--use_4bit"],
+     "--use_4bit is a train, infer, chat, eval and grpo setting; --mode merge does not read it"),
     (["--mode", "merge", "--adapter", "adapter", "--output_dir", "."], "--output_dir . is the folder you are in"),
     (["--mode", "merge", "--adapter", "adapter", "--output_dir", "src"], "--output_dir src holds files this tool did not"),
 ]

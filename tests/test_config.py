@@ -161,15 +161,17 @@ def test_bad_values_are_refused(argv, message):
 
 @pytest.mark.parametrize("recipe, needle", [
     ("learning_rate: [1, 2]\n", "--learning_rate: [1, 2] is not a valid value"),
-    ("mode: fly\n", "--mode: 'fly' is not a valid value; choose from train, infer, chat, eval, merge"),
+    ("mode: fly\n", "--mode: 'fly' is not a valid value; choose from train, infer, chat, eval, grpo, merge"),
     ("lora_rank: 8\n", "unknown setting 'lora_rank' (did you mean lora_r?)"),
     ("- just a list\n", "must be a YAML mapping of settings"),
     ("a: [\n", "is not valid YAML"),
     # an old recipe with a field that moved gets a one-line hint
     ("mode: eval\nmax_samples: 3\n", "--config r.yaml: max_samples is max_questions in --mode eval: rename it"),
     ("mode: eval\nreasoning_languages: [German]\n", "reasoning_languages is eval_reasoning_languages in --mode eval"),
-    ("mode: merge\nlearning_rate: 1.0e-4\n", "learning_rate is a train setting; --mode merge does not read it: drop"),
-    ("temperature: 0.3\n", "--config r.yaml: temperature is an infer, chat and eval setting; --mode train does not"),
+    ("mode: merge\nlearning_rate: 1.0e-4\n",
+     "learning_rate is a train and grpo setting; --mode merge does not read it: drop"),
+    ("temperature: 0.3\n",
+     "--config r.yaml: temperature is an infer, chat, eval and grpo setting; --mode train does not"),
 ])
 def test_bad_recipes_are_one_line_exit_2(tmp_path, recipe, needle):
     (tmp_path / "r.yaml").write_text(recipe)
@@ -214,10 +216,12 @@ def test_each_mode_lists_few_flags(mode, most):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--mode", "merge", "--learning_rate", "1e-4"], "--learning_rate is a train setting; --mode merge does not read it"),
-    (["--mode", "train", "--temperature=0"], "--temperature is an infer, chat and eval setting; --mode train does not"),
+    (["--mode", "merge", "--learning_rate", "1e-4"],
+     "--learning_rate is a train and grpo setting; --mode merge does not read it"),
+    (["--mode", "train", "--temperature=0"],
+     "--temperature is an infer, chat, eval and grpo setting; --mode train does not"),
     (["--mode", "infer", "--no-compare-base"], "--no-compare-base is an eval setting; --mode infer does not read it"),
-    (["--mode", "merge", "--limit", "3"], "--limit is a train and eval setting; --mode merge does not read it"),
+    (["--mode", "merge", "--limit", "3"], "--limit is a train, eval and grpo setting; --mode merge does not read it"),
     (["--mode", "eval", "--reasoning-language", "German"], "--reasoning-language is an infer and chat setting"),
 ])
 def test_a_flag_of_another_mode_names_the_modes_that_read_it(tmp_path, argv, needle):

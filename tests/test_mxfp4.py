@@ -146,7 +146,7 @@ def test_weights_of_the_real_shapes_in_4bit(real_tokenizer, overrides, bf16_gb, 
 @pytest.mark.parametrize("argv, needle", [
     (["--mode", "train", "--use_4bit", "--target_parameters", "mlp.experts.down_proj"],
      "--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them"),
-    (["--mode", "merge", "--adapter", "x", "--use_4bit"], "--use_4bit is a train, infer, chat and eval setting; "
+    (["--mode", "merge", "--adapter", "x", "--use_4bit"], "--use_4bit is a train, infer, chat, eval and grpo setting; "
                                                           "--mode merge does not read it"),  # merge keeps MXFP4 itself
 ])
 def test_4bit_flag_combinations_that_cannot_work(tmp_path, argv, needle):

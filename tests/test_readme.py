@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import gpt_oss_20b_sft as sft
 from conftest import SCRIPT
 
 
@@ -40,7 +41,7 @@ def test_readme_installs_what_ci_installs_and_runs_its_tests():
 def test_readme_flags_are_flags_the_parser_accepts():
     """Every --flag the README writes is one that `--mode M --help` prints for some mode (either spelling)."""
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--mode", mode, "--help"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for mode in ("train", "infer", "chat", "eval", "merge")]
+                              stderr=subprocess.PIPE, text=True) for mode in sft.MODES]
     accepted = set()
     for proc in procs:
         out, err = proc.communicate(timeout=300)

@@ -1,0 +1,186 @@
+"""--mode grpo: the rewards on scripted completions (loopholes included), the prompts asked in each language as infer
+asks them, the bad inputs, and a short run that leaves an adapter infer takes."""
+
+import json
+
+import pytest
+
+import gpt_oss_20b_sft as sft
+from conftest import assert_usage_error, resolve, run_cli, snapshot, write_jsonl
+
+FRENCH = "Alors, l'utilisateur veut savoir combien font sept fois huit. Je vais calculer calmement puis répondre."
+ENGLISH = "Okay, the user wants to know what seven times eight is. I will work it out calmly and then answer."
+
+
+def test_language_reward_reads_the_reasoning_alone_and_gives_nothing_for_too_little():
+    assert sft.language_reward(FRENCH, "French") == 1.0
+    assert sft.language_reward(FRENCH, "German") == 0.0
+    half = f"{FRENCH}\n{ENGLISH}"  # a switch mid-way: the French sentences' share of the characters
+    french = sum(len(s) for s in sft._SENTENCE_BREAK.split(FRENCH))
+    english = sum(len(s) for s in sft._SENTENCE_BREAK.split(ENGLISH))
+    assert sft.language_reward(half, "French") == pytest.approx(french / (french + english), abs=1e-12)
+    # numbers and formulas are not words of any language: removed before detecting, never counted against it
+    assert sft.language_reward("Alors, 7 x 8 = 56 et 56 / 8 = 7, donc je réponds calmement que le résultat est "
+                               "bien celui-là.", "French") == 1.0
+    for nothing in ("", None, "Okay so", "56", "7 x 8 = 56; 56 / 7 = 8", "Alors bon."):  # too short or no words
+        assert sft.language_reward(nothing, "French") == 0.0, nothing
+    assert sft.language_reward("Okay so", "English") == 0.0  # two words earn nothing, in any language
+
+
+def test_format_correctness_and_answer_language_rewards():
+    closed = [("analysis", FRENCH, True), ("final", "56", True)]
+    assert sft.format_reward(closed) == 1.0
+    assert sft.format_reward([("analysis", FRENCH, False)]) == 0.0  # unclosed analysis, no answer
+    assert sft.format_reward([("analysis", FRENCH, True)]) == 0.0  # reasoning without a final answer
+    assert sft.format_reward([("analysis", FRENCH, True), ("final", "5", False)]) == 0.0  # answer cut off
+    assert sft.format_reward([("final", "56", True)]) == 0.0  # an answer without reasoning
+    assert sft.format_reward([]) == 0.0
+    assert sft.correctness_reward("Das Ergebnis ist 56.", {"number": 56}) == 1.0
+    assert sft.correctness_reward("Das Ergebnis ist 54.", {"number": 56}) == 0.0
+    assert sft.correctness_reward(None, {"accepted": ["Paris"]}) == 0.0
+    assert sft.correctness_reward("Paris", None) is None  # the row has no answer: TRL leaves this reward out
+    assert sft.answer_language_reward("La capitale de la France est Paris, bien sûr.", "French") == 1.0
+    assert sft.answer_language_reward("The capital of France is Paris, of course.", "French") == 0.0
+    assert sft.answer_language_reward(None, "French") == 0.0
+    assert sft.answer_language_reward("Paris", "") is None
+
+
+@pytest.mark.real_tokenizer
+def test_the_rewards_read_the_harmony_channels_of_the_completion_ids(real_tokenizer):
+    """The rewards as TRL calls them: completion token ids (what follows the prompt's <|start|>assistant) and the
+    dataset's columns. English reasoning under a Chinese answer earns no Chinese; the per-language means are logged."""
+    def ids(text):
+        return sft.encode_chat(real_tokenizer, [{"role": "user", "content": "x"}])["input_ids"][:0] + \
+            real_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    completions = [
+        ids(f"<|channel|>analysis<|message|>{ENGLISH}<|end|><|start|>assistant<|channel|>final<|message|>"
+            "答案是五十六。<|return|>"),
+        ids(f"<|channel|>analysis<|message|>{FRENCH}<|end|><|start|>assistant<|channel|>final<|message|>"
+            "Sept fois huit font 56.<|return|>"),
+        ids(f"<|channel|>analysis<|message|>{FRENCH}"),  # cut off inside the reasoning
+    ]
+    logged = {}
+    language, form, correct, answer_language = sft.grpo_reward_functions(resolve("--mode", "grpo"), real_tokenizer)
+    columns = dict(reasoning_language=["Chinese", "French", "French"], answer=[json.dumps({"number": 56})] * 2 + [""],
+                   answer_language=["Chinese", "French", ""])
+    assert language(completions, log_metric=logged.__setitem__, **columns) == [0.0, 1.0, 1.0]
+    assert form(completions, **columns) == [1.0, 1.0, 0.0]
+    assert correct(completions, **columns) == [0.0, 1.0, None]  # "五十六" is no number the check reads
+    assert answer_language(completions, **columns) == [1.0, 1.0, None]
+    assert logged["language_reward/Chinese"] == 0.0 and logged["language_reward/French"] == 1.0
+    french_tokens = len(real_tokenizer(FRENCH, add_special_tokens=False)["input_ids"])
+    assert logged["reasoning_tokens/French"] == french_tokens
+    assert [name for name in sft.reward_weights(resolve("--mode", "grpo"))] == ["language", "format", "correctness",
+                                                                               "answer_language"]
+
+
+def test_each_prompt_is_asked_in_each_language_with_infers_system_prompt(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"user": "What is 7 x 8?", "answer": 56}, {"user": "Capital of France?",
+                                                                      "answer": ["Paris"], "answer_language": "fr"}])
+    rows = sft.grpo_prompts(resolve("--mode", "grpo", "--dataset", str(prompts), "--reasoning-languages", "de,Chinese"))
+    assert [(r["prompt"][1]["content"], r["reasoning_language"]) for r in rows] == [
+        ("What is 7 x 8?", "German"), ("What is 7 x 8?", "Chinese"), ("Capital of France?", "German"),
+        ("Capital of France?", "Chinese")]
+    assert rows[0]["prompt"] == sft.build_chat("What is 7 x 8?", "German")
+    assert rows[2]["prompt"] == sft.build_chat("Capital of France?", "German", "French")
+    assert [json.loads(r["answer"]) for r in rows] == [{"number": 56}] * 2 + [{"accepted": ["Paris"]}] * 2
+    own = tmp_path / "own.jsonl"  # without --reasoning-languages: each row's own
+    write_jsonl(own, [{"user": "Hallo?", "reasoning_language": "Italian"}])
+    (row,) = sft.grpo_prompts(resolve("--mode", "grpo", "--dataset", str(own)))
+    assert (row["reasoning_language"], row["answer"], row["answer_language"]) == ("Italian", "", "")
+
+
+def test_the_trainer_renders_each_prompt_as_infer_does(tmp_path, demo_model):
+    """The token ids GRPOTrainer generates from (its own _tokenize_prompts) equal infer's prompt, at the run's
+    reasoning effort."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"user": "Quelle heure est-il ?"}, {"user": "Wie heißt du?"}])
+    cfg = resolve("--mode", "grpo", "--model", str(demo_model), "--dataset", str(prompts), "--reasoning-languages",
+                  "French,German", "--reasoning-effort", "low", "--output_dir", str(tmp_path / "out"),
+                  "--report_to", "none", "--num_generations", "2", "--batch_size", "2")
+    rows = sft.grpo_prompts(cfg)
+    tokenizer = sft.load_tokenizer(cfg.model)
+    model = sft.load_model(cfg.model, sft.load_model_config(cfg.model), sft.find_runtime(cfg).dtype, "eager", "cpu",
+                           None)
+    trainer = GRPOTrainer(model=model, reward_funcs=sft.grpo_reward_functions(cfg, tokenizer),
+                          args=sft.grpo_config(cfg, sft.find_runtime(cfg)), train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=sft.build_lora_config(sft.TrainRun()))
+    # private: GRPOTrainer._tokenize_prompts; checked against trl 1.16.0
+    theirs, _, _ = trainer._tokenize_prompts([r["prompt"] for r in rows])
+    ours = [sft.encode_chat(tokenizer, r["prompt"], add_generation_prompt=True, reasoning_effort="low")["input_ids"]
+            for r in rows]
+    assert theirs == ours and len(ours) == 4 and "Reasoning: low" in tokenizer.decode(ours[0])
+
+
+@pytest.mark.parametrize("rows, flags, needle", [
+    ([{"question": "7 x 8?"}], [], "prompt row 1 has no 'user' text (the question)"),
+    ([{"user": "7 x 8?", "answer": {"value": 56}}], ["--reasoning-languages", "French"],
+     "prompt row 1: 'answer' must be a number, a string, a list of strings"),
+    ([{"user": "7 x 8?"}], [], "prompt row 1 has no 'reasoning_language': give --reasoning-languages"),
+    ([{"user": "7 x 8?", "reasoning_language": "Klingon"}], [], "prompt row 1"),
+])
+def test_a_bad_prompts_file_is_one_line_before_anything_loads(tmp_path, demo_model, rows, flags, needle):
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, rows)
+    with pytest.raises(sft.UsageError, match="^" + needle.replace("(", r"\(").replace(")", r"\)")):
+        sft.run_grpo(resolve("--mode", "grpo", "--dataset", str(prompts), "--output_dir", str(tmp_path / "out"),
+                             "--model", str(demo_model), *flags))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--reasoning-languages", "Klingon"], "--reasoning-languages: unknown language 'Klingon'"),
+    (["--num_generations", "3"], "--num_generations 3 must divide the completions of one optimizer step (8 x 4 x 1 "
+                                 "process = 32)"),
+    (["--num_generations", "1"], "--num_generations must be at least 2"),
+    (["--language_reward", "0", "--format_reward", "0", "--correctness_reward", "0", "--answer_language_reward", "0"],
+     "every reward weight is 0"),
+    (["--format_reward", "-1"], "--format_reward cannot be negative"),
+    (["--allow-any-language"], "--allow-any-language: grpo rewards the reasoning's language with the language detector"),
+])
+def test_bad_grpo_settings_are_one_line(flags, needle):
+    with pytest.raises(sft.UsageError, match="^" + needle.replace("(", r"\(").replace(")", r"\)")):
+        resolve("--mode", "grpo", *flags)
+
+
+def test_an_adapter_that_is_not_a_lora_is_refused(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(sft.UsageError) as refused:
+        resolve("--mode", "grpo", "--adapter", str(tmp_path / "adapter"), "--model", "m")
+    assert "adapter" in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_short_grpo_run_writes_an_adapter_that_infer_takes(tmp_path, demo_model):
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"user": "Quelle heure est-il ?", "answer": 3}, {"user": "What is 7 plus 8?"}])
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "grpo"
+    result = run_cli("--mode", "grpo", "--model", str(demo_model), "--dataset", str(prompts), "--reasoning-languages",
+                     "French,German", "--num_generations", "4", "--batch_size", "4", "--gradient_accumulation_steps",
+                     "1", "--max_steps", "2", "--max_completion_length", "24", "--learning_rate", "5e-3",
+                     "--report_to", "none", "--output_dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "prompts: 4 (2 in French, 2 in German), 4 completions each" in result.stdout
+    assert f"saved adapter, model card (README.md), run_summary.json and reward_curve.png to {out}/" in result.stdout
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["optimizer_steps"] == 2 and summary["reasoning_languages"] == ["French", "German"]
+    assert summary["started_from"].startswith("a new LoRA adapter on") and len(summary["per_step"]) == 2
+    assert {"language_reward/French", "reasoning_tokens/German"} <= set().union(*summary["per_step"])
+    assert {p.name for p in out.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json", "README.md",
+                                                "reward_curve.png", "run_summary.json", sft.OWNER_FILE}
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    answered = sft.run_infer(resolve("--mode", "infer", "--adapter", str(out), "--model", str(demo_model),
+                                     "--prompt", "Hallo?", "--reasoning-language", "German", "--max_new_tokens", "4",
+                                     "--temperature", "0"))
+    assert answered["reasoning_language"] == "German" and answered["tokens"] == 4  # the adapter loads and answers
+    before = snapshot(out)  # a second run into the folder without --overwrite or --resume is refused, nothing touched
+    again = run_cli("--mode", "grpo", "--model", str(demo_model), "--dataset", str(prompts), "--reasoning-languages",
+                    "French", "--output_dir", str(out), "--report_to", "none", cwd=tmp_path)
+    assert again.returncode == 2 and snapshot(out) == before
