@@ -178,6 +178,7 @@ def main(argv=None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     cfg = mode = None
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cfg = parse_config(argv)
         mode, runtime = MODES[cfg.mode], find_runtime(cfg)
@@ -226,6 +227,9 @@ def main(argv=None) -> int:
         print(f"\n{e if isinstance(e, Interrupted) else 'interrupted; nothing half-written was left behind'}",
               file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 143
     finally:
         release_folders()
         end_process_group()
@@ -854,13 +858,15 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     args = build_sft_config(cfg, runtime, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     model = training_model(cfg, config, runtime)
     meter = make_speed_meter(model, runtime)
-    callbacks = [meter, make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
+    callbacks = [meter, make_nonfinite_guard(cfg.output_dir), make_sigterm_stop()] + [
+        make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
     trainer = make_trainer(cfg, model, tokenizer, dataset, args, callbacks, held_out)
     trainer.model.print_trainable_parameters()
     print(f"processes: {runtime.world_size}, strategy: {runtime.strategy}")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, trainer, meter, steps_per_run)
+    stopped_by_sigterm(trainer)
     summary = save_run(cfg, runtime, trainer, result, meter, chats, stats, n_params, sampler)
     if runtime.rank:
         return trainer
@@ -1022,6 +1028,33 @@ def make_nonfinite_guard(output_dir: str):
                         f"{args.learning_rate:g}): start again with a lower --learning_rate and --overwrite.")
 
     return StopOnNonFiniteLoss()
+
+
+def make_sigterm_stop():
+    """A Trainer callback for SIGTERM (what SLURM and Kubernetes send before they kill a job): the step under way
+    ends, a checkpoint is saved, and the run stops there (stopped_by_sigterm then says so)."""
+    from transformers import TrainerCallback
+
+    class StopOnSigterm(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            TRAINING.set()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if TERMINATED.is_set():
+                control.should_save = control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            TRAINING.clear()
+
+    return StopOnSigterm()
+
+
+def stopped_by_sigterm(trainer):
+    """After trainer.train(): a run that SIGTERM stopped ends here, with its checkpoint and one line (exit 143)."""
+    if TERMINATED.is_set():
+        last = latest_checkpoint(Path(trainer.args.output_dir))
+        raise Terminated(f"terminated (SIGTERM) at step {trainer.state.global_step}; the last checkpoint is {last}: run "
+                         "the same command with --resume to continue from it")
 
 
 def make_checkpoint_recorder(output_dir: str):
@@ -2471,6 +2504,8 @@ def handle_command(line: str, session: ChatSession) -> tuple:
         raise UsageError(f"unknown command {name}; /help lists them")
     except UsageError as e:
         return session, f"error: {e}"
+    except OSError as e:  # e.g. a name the file system refuses: one line, and the chat and its turns go on
+        return session, f"error: {line.strip()}: {(e.strerror or str(e)).lower()}"
 
 
 CHAT_HELP = """/lang X        reason in language X
@@ -3087,7 +3122,8 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
-    callbacks = [make_nonfinite_guard(cfg.output_dir)] + [make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
+    callbacks = [make_nonfinite_guard(cfg.output_dir), make_sigterm_stop()] + [
+        make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
     class QuietGRPOTrainer(GRPOTrainer):
         def create_model_card(self, *args, **kwargs):
             """Nothing: TRL's card would land in the output folder at each checkpoint, outside the record."""
@@ -3107,6 +3143,7 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
             f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
             else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
+    stopped_by_sigterm(trainer)
     summary = save_grpo_run(cfg, runtime, trainer, result, prompts)
     if runtime.rank == 0:
         rewards = summary["reward_first"], summary["reward_last"]
@@ -4205,6 +4242,23 @@ NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a f
 
 class Interrupted(Exception):
     """Ctrl-C: one line saying where the run stopped and how to go on, exit code 130 (as a shell reports SIGINT)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM: one line, exit code 143 (as a shell reports it). A BaseException, as KeyboardInterrupt is, so that no
+    handler of errors keeps the process alive, and not a KeyboardInterrupt, which the chat's prompt catches."""
+
+
+TRAINING, TERMINATED = threading.Event(), threading.Event()  # a Trainer is running; SIGTERM came while it ran
+
+
+def on_sigterm(signum, frame):
+    """Training finishes its step and saves a checkpoint first (make_sigterm_stop); anything else stops at once,
+    its staged files removed as on Ctrl-C."""
+    if TRAINING.is_set():
+        TERMINATED.set()
+    else:
+        raise Terminated("terminated (SIGTERM); nothing half-written was left behind")
 
 
 def world_size() -> int:

@@ -223,6 +223,15 @@ def test_save_leaves_out_turns_without_reasoning(tmp_path):
     assert sft.handle_command(f"/save {tmp_path / 'd.jsonl'}", empty)[1] == "error: /save: no answer with reasoning yet"
 
 
+def test_a_save_the_file_system_refuses_is_one_line_and_the_turns_stay(tmp_path):
+    session = sft.ChatSession("French", None, "low").answered("a?", "je pense", "A")
+    too_long = tmp_path / ("x" * 300 + ".jsonl")  # past the file system's 255 bytes per name
+    after, said = sft.handle_command(f"/save {too_long}", session)
+    assert after == session and said == f"error: /save {too_long}: file name too long"
+    assert list(tmp_path.iterdir()) == []
+    assert sft.handle_command(f"/save {tmp_path / 'c.jsonl'}", after)[1] == f"saved 1 turn to {tmp_path / 'c.jsonl'}"
+
+
 @pytest.mark.slow
 def test_save_writes_rows_train_reads_and_refuses_foreign_files(two_turns, tmp_path, demo_model):
     session = two_turns[0]

@@ -37,32 +37,74 @@ def demo_train(out, *extra, **popen):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
-    reference = demo_train(tmp_path / "reference")
-    victim = demo_train(tmp_path / "victim", start_new_session=True)
+def stop_after_a_checkpoint(victim, out, how):
     deadline = time.time() + 240
-    while not (tmp_path / "victim" / "checkpoint-2" / "trainer_state.json").exists():
+    while not (out / "checkpoint-2" / "trainer_state.json").exists():
         assert victim.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    assert not (tmp_path / "victim" / "adapter_config.json").exists()  # no half-finished final adapter
+    if how == signal.SIGKILL:
+        os.killpg(victim.pid, signal.SIGKILL)
+    else:
+        victim.send_signal(how)
+    _, err = victim.communicate(timeout=300)
+    return err
 
-    resumed = demo_train(tmp_path / "victim", "--resume")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-2000:]
-    assert "resuming from" in out and "checkpoint-" in out
+
+@pytest.mark.slow
+def test_kill_9_or_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """kill -9 loses the steps since the last checkpoint; SIGTERM (what SLURM and Kubernetes send before a kill) lets
+    the step under way end, saves a checkpoint there and says how to go on, exit 143. Resumed, both end where a run
+    that never stopped ends."""
+    reference = demo_train(tmp_path / "reference")
+    killed = demo_train(tmp_path / "killed", start_new_session=True)
+    terminated = demo_train(tmp_path / "terminated")
+    stop_after_a_checkpoint(killed, tmp_path / "killed", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    err = stop_after_a_checkpoint(terminated, tmp_path / "terminated", signal.SIGTERM)
+    assert terminated.returncode == 143, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert step >= 2 and line == (f"terminated (SIGTERM) at step {step}; the last checkpoint is {tmp_path}/"
+                                  f"terminated/checkpoint-{step}: run the same command with --resume to continue from "
+                                  "it"), line
+    assert (tmp_path / "terminated" / f"checkpoint-{step}" / "trainer_state.json").exists()
+    for stopped in ("killed", "terminated"):
+        assert not (tmp_path / stopped / "adapter_config.json").exists()  # no final adapter from a stopped run
+
+    resumed = [demo_train(tmp_path / stopped, "--resume") for stopped in ("killed", "terminated")]
     assert reference.wait(timeout=300) == 0
     a = load_file(tmp_path / "reference" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "victim" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:  # same data order, schedule and RNG: identical on CPU
-        assert torch.equal(a[name], b[name]), name
     ref_log = json.loads((tmp_path / "reference" / "checkpoint-9" / "trainer_state.json").read_text())["log_history"]
-    new_log = json.loads((tmp_path / "victim" / "checkpoint-9" / "trainer_state.json").read_text())["log_history"]
-    assert [e.get("loss") for e in ref_log] == [e.get("loss") for e in new_log]
+    for stopped, run in zip(("killed", "terminated"), resumed):
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-2000:]
+        assert "resuming from" in out and "checkpoint-" in out
+        if stopped == "terminated":
+            assert f"resuming from {tmp_path / 'terminated'}/checkpoint-{step}" in out
+        b = load_file(tmp_path / stopped / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:  # same data order, schedule and RNG: identical on CPU
+            assert torch.equal(a[name], b[name]), (stopped, name)
+        new_log = json.loads((tmp_path / stopped / "checkpoint-9" / "trainer_state.json").read_text())["log_history"]
+        assert [e.get("loss") for e in ref_log] == [e.get("loss") for e in new_log], stopped
+
+
+def test_sigterm_outside_training_is_one_line_exit_143_and_removes_what_was_staged(tmp_path, monkeypatch, capsys):
+    """Any mode but training's loop stops at once, as on Ctrl-C, with its own exit code."""
+    def terminated_while_writing(cfg, runtime):
+        with sft.staged_directory(tmp_path / "out") as staging:
+            (staging / "half.json").write_text("{")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sft.MODES["eval"], "run", terminated_while_writing)
+    try:
+        code = sft.main(["--mode", "eval", "--score-file", str(sft.DEMO_QUESTIONS), "--output_dir", str(tmp_path / "e")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143
+    assert capsys.readouterr().err.strip() == "terminated (SIGTERM); nothing half-written was left behind"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):
