@@ -4180,7 +4180,10 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
 
 
 def ensure_demo_model(cfg: CommonSettings):
-    """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit)."""
+    """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit). An output
+    folder the run would refuse is refused first, not after the minute the build takes."""
+    if cfg.output_dir and MODES[cfg.mode].outputs:
+        check_output_dir(cfg)
     try:
         CACHE.mkdir(parents=True, exist_ok=True)
     except OSError as e:

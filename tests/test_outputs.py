@@ -171,6 +171,7 @@ def test_a_folder_of_an_older_version_is_foreign_except_the_names_it_is_known_to
     assert sft.sort_outputs(out, "merge") == ([], sorted(out.iterdir())[1:])  # another mode's folder: all foreign
     before = snapshot(tmp_path)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sft, "build_demo_model", lambda: pytest.fail("the demo's base built before the refusal"))
     assert sft.main(["--demo", "--output_dir", "run", "--overwrite"]) == 2
     assert capsys.readouterr().err.startswith(
         "error: --output_dir run holds files this tool did not write (checkpoint-3/my_notes.txt, "
