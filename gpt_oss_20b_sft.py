@@ -1313,13 +1313,26 @@ REASONING_PREFIX = "reasoning language: "
 
 
 def jsonl_lines(path: Path, what: str):
-    """(line number, parsed value) for each non-blank line; a line that is not JSON is a UsageError naming it."""
+    """(line number, parsed value) for each non-blank line; a line that is not JSON, or names a key twice, is a
+    UsageError naming it."""
     for number, line in enumerate(read_text_file(path, what).splitlines(), 1):
         if line.strip():
             try:
-                yield number, json.loads(line)
+                value = json.loads(line, object_pairs_hook=one_value_per_key)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{what} {path} line {number} is not valid JSON ({e.msg}); one object per line") from e
+            except UsageError as e:
+                raise UsageError(f"{what} {path} line {number}: {e}") from None
+            yield number, value
+
+
+def one_value_per_key(pairs: list) -> dict:
+    """json's object hook: a key given twice is an error (json.loads would keep the last value without a word)."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise UsageError(f"the key {twice!r} is given twice; which value is meant?")
+    return dict(pairs)
 
 
 DATA_FILES = (".jsonl", ".json", ".parquet", ".csv")  # what read_rows reads
@@ -1363,9 +1376,11 @@ def read_rows(source: str, split: str = "train") -> list:
         rows = list(csv.DictReader(io.StringIO(read_text_file(path, "dataset file"), newline="")))
     elif suffix == ".json":
         try:
-            rows = json.loads(read_text_file(path, "dataset file"))
+            rows = json.loads(read_text_file(path, "dataset file"), object_pairs_hook=one_value_per_key)
         except json.JSONDecodeError as e:
             raise UsageError(f"{source} is not valid JSON ({e}); expected a list of rows") from e
+        except UsageError as e:
+            raise UsageError(f"dataset file {source}: {e}") from None
         rows = rows.get("data", rows) if isinstance(rows, dict) else rows
     else:
         rows = [row for _, row in jsonl_lines(path, "dataset file")]
@@ -1416,8 +1431,12 @@ def row_to_messages(row: dict, where: str = "row") -> list:
     if chat[-1]["role"] != "assistant":
         raise UsageError(f"{where}: the last message must be the assistant's answer")
     thinking = chat[-1].get("thinking")
+    if thinking is not None and not isinstance(thinking, str):
+        raise UsageError(f"{where}: the assistant turn's 'thinking' must be a string, got {type(thinking).__name__}")
     if not isinstance(thinking, str) or not thinking.strip():
         raise UsageError(f"{where}: the assistant turn has no 'thinking' (the analysis channel to learn from)")
+    if not chat[-1]["content"].strip():
+        raise UsageError(f"{where}: the assistant turn's final answer is empty (nothing to learn to answer)")
     if not any(m["role"] == "user" for m in chat):
         raise UsageError(f"{where}: no user message")
     return chat
@@ -2147,11 +2166,18 @@ def trained_effort(adapter: str | None) -> str | None:
 
 
 def adapter_base(adapter: str) -> str | None:
-    """The base model an adapter names (PEFT writes it into adapter_config.json); None when it cannot be read."""
+    """The base model an adapter names (PEFT writes it into adapter_config.json); None where there is no such file.
+    A garbled one is said to be so, not taken for an adapter without a base (whose error would be the model's)."""
     try:
-        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    except OSError:
         return None
+    except ValueError as e:
+        raise UsageError(f"--adapter {adapter}: adapter_config.json is not valid JSON ({e}); the adapter folder is "
+                         "damaged: train it again or copy it anew") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--adapter {adapter}: adapter_config.json is not a JSON object; the adapter folder is damaged")
+    return config.get("base_model_name_or_path")
 
 
 def tokenizer_source(model: str, adapter: str | None) -> str:
@@ -2648,6 +2674,9 @@ class Eval(GenerationMode):
         return str(Path(adapter) / "eval") if adapter else "eval_output"
 
     def derive(self, cfg):
+        if cfg.allow_any_language:  # before the names are read: their error would advise this very flag
+            raise UsageError("--allow-any-language: eval scores the reasoning with the language detector, which knows "
+                             "only its 75 languages; drop it")
         languages = lambda names, flag: language_names(names, flag, False)  # noqa: E731
         return {**super().derive(cfg),
                 "eval_reasoning_languages": languages(cfg.eval_reasoning_languages, "--reasoning-languages"),
@@ -2655,9 +2684,6 @@ class Eval(GenerationMode):
                 "compare_base": cfg.compare_base if cfg.compare_base is not None else cfg.demo and not cfg.score_file}
 
     def check(self, cfg):
-        if cfg.allow_any_language:
-            raise UsageError("--allow-any-language: eval scores the reasoning with the language detector, which knows "
-                             "only its 75 languages; drop it")
         super().check(cfg)
         if importlib.util.find_spec("lingua") is None:  # the other modes do without it
             raise UsageError("--mode eval detects the languages with lingua: pip install lingua-language-detector")
@@ -2728,7 +2754,7 @@ def read_score_file(path: str) -> list:
 def read_jsonl(path: str, what: str) -> list:
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"{what} {path} does not exist")
+        raise UsageError(f"{what} {path} " + ("is a folder: name a .jsonl file" if file.is_dir() else "does not exist"))
     rows = []
     for number, row in jsonl_lines(file, what):
         if not isinstance(row, dict):
@@ -3050,6 +3076,9 @@ class Grpo(ModelMode):
         return "demo_grpo_output" if cfg.demo else "gpt-oss-20b-grpo"
 
     def derive(self, cfg):
+        if cfg.allow_any_language:  # before the names are read: their error would advise this very flag
+            raise UsageError("--allow-any-language: grpo rewards the reasoning's language with the language detector, "
+                             "which knows only its 75 languages; drop it")
         return dict(reasoning_languages=language_names(cfg.reasoning_languages, "--reasoning-languages",
                                                        self.any_language(cfg)))
 
@@ -3057,9 +3086,6 @@ class Grpo(ModelMode):
         return False  # the reward reads the reasoning's language with the detector: it must know the language
 
     def check(self, cfg):
-        if cfg.allow_any_language:
-            raise UsageError("--allow-any-language: grpo rewards the reasoning's language with the language detector, "
-                             "which knows only its 75 languages; drop it")
         if importlib.util.find_spec("lingua") is None:
             raise UsageError("--mode grpo rewards the reasoning's language with lingua: pip install "
                              "lingua-language-detector")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SCRIPT, assert_usage_error, run_cli, snapshot, sft, write_jsonl
+from conftest import SCRIPT, assert_usage_error, resolve, run_cli, snapshot, sft, write_jsonl
 
 ROW = {"reasoning_language": "French", "developer": "You are terse.", "user": "2+2?", "analysis": "Deux plus deux.",
        "final": "4"}
@@ -242,3 +242,12 @@ def test_a_demo_cache_that_cannot_be_made_is_one_line(tmp_path):
     assert_usage_error(result, f"the demo's cache {tmp_path / 'thesis.txt'} cannot be made (file exists); set "
                                "GPT_OSS_SFT_CACHE to a folder you can write")
     assert snapshot(tmp_path) == before
+
+
+def test_a_garbled_adapter_config_is_named_as_such(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "openai/gpt-oss-20b",')
+    for mode in ("infer", "merge"):
+        with pytest.raises(sft.UsageError, match=f"^--adapter {tmp_path / 'adapter'}: adapter_config.json is not "
+                                                 "valid JSON \\("):
+            resolve("--mode", mode, "--adapter", str(tmp_path / "adapter"))

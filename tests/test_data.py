@@ -52,11 +52,25 @@ def test_filter_by_language_reads_column_or_system_message():
     ({"messages": "hello"}, "row 1: 'messages' must be a non-empty list"),
     ({"messages": [{"role": "user", "content": 5}]}, "row 1: messages[0] needs a string 'role' and a string 'content'"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "row 1: messages[0] has unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "thinking": 42}]},
+     "row 1: the assistant turn's 'thinking' must be a string, got int"),
+    ({**FLAT, "final": " "}, "row 1: the assistant turn's final answer is empty (nothing to learn to answer)"),
 ])
 def test_schema_errors_name_the_row_and_field(row, message):
     with pytest.raises(sft.UsageError) as e:
         sft.prepare_chats([row])
     assert message in str(e.value)
+
+
+def test_a_row_that_gives_a_key_twice_is_refused_not_read_as_its_last_value(tmp_path):
+    twice = '{"reasoning_language": "German", "user": "q", "analysis": "a", "final": "f", "final": "g"}'
+    (tmp_path / "a.jsonl").write_text(json.dumps(FLAT) + "\n" + twice + "\n")
+    with pytest.raises(sft.UsageError, match=f"^dataset file {tmp_path / 'a.jsonl'} line 2: the key 'final' is given "
+                                             "twice; which value is meant\\?$"):
+        sft.read_rows(str(tmp_path / "a.jsonl"))
+    (tmp_path / "b.json").write_text(f"[{twice}]")
+    with pytest.raises(sft.UsageError, match=f"^dataset file {tmp_path / 'b.json'}: the key 'final' is given twice"):
+        sft.read_rows(str(tmp_path / "b.json"))
 
 
 def test_local_files(tmp_path):

@@ -160,6 +160,11 @@ SCORE_LINES = [
 
 
 @pytest.mark.slow
+def test_a_score_file_that_is_a_folder_is_named_as_one(tmp_path):
+    with pytest.raises(sft.UsageError, match=f"^--score-file {tmp_path} is a folder: name a .jsonl file$"):
+        sft.read_score_file(str(tmp_path))
+
+
 def test_score_file_gives_the_expected_numbers(tmp_path):
     scored = tmp_path / "outputs.jsonl"
     scored.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in SCORE_LINES))

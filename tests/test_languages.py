@@ -106,9 +106,12 @@ def test_infer_train_and_eval_share_the_rule():
         == "Klingon"
     with pytest.raises(sft.UsageError, match="--reasoning-language: unknown language 'Klingon'"):
         resolve("--mode", "infer", "--reasoning-language", "Klingon")
-    # eval scores the reasoning with the detector, which cannot score a language it does not know
-    with pytest.raises(sft.UsageError, match="--reasoning-languages: unknown language 'Klingon'"):
-        resolve("--mode", "eval", "--reasoning-languages", "Klingon", "--allow-any-language")
+    # eval scores the reasoning with the detector, which cannot score a language it does not know: the flag itself
+    # is refused, not the name with advice to pass the flag that was passed
+    for flag in ("--reasoning-languages", "--question-languages"):
+        with pytest.raises(sft.UsageError, match="^--allow-any-language: eval scores the reasoning with the language "
+                                                 "detector, which knows only its 75 languages; drop it$"):
+            resolve("--mode", "eval", flag, "Klingon", "--allow-any-language")
 
 
 def test_train_filter_reads_row_names_with_the_same_rule(tmp_path):
