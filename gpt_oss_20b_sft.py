@@ -706,6 +706,13 @@ class TrainRun(TrainSettings, ModelSettings, CommonSettings):
     """--mode train"""
 
 
+# What a Trainer run of this tool leaves (train's and grpo's): the adapter, its tokenizer, the summary and card, the
+# checkpoints and staging folder; the last five are what the Trainer writes into a checkpoint
+TRAINER_OUTPUTS = (r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
+                   r"chat_template\.jinja|training_args\.bin|run_summary\.json|README\.md|checkpoint-\d+|\.final\.tmp|"
+                   r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|trainer_state\.json")
+
+
 @register
 class Train(ModelMode):
     """--mode train: a LoRA adapter trained on the rows with TRL's SFTTrainer."""
@@ -713,10 +720,7 @@ class Train(ModelMode):
     name, settings, during = "train", TrainRun, "training"
     summary = "train an adapter"
     output_help = f"train {DEFAULT_OUTPUT_DIR}, demo {DEMO_OUTPUT_DIR}"
-    outputs = (r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
-               r"chat_template\.jinja|training_args\.bin|run_summary\.json|speed\.json|loss_curve\.png|README\.md|"
-               r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
-               r"trainer_state\.json")  # the last five: what the Trainer writes into a checkpoint
+    outputs = TRAINER_OUTPUTS + r"|speed\.json|loss_curve\.png"
     takes_adapter = False  # it makes one
     every_rank = resumes = True
 
@@ -744,12 +748,9 @@ class Train(ModelMode):
         if cfg.use_4bit and cfg.target_parameters:
             raise UsageError("--use_4bit keeps the expert weights in MXFP4, so LoRA cannot train them: drop "
                              "--target_parameters or --use_4bit")
-        if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-            raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
+        check_training_run(cfg)
         if cfg.push_to_hub and not cfg.hub_model_id:
             raise UsageError("--push_to_hub needs --hub_model_id, e.g. --hub_model_id you/gpt-oss-20b-multilingual")
-        if cfg.resume and cfg.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: pick one")
         if cfg.recompute_every_nth_layer > 1 and not cfg.gradient_checkpointing:
             raise UsageError("--recompute-every-nth-layer chooses which layers --gradient-checkpointing recomputes: "
                              "drop one of them")
@@ -813,6 +814,14 @@ class Train(ModelMode):
             demo_answer(cfg)
 
 
+def check_training_run(cfg):
+    """The rules of a Trainer run's own flags, train's and grpo's."""
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: pick one")
+
+
 def distributed_strategy(cfg: TrainRun, world_size: int) -> str:
     """single, ddp, fsdp2, deepspeed-zero3 or deepspeed-file. Under a launcher without a flag: DDP, because the
     LoRA gradients to all-reduce are a few MB and one GPU holds the whole model; --fsdp and --deepspeed shard it."""
@@ -866,7 +875,6 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, trainer, meter, steps_per_run)
-    stopped_by_sigterm(trainer)
     summary = save_run(cfg, runtime, trainer, result, meter, chats, stats, n_params, sampler)
     if runtime.rank:
         return trainer
@@ -1115,9 +1123,10 @@ def build_lora_config(cfg: TrainRun):
                       task_type="CAUSAL_LM")
 
 
-def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
+def train(cfg, trainer, meter=None, steps_per_run: int = 0):
     """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
-    end the progress bar first and become RunFailed."""
+    end the progress bar first and become RunFailed; Ctrl-C and SIGTERM say where the run stopped. Train's and
+    grpo's (cfg needs output_dir, resume and save_steps; a speed meter prints its numbers on out of memory)."""
     import torch
 
     checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
@@ -1127,9 +1136,10 @@ def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
         print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
                                                if cut else ""))
     try:
-        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
-        print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
+        if meter:
+            print(json.dumps({"oom": True, **meter.summary(steps_per_run)}))
         raise RunFailed(out_of_memory_advice(cfg, *gpu_memory_state())) from e
     except (RunFailed, KeyboardInterrupt) as e:
         trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
@@ -1139,6 +1149,8 @@ def train(cfg: TrainRun, trainer, meter, steps_per_run: int):
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
             f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
             else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
+    stopped_by_sigterm(trainer)
+    return result
 
 
 def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
@@ -2359,10 +2371,15 @@ STOP_TOKENS = ["<|return|>", "<|call|>"]  # end of the assistant's turn; <|end|>
 
 def split_channels(ids: list, tokenizer) -> dict:
     """The channels of a whole generated output (ChannelReader's rules)."""
+    return read_harmony(ids, tokenizer).channels()
+
+
+def read_harmony(ids: list, tokenizer) -> "ChannelReader":
+    """A ChannelReader fed a whole generated output: its messages and channels()."""
     reader = ChannelReader(tokenizer)
     for token in [*ids, None]:
         reader.feed(token)
-    return reader.channels()
+    return reader
 
 
 # By hand because the official parser (openai-harmony) needs o200k token ids and the demo's tiny tokenizer has
@@ -3060,10 +3077,7 @@ class Grpo(ModelMode):
     name, settings, during = "grpo", GrpoRun, "GRPO training"
     summary = "grpo (teach a reasoning language from prompts)"
     output_help = "grpo gpt-oss-20b-grpo, demo demo_grpo_output"
-    outputs = (r"adapter_model\.safetensors|adapter_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|"
-               r"chat_template\.jinja|training_args\.bin|run_summary\.json|reward_curve\.png|README\.md|"
-               r"checkpoint-\d+|\.final\.tmp|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|"
-               r"trainer_state\.json")
+    outputs = TRAINER_OUTPUTS + r"|reward_curve\.png"
     demo_defaults = dict(learning_rate=2e-3, num_generations=8, max_completion_length=160, batch_size=16,
                          gradient_accumulation_steps=1, max_steps=30, max_samples=40, save_steps=10,
                          reasoning_languages=["French", "German", "Spanish", "Italian"])
@@ -3100,10 +3114,7 @@ class Grpo(ModelMode):
                              "scored together")
         if not any(weight for weight in reward_weights(cfg).values()):
             raise UsageError("every reward weight is 0: nothing to learn from (--language_reward is 1 by default)")
-        if cfg.resume and cfg.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: pick one")
-        if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-            raise UsageError(f"--report_to {cfg.report_to} needs its package: pip install {cfg.report_to} (or --report_to none)")
+        check_training_run(cfg)
         if cfg.adapter:
             read_lora_adapter(cfg.adapter)  # a folder that is not a LoRA adapter is one line here, not PEFT's traceback
 
@@ -3158,18 +3169,7 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
                                args=grpo_config(cfg, runtime), train_dataset=Dataset.from_list(prompts),
                                processing_class=tokenizer, callbacks=callbacks,
                                peft_config=None if cfg.adapter else build_lora_config(TrainRun()))  # train's LoRA
-    checkpoint = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
-    if checkpoint:
-        print(f"resuming from {checkpoint}")
-    try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
-        trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)  # closes the progress bar
-        last = latest_checkpoint(Path(cfg.output_dir))
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
-            f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
-            else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
-    stopped_by_sigterm(trainer)
+    result = train(cfg, trainer)  # train's loop: resume, Ctrl-C, SIGTERM, NaN and out of memory alike
     summary = save_grpo_run(cfg, runtime, trainer, result, prompts)
     if runtime.rank == 0:
         rewards = summary["reward_first"], summary["reward_last"]
@@ -3274,24 +3274,14 @@ def answer_language_reward(final: str | None, language: str | None) -> float | N
     return None if not language else float(final is not None and detect_language(final) == language)
 
 
-def harmony_messages(ids: list, tokenizer) -> list:
-    """(channel, text, closed) of each message of a completion, read from its token ids as infer reads them."""
-    reader = ChannelReader(tokenizer)
-    for token in [*ids, None]:
-        reader.feed(token)
-    return reader.messages
-
-
 def grpo_reward_functions(cfg: GrpoRun, tokenizer) -> list:
     """The four rewards as TRL calls them (completion_ids and the dataset's columns), in reward_weights' order. The
     language reward also logs, per language, its mean and the mean reasoning length: a reward won by shortening the
     reasoning shows."""
-    def parts(completion_ids):
-        messages = [harmony_messages(ids, tokenizer) for ids in completion_ids]
-        analysis = ["\n".join(t for n, t, _ in m if n == "analysis") for m in messages]
-        final = ["\n".join(t for n, t, _ in m if n == "final") if any(n == "final" for n, _, _ in m) else None
-                 for m in messages]
-        return messages, analysis, final
+    def parts(completion_ids):  # each completion read as infer reads its output
+        readers = [read_harmony(ids, tokenizer) for ids in completion_ids]
+        channels = [reader.channels() for reader in readers]
+        return [r.messages for r in readers], [c["analysis"] for c in channels], [c["final"] for c in channels]
 
     def language(completion_ids, reasoning_language, log_metric=None, **_):
         _, analysis, _ = parts(completion_ids)
@@ -4224,12 +4214,10 @@ def ensure_demo_model(cfg: CommonSettings):
 
 def ensure_demo_adapter(cfg: CommonSettings):
     """The step before infer, chat, eval or merge runs in the demo: its adapter, trained into demo_output with the
-    demo's own train settings (none of this run's), when there is none yet. The mode's output folder is checked
-    first, so a folder it would refuse is refused before anything is written."""
+    demo's own train settings (none of this run's), when there is none yet. The mode's output folder was checked
+    before (ensure_demo_model), so a folder it would refuse is refused before anything is written."""
     if cfg.adapter != DEMO_OUTPUT_DIR or (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").is_file():
         return
-    if cfg.output_dir:
-        check_output_dir(cfg)
     # not tracked: this run's flags cannot reach the step, and it must run where no tracker is installed
     run_train(parse_config(["--mode", "train", "--demo", "--report_to", "none"]))
     print()
