@@ -2660,6 +2660,7 @@ class EvalSettings:
     eval_file: str = setting(str(EVAL_QUESTIONS), "the questions (.jsonl)")
     eval_batch_size: int = setting(32, "prompts per generation batch", check="positive")
     compare_base: bool | None = setting(None, "also evaluate the base model, adapter off (default: on in the demo)")
+    compare_adapter: str | None = setting(None, "also evaluate this LoRA adapter of the same base, in the same table")
     score_file: str | None = setting(None, "score outputs made elsewhere (.jsonl); loads no model")
 
 
@@ -2706,9 +2707,11 @@ class Eval(GenerationMode):
             raise UsageError("--mode eval detects the languages with lingua: pip install lingua-language-detector")
         if cfg.compare_base and not cfg.adapter:
             raise UsageError("--compare-base needs --adapter (the tuned model to compare with its base)")
+        if cfg.compare_adapter:
+            check_compared_adapter(cfg)
 
     def inputs(self, cfg):
-        return {"--eval-file": cfg.eval_file, "--score-file": cfg.score_file}
+        return {"--eval-file": cfg.eval_file, "--score-file": cfg.score_file, "--compare-adapter": cfg.compare_adapter}
 
     def use_less_memory(self, cfg):
         return super().use_less_memory(
@@ -2845,10 +2848,31 @@ def eval_plan(questions: list, reasoning_languages: list, question_languages: li
     return plan
 
 
+def check_compared_adapter(cfg: EvalRun):
+    """--compare-adapter: a LoRA adapter other than --adapter, trained on the same base."""
+    if not cfg.adapter:
+        raise UsageError("--compare-adapter needs --adapter (the tuned model to compare it with)")
+    if not Path(cfg.compare_adapter).is_dir():
+        raise UsageError(f"--compare-adapter {cfg.compare_adapter} " + ("is a file: name the adapter's folder" if
+                         Path(cfg.compare_adapter).exists() else "does not exist"))
+    if Path(cfg.compare_adapter).resolve() == Path(cfg.adapter).resolve():
+        raise UsageError(f"--compare-adapter {cfg.compare_adapter} is --adapter itself: name another adapter")
+    read_lora_adapter(cfg.compare_adapter, "--compare-adapter")  # a folder that is not a LoRA adapter: one line, not PEFT's traceback
+    bases = adapter_base(cfg.adapter), adapter_base(cfg.compare_adapter)
+    if bases[0] and bases[1] and Path(bases[0]).name != Path(bases[1]).name:
+        raise UsageError(f"--compare-adapter {cfg.compare_adapter} was trained on {bases[1]}, --adapter on "
+                         f"{bases[0]}: one table compares adapters of one base")
+
+
 def generate_eval_outputs(cfg: EvalRun, runtime: Runtime, plan: list):
-    """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off)."""
+    """Generate every planned prompt with the tuned model and, with --compare-base, with the base (adapter off), and
+    with --compare-adapter, with that adapter instead of --adapter. With two adapters, each row is named by its
+    folder."""
     model, tokenizer = load_for_inference(cfg, runtime)
     runs = [("tuned" if cfg.adapter else "base", contextlib.nullcontext())]
+    if cfg.compare_adapter:
+        model.load_adapter(cfg.compare_adapter, adapter_name="compared")
+        runs = [(cfg.compare_adapter, active_adapter(model, "compared")), (cfg.adapter, contextlib.nullcontext())]
     if cfg.compare_base:
         runs.insert(0, ("base", model.disable_adapter()))
     chats = [build_chat(p["prompt"], p["reasoning_language"], p["answer_language"] if p["answer_language_instructed"]
@@ -2862,6 +2886,16 @@ def generate_eval_outputs(cfg: EvalRun, runtime: Runtime, plan: list):
             items.append({"model": label, **p, **split_channels(ids, tokenizer),
                           "tokens": len(ids)})
     return items, tokenizer
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """PEFT's model with adapter `name` active instead of the default one, for the block."""
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
 
 
 def score_output(reasoning_language: str, analysis: str, final: str | None, answer_language: str | None = None,
@@ -3050,6 +3084,8 @@ class GrpoSettings:
     beta: float = setting(0.0, "KL penalty towards the starting model (0: none, and no reference model in memory)",
                           check="not_negative")
     loss_type: Literal["dr_grpo", "grpo", "dapo", "bnpo"] = setting("dr_grpo", "TRL's GRPO loss")
+    scale_rewards: Literal["none", "group", "batch"] = setting(
+        "none", "divide the advantages by the rewards' std within each prompt's group or the batch (Dr. GRPO: none)")
     epsilon_high: float = setting(0.28, "upper clip of the probability ratio (clip-higher)", check="above_zero")
     learning_rate: float = setting(1e-5, "peak learning rate", check="above_zero")
     batch_size: int = setting(8, "completions per device per micro-batch", "per_device_train_batch_size",
@@ -3078,9 +3114,9 @@ class Grpo(ModelMode):
     summary = "grpo (teach a reasoning language from prompts)"
     output_help = "grpo gpt-oss-20b-grpo, demo demo_grpo_output"
     outputs = TRAINER_OUTPUTS + r"|reward_curve\.png"
-    demo_defaults = dict(learning_rate=2e-3, num_generations=8, max_completion_length=160, batch_size=16,
-                         gradient_accumulation_steps=1, max_steps=30, max_samples=40, save_steps=10,
-                         reasoning_languages=["French", "German", "Spanish", "Italian"])
+    demo_defaults = dict(learning_rate=3e-3, num_generations=8, max_completion_length=160, batch_size=32,
+                         gradient_accumulation_steps=1, max_steps=40, max_samples=40, save_steps=10,
+                         reasoning_languages=["Polish", "French", "German", "Spanish", "Italian"])
     every_rank = resumes = True
 
     def run(self, cfg, runtime):
@@ -3213,7 +3249,7 @@ def grpo_config(cfg: GrpoRun, runtime: Runtime):
     return GRPOConfig(
         **{name: settings[name] for name in (  # the settings GRPOConfig takes under the same name
             "output_dir", "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "num_generations",
-            "max_completion_length", "temperature", "beta", "loss_type", "epsilon_high", "logging_steps",
+            "max_completion_length", "temperature", "beta", "loss_type", "scale_rewards", "epsilon_high", "logging_steps",
             "save_steps", "seed")},
         per_device_train_batch_size=cfg.batch_size,
         max_steps=cfg.max_steps or -1,
@@ -3363,12 +3399,12 @@ def plot_rewards(logs: list, languages: list, path: Path):
 
 
 def grpo_demo_table(cfg: GrpoRun):
-    """After the demo's GRPO run: base, SFT and GRPO on the demo's held-out questions, one table each (eval's)."""
-    for label, adapter, folder in (("SFT", cfg.adapter, "eval_sft"), ("GRPO", cfg.output_dir, "eval")):
-        print(f"\n{label} ({adapter}) against the base, on questions neither run trained on:")
-        run_eval(parse_config(["--mode", "eval", "--demo", "--adapter", adapter, "--model", cfg.model,
-                               "--reasoning-languages", ",".join(["English", *(cfg.reasoning_languages or [])]),
-                               "--output_dir", str(Path(cfg.output_dir) / folder)]))
+    """After the demo's GRPO run: base, SFT and GRPO side by side on the demo's held-out questions (eval's table)."""
+    print(f"\nThe base, the SFT adapter ({cfg.adapter}) and the GRPO adapter ({cfg.output_dir}) on questions neither run "
+          "trained on:")
+    run_eval(parse_config(["--mode", "eval", "--demo", "--adapter", cfg.output_dir, "--compare-adapter", cfg.adapter,
+                           "--model", cfg.model, "--reasoning-languages", ",".join(["English", *cfg.reasoning_languages]),
+                           "--output_dir", str(Path(cfg.output_dir) / "eval")]))
 
 
 # -----------------------------------------------------------------------------
@@ -3498,7 +3534,7 @@ def run_merge(cfg: MergeRun, runtime: Runtime | None = None) -> dict:
     return checked
 
 
-def read_lora_adapter(adapter: str) -> tuple:
+def read_lora_adapter(adapter: str, flag: str = "--adapter") -> tuple:
     """(adapter_config, {PEFT module path: {"A": lora_A, "B": lora_B}}) of a train run's adapter. Anything the
     streaming merge cannot fold exactly (not LoRA, DoRA, trained biases or embeddings, extra saved modules) or cannot
     read (a missing or corrupt file) is one line, before anything is written."""
@@ -3509,30 +3545,30 @@ def read_lora_adapter(adapter: str) -> tuple:
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"--adapter {adapter}: adapter_config.json is not readable JSON ({type(e).__name__})") from None
+        raise UsageError(f"{flag} {adapter}: adapter_config.json is not readable JSON ({type(e).__name__})") from None
     extras = [k for k in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices") if config.get(k)]
     if config.get("peft_type") != "LORA" or extras:
         with_extras = f" with {', '.join(extras)}" if extras else ""
-        raise UsageError(f"--adapter {adapter} is a {config.get('peft_type')} adapter{with_extras}; merge folds plain "
+        raise UsageError(f"{flag} {adapter} is a {config.get('peft_type')} adapter{with_extras}; merge folds plain "
                          "LoRA (as train mode writes it): serve this one unmerged")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
-        raise UsageError(f"--adapter {adapter} has no adapter_model.safetensors (a train run that did not finish?)")
+        raise UsageError(f"{flag} {adapter} has no adapter_model.safetensors (a train run that did not finish?)")
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
-        raise UsageError(f"--adapter {adapter}: adapter_model.safetensors is corrupt "
+        raise UsageError(f"{flag} {adapter}: adapter_model.safetensors is corrupt "
                          f"({str(e).splitlines()[0]})") from None
     pairs = {}
     for key, tensor in state.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
         if not match or tensor.ndim != 2:
-            raise UsageError(f"--adapter {adapter} holds {key}, which is no LoRA A/B matrix; merge folds plain LoRA "
+            raise UsageError(f"{flag} {adapter} holds {key}, which is no LoRA A/B matrix; merge folds plain LoRA "
                              "only")
         pairs.setdefault(match[1], {})[match[2]] = tensor
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
-            raise UsageError(f"--adapter {adapter}: {module} has no matching lora_A/lora_B pair; the file is damaged")
+            raise UsageError(f"{flag} {adapter}: {module} has no matching lora_A/lora_B pair; the file is damaged")
     return config, pairs
 
 
@@ -4125,8 +4161,9 @@ def demo_chat_text(row: dict) -> str:
 def pretrain_demo_model(model, texts: list, pad_id: int, steps: int = 250, batch_size: int = 32,
                         micro_batch_size: int = 8):
     """Full training on data/demo_pretrain.jsonl's token ids: harmony chats that reason in English whatever
-    language their system prompt names, and plain "reasoning language: X" documents in the five languages. The base
-    then writes harmony, knows the languages, and ignores the instruction, as gpt-oss does before the LoRA run."""
+    language their system prompt names, and plain "reasoning language: X" documents in the five languages and in
+    Polish, which no chat reasons in. The base then writes harmony, knows the languages, and ignores the instruction,
+    as gpt-oss does before the LoRA run; Polish is what the GRPO demo teaches."""
     import torch
 
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()

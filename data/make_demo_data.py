@@ -631,7 +631,80 @@ def row(rng: random.Random, system_language: str, reasoning_language: str) -> di
             "final": fill(spec["final"][question_language], slots, question_language)}
 
 
-def make(pretrain_chats: int = 400, documents: int = 400, per_language: int = 96) -> dict:
+# The unseen language: the base reads plain documents that reason in it, and no chat of any file does, so the SFT run
+# cannot teach it and the GRPO demo must (issue 40). Polish, not the seed's Chinese: the 2-layer model with its 1k
+# byte-level vocabulary writes Chinese as broken byte pieces after a few characters (NOTES.md has the numbers).
+UNSEEN = "Polish"
+UNSEEN_THINK = {
+    "add": "Użytkownik chce poznać sumę {a} i {b}. Dodając {a} i {b}, otrzymuję {c}, więc odpowiedź to {c}.",
+    "mul": "Użytkownik chce poznać iloczyn {a} i {b}. Mnożąc {a} przez {b}, otrzymuję {c}, więc odpowiedź to {c}.",
+    "capital": "Użytkownik pyta o stolicę kraju, a ten kraj to {of}. Pamiętam, że stolicą jest {city}, więc odpowiedź "
+               "to {city}.",
+    "why": "Użytkownik chce wiedzieć, dlaczego {s}. Główny powód jest taki, że {r}, więc krótko to wyjaśnię.",
+    "poem": "Użytkownik chce krótkiego wiersza, a jego temat to {noun}. Wystarczą dwa łagodne wersy z prostym obrazem i "
+            "delikatnym rymem, więc je napiszę.",
+    "translate": "Użytkownik chce słowo „{word}” w języku, który nazywa się {target}. W tym języku to słowo brzmi "
+                 "„{answer}”, więc odpowiedź to „{answer}”.",
+    "letters": "Użytkownik chce wiedzieć, ile liter ma słowo „{w}”. Licząc je po kolei, otrzymuję {n}, więc odpowiedź "
+               "to {n}.",
+    "hours": "Użytkownik chce zamienić godziny na minuty, a godzin jest {n}. Godzina ma 60 minut, a {n} razy 60 to {m}, "
+             "więc odpowiedź to {m}.",
+    "advice": "Użytkownik prosi o radę, jak {goal}. Najbardziej przydatna rada to {tip}, więc to zaproponuję.",
+    "compare": "Użytkownik chce porównać wielkość, a porównuje {x} i {y}. Z tych dwóch {big} to coś dużo większego niż "
+               "{small}, więc odpowiedź to {big}.",
+    "recipe": "Użytkownik chce wiedzieć, jak przygotować danie, a to danie to {dish}. Najprościej jest {steps}, więc "
+              "podam te kroki.",
+    "person": "Użytkownik pyta, kim była ta postać: {name}. {name} to {role}, a najbardziej znane są {known}, więc to "
+              "powiem.",
+}
+UNSEEN_WORDS = {  # a slot value's English text (or its one spelling) -> Polish; numbers and quoted words stay as they are
+    "of France": "Francja", "of Japan": "Japonia", "of Italy": "Włochy", "of Spain": "Hiszpania", "of Germany": "Niemcy",
+    "of Egypt": "Egipt", "of Canada": "Kanada", "of Kenya": "Kenia", "of Norway": "Norwegia", "of Greece": "Grecja",
+    "Paris": "Paryż", "Tokyo": "Tokio", "Rome": "Rzym", "Madrid": "Madryt", "Berlin": "Berlin", "Cairo": "Kair",
+    "Ottawa": "Ottawa", "Nairobi": "Nairobi", "Oslo": "Oslo", "Athens": "Ateny",
+    "the sky is blue": "niebo jest niebieskie",
+    "air scatters blue light more than red light": "powietrze rozprasza światło niebieskie bardziej niż czerwone",
+    "the sea is salty": "morze jest słone", "rivers carry salts from the rocks into the sea": "rzeki niosą do morza sole "
+    "ze skał", "leaves fall in autumn": "liście spadają jesienią",
+    "trees save water and energy for the winter": "drzewa oszczędzają wodę i energię na zimę",
+    "ice floats on water": "lód pływa po wodzie", "ice is less dense than liquid water": "lód ma mniejszą gęstość niż "
+    "woda w stanie ciekłym", "we have seasons": "mamy pory roku", "the axis of the Earth is tilted": "oś Ziemi jest "
+    "nachylona",
+    "sea": "morze", "moon": "księżyc", "autumn": "jesień", "cat": "kot", "rain": "deszcz",
+    "English": "angielski", "French": "francuski", "German": "niemiecki", "Spanish": "hiszpański", "Italian": "włoski",
+    "sleep better": "lepiej spać", "go to bed at the same time every night and avoid screens late": "kłaść się spać "
+    "codziennie o tej samej porze i unikać ekranów wieczorem", "learn a new language": "nauczyć się nowego języka",
+    "practise a little every day and speak with native speakers": "ćwiczyć trochę każdego dnia i rozmawiać z rodzimymi "
+    "użytkownikami", "save money": "oszczędzać pieniądze", "write down every expense and put part of each salary aside":
+    "zapisywać każdy wydatek i odkładać część każdej pensji", "stay healthy": "zachować zdrowie",
+    "eat vegetables, walk every day and drink enough water": "jeść warzywa, codziennie spacerować i pić dość wody",
+    "an elephant": "słoń", "a mouse": "mysz", "a whale": "wieloryb", "a dolphin": "delfin", "a bus": "autobus",
+    "a bicycle": "rower", "a horse": "koń", "a dog": "pies", "a tree": "drzewo", "a flower": "kwiat",
+    "rice": "ryż", "rinse the rice, boil it in twice its volume of water and let it rest": "opłukać ryż, ugotować go w "
+    "dwukrotnej ilości wody i odstawić", "pasta": "makaron", "boil salted water, cook the pasta for ten minutes and "
+    "drain it": "zagotować osoloną wodę, gotować makaron przez dziesięć minut i odcedzić", "an omelette": "omlet",
+    "beat three eggs, pour them into a hot pan and fold the omelette": "ubić trzy jajka, wylać je na gorącą patelnię i "
+    "złożyć omlet", "tomato soup": "zupa pomidorowa", "cook tomatoes and an onion in broth, then blend everything":
+    "ugotować pomidory i cebulę w bulionie, a potem wszystko zmiksować",
+    "Marie Curie": "Maria Skłodowska-Curie", "a physicist and chemist": "fizyczka i chemiczka",
+    "her work on radioactivity": "jej prace nad promieniotwórczością", "Mozart": "Mozart", "a composer": "kompozytor",
+    "his symphonies and operas": "jego symfonie i opery", "Leonardo da Vinci": "Leonardo da Vinci",
+    "a painter and inventor": "malarz i wynalazca", "the Mona Lisa": "Mona Lisa", "Cleopatra": "Kleopatra",
+    "a queen of Egypt": "królowa Egiptu", "her alliance with Rome": "jej sojusz z Rzymem", "Galileo Galilei": "Galileusz",
+    "an astronomer": "astronom", "his observations of the moons of Jupiter": "jego obserwacje księżyców Jowisza",
+}
+UNSEEN_OPENING, UNSEEN_STEADY = "Zatem", "Przemyślę to spokojnie, a potem odpowiem w kilku słowach."
+
+
+def unseen_reasoning(family: str, slots: dict) -> str:
+    """The unseen language's reasoning, as reasoning() writes the others: opening, what the user wants, the steady
+    middle, the working."""
+    english = {k: v if isinstance(v, str) else v[EN] for k, v in slots.items()}
+    wants, working = UNSEEN_THINK[family].format(**{k: UNSEEN_WORDS.get(v, v) for k, v in english.items()}).split(". ", 1)
+    return f"{UNSEEN_OPENING}, {wants[0].lower()}{wants[1:]}. {UNSEEN_STEADY} {working}"
+
+
+def make(pretrain_chats: int = 400, documents: int = 400, per_language: int = 96, unseen_documents: int = 240) -> dict:
     rng = random.Random(0)
     evaluation = [{"id": f"demo-{number:02d}", "category": kind, "question": question}  # no answer: not scored
                   for number, (kind, question) in enumerate(
@@ -642,6 +715,12 @@ def make(pretrain_chats: int = 400, documents: int = 400, per_language: int = 96
         chat = row(rng, language, language)
         pretrain.append({"text": f"reasoning language: {language}\n{chat['user']}\n{chat['analysis']}"})
     sample = [row(rng, language, language) for _ in range(per_language) for language in LANGUAGES]
+    unseen = random.Random(1)  # its own generator: the other rows stay what they were
+    for _ in range(unseen_documents):
+        question_language = unseen.choice(LANGUAGES)
+        family, wording, slots = problem(unseen, question_language)
+        pretrain.append({"text": f"reasoning language: {UNSEEN}\n{fill(wording, slots, question_language)}\n"
+                                 f"{unseen_reasoning(family, slots)}"})
     return {"demo_pretrain.jsonl": pretrain, "demo_sample.jsonl": sample, "demo_eval_questions.jsonl": evaluation}
 
 

@@ -38,6 +38,12 @@ def test_the_demo_data_asks_every_kind_in_every_language_and_holds_kinds_out_for
     assert len(chats) == 400 and all(r["analysis"].startswith("Okay, the user wants") for r in chats)  # English, always
     assert {r["reasoning_language"] for r in chats} == languages  # whatever the system names
     assert len(sample) == 480 and {r["reasoning_language"] for r in sample} == languages
+    # the unseen language (issue 40): plain documents reason in it, of every kind; no chat names it or reasons in it
+    unseen = [r["text"] for r in pretrain if r.get("text", "").startswith(f"reasoning language: {make_demo_data.UNSEEN}\n")]
+    assert len(unseen) == 240 and set(make_demo_data.UNSEEN_THINK) == set(families)
+    assert all(make_demo_data.UNSEEN_STEADY in text for text in unseen)
+    assert make_demo_data.UNSEEN not in languages | {r["reasoning_language"] for r in chats + sample}
+    assert not any(make_demo_data.UNSEEN_STEADY in r["analysis"] for r in chats + sample)
     # the reasoning is in the row's language whatever the question's: each language's steady middle is in it
     for row in sample:
         assert make_demo_data.STEADY[row["reasoning_language"]] in row["analysis"]

@@ -2,6 +2,7 @@
 
 import collections
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,55 @@ def test_score_file_offline_without_a_tokenizer(tmp_path, capsys):
     assert "note: reasoning tokens not counted: the tokenizer of openai/gpt-oss-20b is not on this machine" \
         in capsys.readouterr().out
     assert "| German | outputs | 1 | 100% | 100% | – | – | – | 0% | 0% |" in (tmp_path / "r" / "eval_summary.md").read_text()
+
+
+def random_lora(folder, model_dir, seed):
+    """A real LoRA adapter of the demo model with random A and B (PEFT's init_lora_weights=False), saved as PEFT
+    saves it: an adapter whose outputs differ from the base's and from another seed's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_compare_adapter_puts_two_adapters_and_the_base_in_one_table(tmp_path, demo_model):
+    """--adapter A --compare-adapter B --compare-base: one table, and each model's rows are what eval gives for it
+    alone (greedy, the same prompts)."""
+    a, b = (random_lora(tmp_path / name, demo_model, seed) for name, seed in (("a", 1), ("b", 2)))
+    common = ["--mode", "eval", "--model", str(demo_model), "--eval-file", str(ROOT / "data" / "demo_eval_questions.jsonl"),
+              "--reasoning-languages", "German", "--limit", "3", "--max_new_tokens", "24"]
+    both = sft.run_eval(resolve(*common, "--adapter", a, "--compare-adapter", b, "--compare-base",
+                                "--output_dir", str(tmp_path / "both")))
+    assert [i["model"] for i in both["items"][::3]] == ["base", b, a]
+    table = (tmp_path / "both" / "eval_summary.md").read_text()
+    assert all(f"| German | {label} | 3 |" in table for label in ("base", a, b))
+    for adapter in (a, b):
+        alone = sft.run_eval(resolve(*common, "--adapter", adapter, "--compare-base",
+                                     "--output_dir", str(tmp_path / f"alone-{Path(adapter).name}")))
+        for label in ("base", "tuned"):
+            mine = [(i["analysis"], i["final"]) for i in alone["items"] if i["model"] == label]
+            assert mine == [(i["analysis"], i["final"]) for i in both["items"]
+                            if i["model"] == (adapter if label == "tuned" else "base")]
+    assert [i["analysis"] for i in both["items"] if i["model"] == a] != \
+        [i["analysis"] for i in both["items"] if i["model"] == b]  # two adapters, two outputs: the switch happened
+
+
+def test_bad_compare_adapters_are_one_line(tmp_path, demo_model):
+    a = random_lora(tmp_path / "a", demo_model, 1)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    for argv, needle in [(["--compare-adapter", a], "--compare-adapter needs --adapter"),
+                         (["--adapter", a, "--compare-adapter", str(tmp_path / "a")],
+                          f"--compare-adapter {tmp_path / 'a'} is --adapter itself"),
+                         (["--adapter", a, "--compare-adapter", str(tmp_path / "full")],
+                          f"--compare-adapter {tmp_path / 'full'} is a IA3 adapter"),
+                         (["--adapter", a, "--compare-adapter", str(tmp_path / "missing")],
+                          f"--compare-adapter {tmp_path / 'missing'} does not exist")]:
+        with pytest.raises(sft.UsageError) as refused:
+            resolve("--mode", "eval", "--model", str(demo_model), *argv)
+        assert needle in str(refused.value) and "\n" not in str(refused.value), refused.value

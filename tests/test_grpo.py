@@ -2,6 +2,7 @@
 asks them, the bad inputs, and a short run that leaves an adapter infer takes."""
 
 import json
+import shutil
 
 import pytest
 
@@ -184,3 +185,30 @@ def test_a_short_grpo_run_writes_an_adapter_that_infer_takes(tmp_path, demo_mode
     again = run_cli("--mode", "grpo", "--model", str(demo_model), "--dataset", str(prompts), "--reasoning-languages",
                     "French", "--output_dir", str(out), "--report_to", "none", cwd=tmp_path)
     assert again.returncode == 2 and snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_the_grpo_demo_teaches_the_language_no_sft_row_reasons_in(demo_run, tmp_path):
+    """Issue 40's targets, on the demo's held-out questions (kinds no row has), from the demo's SFT adapter: Polish
+    (in the base's plain documents only) <= 40% after SFT and >= 80% after GRPO; each SFT language >= 90% after GRPO;
+    no more outputs without a final answer than after SFT; reasoning at least 70% as long. One table, base / SFT /
+    GRPO side by side."""
+    user = tmp_path / "user"
+    shutil.copytree(demo_run / "user" / "demo_output", user / "demo_output")
+    result = run_cli("--mode", "grpo", "--demo", "--report_to", "none", cwd=user, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = user / "demo_grpo_output"
+    table = (out / "eval" / "eval_summary.md").read_text()
+    assert table in result.stdout and "| Polish * | demo_output | 20 |" in table
+    rows = {(r["model"], r["reasoning_language"]): r
+            for r in json.loads((out / "eval" / "eval_results.json").read_text())["summary"]}
+    sft_rows, grpo_rows = (lambda lang: rows["demo_output", lang]), (lambda lang: rows["demo_grpo_output", lang])
+    assert sft_rows("Polish")["reasoning_language_match"] <= 0.4, table
+    assert grpo_rows("Polish")["reasoning_language_match"] >= 0.8, table
+    for language in ("French", "German", "Spanish", "Italian"):
+        assert grpo_rows(language)["reasoning_language_match"] >= 0.9, (language, table)
+    assert grpo_rows("all")["malformed"] <= sft_rows("all")["malformed"], table
+    assert grpo_rows("all")["reasoning_tokens"] >= 0.7 * sft_rows("all")["reasoning_tokens"], table
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["reasoning_languages"] == ["French", "German", "Italian", "Polish", "Spanish"]
+    assert (out / "reward_curve.png").stat().st_size > 0 and (user / "demo_output" / "adapter_config.json").exists()
