@@ -863,7 +863,8 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
     if runtime.rank == 0:
-        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume)
+        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume,
+                         settings=None if cfg.resume else run_settings(cfg))
     args = build_sft_config(cfg, runtime, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     model = training_model(cfg, config, runtime)
     meter = make_speed_meter(model, runtime)
@@ -3188,7 +3189,8 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     print(f"prompts: {len(prompts)} ({', '.join(f'{asked.count(lang)} in {lang}' for lang in dict.fromkeys(asked))}), "
           f"{cfg.num_generations} completions each")
     if runtime.rank == 0:
-        claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume)
+        claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume,
+                         settings=None if cfg.resume else run_settings(cfg))
     model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
                        runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, seed=cfg.seed, training=True)
     if cfg.adapter:
@@ -4599,14 +4601,46 @@ def check_output_dir(cfg):
     resume = mode.resumes and cfg.resume
     if resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
+    if resume:
+        check_resumed_settings(cfg, out)
     if own and not (cfg.overwrite or resume or cfg.demo):  # the demo replaces its own outputs
         raise UsageError(f"--output_dir {out} holds an earlier {cfg.mode} run's outputs; pass --overwrite to replace "
                          "them" + (" or --resume to continue" if mode.resumes else ""))
 
 
-def claim_output_dir(out: Path, mode: str, replace_own: bool):
+# What a resumed run may change: when it saves and reports, and the speed machinery that the equivalence tests hold
+# to the same maths. Any other setting changed on --resume is refused (the checkpoint's optimizer and schedule would
+# go on with the old values while run_summary.json recorded the new ones).
+RESUME_MAY_CHANGE = {"mode", "demo", "print_config", "json", "local_rank", "output_dir", "overwrite", "resume",
+                     "logging_steps", "save_steps", "save_total_limit", "report_to", "trackio_project", "run_name",
+                     "push_to_hub", "hub_model_id", "gradient_checkpointing", "recompute_every_nth_layer", "compile",
+                     "chunked_loss", "attn_implementation"}
+
+
+def run_settings(cfg) -> dict:
+    """The settings that make a training run's maths, as JSON keeps them (recorded when the run starts)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}, default=str))
+
+
+def check_resumed_settings(cfg, out: Path):
+    """--resume with settings other than the run's own: one line naming each change, before anything loads."""
+    recorded = (read_marker(out) or {}).get("settings")
+    if recorded is None:  # a run started by an older version of the tool: nothing to compare with
+        return
+    shown = lambda v: "unset" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    now = run_settings(cfg)
+    changed = [f"--{k} {shown(now.get(k))} (the run's: {shown(recorded.get(k))})"
+               for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k)]
+    if changed:
+        raise UsageError(f"--resume: {out} was started with other settings, and these change the run's maths: "
+                         f"{'; '.join(changed)}. Resume with the run's settings, or start a new run (another "
+                         "--output_dir, or --overwrite)")
+
+
+def claim_output_dir(out: Path, mode: str, replace_own: bool, settings: dict | None = None):
     """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
-    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more)."""
+    first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more). A
+    training run's settings go into the record when it starts (a resumed run keeps those it started with)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -4614,13 +4648,16 @@ def claim_output_dir(out: Path, mode: str, replace_own: bool):
             raise
         raise UsageError(f"--output_dir {out} cannot be made: {(e.strerror or str(e)).lower()}") from None
     lock_folder(out)
-    before, own = (read_marker(out) or {}).get("written", {}), sort_outputs(out, mode)[0]
+    marker = read_marker(out) or {}
+    before, own = marker.get("written", {}), sort_outputs(out, mode)[0]
+    settings = settings if settings is not None else marker.get("settings") if not replace_own else None
     if replace_own:
         remove_outputs(out, own)
     kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}
     write_atomically(out / OWNER_FILE, json.dumps({"mode": mode, "tool": "gpt_oss_20b_sft.py", "pid": os.getpid(),
                                                    "written": {k: before.get(k) or entry_state(p)
-                                                               for k, p in kept.items()}}) + "\n")
+                                                               for k, p in kept.items()},
+                                                   **({"settings": settings} if settings else {})}) + "\n")
 
 
 def gpu_memory_state() -> tuple:

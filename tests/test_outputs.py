@@ -275,6 +275,8 @@ def test_save_replaces_only_its_own_file_unchanged_and_never_writes_through_a_li
 def test_resume_skips_a_checkpoint_cut_short_and_a_run_killed_while_saving_is_not_finished(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
+    marker = json.loads((out / sft.OWNER_FILE).read_text())  # a run of 3 steps, not 2 (--resume checks the settings)
+    (out / sft.OWNER_FILE).write_text(json.dumps({**marker, "settings": {**marker["settings"], "max_steps": 3}}))
     sft.record(out, out / "checkpoint-3", pending=True)  # as a run killed while saving checkpoint-3 leaves it
     (out / "checkpoint-3").mkdir()
     (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"half")

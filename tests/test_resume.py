@@ -15,20 +15,29 @@ import gpt_oss_20b_sft as sft
 from conftest import SCRIPT, SMALL, demo_training, resolve, snapshot
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model):
+def test_resume_checks_the_settings_before_it_loads_and_a_finished_run_stays_as_it_is(tmp_path, demo_model):
+    """The record keeps the settings a run started with; --resume with one that changes the maths (LoRA shape,
+    learning rate, schedule, ...) is one line naming each change and its two values; when and where it saves and
+    reports may change. (Resuming continues exactly: the kill -9 test below.)"""
     out = tmp_path / "out"
-    first = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
-                    "--save_steps", "3", "--max_steps", "3", *SMALL)
-    assert sft.run_train(first).state.global_step == 3
+    run = ["--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none", "--save_steps", "3",
+           "--max_steps", "3", *SMALL]
+    assert sft.run_train(resolve(*run)).state.global_step == 3
     assert (out / "checkpoint-3").is_dir()
-    resumed = resolve("--demo", "--model", str(demo_model), "--output_dir", str(out), "--report_to", "none",
-                      "--save_steps", "3", "--resume", *SMALL)
-    trainer = sft.run_train(resumed)
-    assert trainer.state.global_step == 9
+    recorded = json.loads((out / sft.OWNER_FILE).read_text())["settings"]
+    assert (recorded["lora_r"], recorded["learning_rate"], recorded["max_steps"]) == (16, 3e-2, 3)
+    assert "save_steps" not in recorded and "report_to" not in recorded
     before = snapshot(out)
-    assert sft.run_train(resumed) is None  # finished: said so, nothing retrained or rewritten
-    assert snapshot(out) == before
-    assert [e["step"] for e in trainer.state.log_history if "loss" in e][:1] == [1]  # history carried over
+    with pytest.raises(sft.UsageError) as refused:
+        sft.check_output_dir(resolve(*run, "--resume", "--lora_r", "4", "--learning_rate", "1e-3"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"--resume: {out} was started with other settings")
+    assert "--learning_rate 0.001 (the run's: 0.03); --lora_r 4 (the run's: 16)." in message, message
+    with pytest.raises(sft.UsageError, match=r"--max_steps unset \(the run's: 3\)"):
+        sft.check_output_dir(resolve(*run[:-len(SMALL) - 2], *SMALL, "--resume"))  # without --max_steps 3
+    allowed = resolve(*run, "--resume", "--save_steps", "5", "--logging_steps", "2", "--save_total_limit", "1")
+    assert sft.run_train(allowed) is None  # finished: said so, nothing retrained or rewritten
+    assert snapshot(out) == before and json.loads((out / sft.OWNER_FILE).read_text())["settings"] == recorded
 
 
 def demo_train(out, *extra, **popen):
