@@ -854,8 +854,8 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
     if cfg.resume and done >= (cfg.max_steps or steps_per_run):
         if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # moved in last: the adapter is whole
-            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume;"
-                  " --overwrite trains it again, a larger --max_steps or --num_train_epochs trains it further")
+            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume; --overwrite trains it "
+                  "again (a longer run is a new run: another --output_dir)")
             return None
         print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
               "from the last checkpoint")
@@ -865,6 +865,8 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     if runtime.rank == 0:
         claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume,
                          settings=None if cfg.resume else run_settings(cfg))
+        if cfg.demo and not cfg.resume:  # its table measured the adapter this run replaces: gone with it, even if
+            remove_output_folder(Path(cfg.output_dir) / "eval")  # this run is stopped before its own table
     args = build_sft_config(cfg, runtime, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
     model = training_model(cfg, config, runtime)
     meter = make_speed_meter(model, runtime)
@@ -1379,10 +1381,10 @@ def read_rows(source: str, split: str = "train") -> list:
     if path.stat().st_size == 0:
         raise UsageError(f"dataset file {source} is empty; it needs rows in the Multilingual-Thinking schema")
     if suffix == ".parquet":
-        import datasets
+        import pyarrow.parquet  # datasets' dependency; datasets itself would cache a copy and print progress bars
 
         try:
-            rows = datasets.Dataset.from_parquet(str(path)).to_list()
+            rows = pyarrow.parquet.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises many types
             raise UsageError(f"dataset file {source} could not be read as parquet: {str(e).splitlines()[0]}") from e
     elif suffix == ".csv":  # the csv module keeps every value a string ("4" stays "4"); datasets would make it 4
@@ -4410,6 +4412,8 @@ def staged_directory(target: Path):
             record(staging, *(p for p in staging.iterdir() if p.name != OWNER_FILE))
         if target.is_dir():
             lock_folder(target)
+            if owner_of(staging) and read_marker(target) is None:  # there before, empty (check_output_dir refused
+                claim_output_dir(target, owner_of(staging), replace_own=False)  # anything else): the record follows
             swap_in(staging, target, owner_of(staging), replace_all=True)
             shutil.rmtree(staging)  # left: its marker only
         else:
@@ -4493,6 +4497,17 @@ def remove_outputs(folder: Path, entries: list):
             entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
+def remove_output_folder(folder: Path):
+    """An output folder of the tool: its outputs the record says it wrote, unchanged, then the record and the folder
+    if nothing else is left in it."""
+    if not owner_of(folder):
+        return
+    remove_outputs(folder, sort_outputs(folder, owner_of(folder))[0])
+    if [p.name for p in folder.iterdir()] == [OWNER_FILE]:
+        (folder / OWNER_FILE).unlink()
+        folder.rmdir()
+
+
 def swap_in(staging: Path, out: Path, mode: str, last: str | None = None, replace_all: bool = False):
     """Move the entries of staging into out, `last` at the end, each recorded as it lands. Only entries of out this
     tool wrote, unchanged, are replaced (with replace_all, the others of them removed); anything else stays, and
@@ -4528,6 +4543,8 @@ def protected_folder(out: Path, cfg) -> str | None:
         return "holds the folder you are in" if target in here.parents else "is your home folder"
     inputs = {**MODES[cfg.mode].inputs(cfg), "this script": __file__, "--adapter": cfg.adapter}
     for what, path in inputs.items():
+        if path and Path(path).expanduser().exists() and target == Path(path).expanduser().resolve():
+            return f"is {what}"
         if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
             return f"holds {what}"
     return None
@@ -4583,7 +4600,7 @@ def check_output_dir(cfg):
     mode, reason = MODES[cfg.mode], protected_folder(out, cfg)
     if reason:
         raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
-                         f"--output_dir {mode.output_dir(cfg, None) or cfg.mode + '_output'}")
+                         f"--output_dir {mode.output_dir(cfg, cfg.adapter) or cfg.mode + '_output'}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     if not existing.is_dir():

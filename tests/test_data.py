@@ -206,3 +206,13 @@ def test_a_50_mb_row_at_the_default_length_costs_under_a_gigabyte_and_trains_cut
     assert grew_kib < 1024 * 1024, f"{grew_kib / 1024:.0f} MiB"
     summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
     assert summary["data"]["rows_truncated"] == 1 and summary["data"]["longest_row_tokens"] == 2048
+
+
+def test_a_parquet_file_of_another_schema_is_one_line_and_nothing_else(tmp_path, demo_model):
+    """Read with pyarrow: no progress bars from datasets before the error, no copy in datasets' cache."""
+    import datasets
+
+    datasets.Dataset.from_list([{"question": "2+2?", "reply": "4"}]).to_parquet(str(tmp_path / "other.parquet"))
+    result = run_cli("--demo", "--dataset", "other.parquet", "--report_to", "none", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1 and "row 1" in result.stderr, result.stderr

@@ -340,3 +340,22 @@ def test_merge_bad_inputs(tmp_path, argv, needle):
     result = run_cli(*argv, cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_merge_into_a_folder_made_beforehand_is_recorded_and_overwrite_replaces_it(demo_folder):
+    """Issue 38: the record follows the merge into a folder that existed (empty), so --overwrite replaces the tool's
+    own merge; --output_dir equal to --adapter is refused as what it is."""
+    (demo_folder / "merged").mkdir()
+    merge = ["--mode", "merge", "--demo", "--output", "merged", "--no-merge-logits-check"]
+    first = run_cli(*merge, cwd=demo_folder)
+    assert first.returncode == 0, first.stderr[-2000:]
+    marker = json.loads((demo_folder / "merged" / sft.OWNER_FILE).read_text())
+    assert marker["mode"] == "merge" and {"model.safetensors", "merge_check.json"} <= set(marker["written"])
+    assert sft.sort_outputs(demo_folder / "merged", "merge")[1] == []  # nothing there is foreign
+    again = run_cli(*merge, "--overwrite", cwd=demo_folder)
+    assert again.returncode == 0 and "wrote the merged model to merged/" in again.stdout, again.stderr[-2000:]
+    into_adapter = run_cli("--mode", "merge", "--demo", "--output", "demo_output", "--overwrite", cwd=demo_folder)
+    assert into_adapter.returncode == 2 and into_adapter.stderr.strip() == (
+        "error: --output_dir demo_output is --adapter; outputs go into a folder of their own, e.g. --output_dir "
+        "demo_output-merged"), into_adapter.stderr

@@ -321,3 +321,19 @@ def test_staged_directory_writes_whole_or_not_at_all_and_keeps_what_it_did_not_w
         (staging / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
     assert snapshot(target) == {"new.txt": b"new", "old.txt": b"old"}  # old.txt is in no record of the tool: it stays
+
+
+@pytest.mark.slow
+def test_a_demo_rerun_takes_the_old_eval_table_with_the_old_adapter(demo_folder):
+    """Issue 38: a re-run of the demo that stops before writing its own table (run_train alone: no table) leaves no
+    table of the adapter it replaced; a file of the user's in that folder stays."""
+    eval_dir, spare = demo_folder / "demo_output" / "eval", demo_folder / "spare_eval"
+    shutil.copytree(eval_dir, spare)  # copy2: the mtimes, so the record still matches
+    (eval_dir / "my_notes.txt").write_text("mine")
+    rerun = ["--demo", "--report_to", "none", "--max_steps", "1", "--output_dir", str(demo_folder / "demo_output")]
+    sft.run_train(resolve(*rerun))
+    assert sorted(p.name for p in eval_dir.iterdir()) == [sft.OWNER_FILE, "my_notes.txt"]
+    shutil.rmtree(eval_dir)
+    shutil.copytree(spare, eval_dir)
+    sft.run_train(resolve(*rerun))
+    assert not eval_dir.exists() and (demo_folder / "demo_output" / "adapter_config.json").is_file()
