@@ -207,16 +207,6 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader left (| head): end quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as e:
-        if e.errno not in NO_ROOM:
-            raise
-        where = Path(e.filename or (cfg and cfg.output_dir) or ".").absolute()
-        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
-        print(f"\nWriting {e.filename or 'the outputs'} failed: {(e.strerror or str(e)).lower()} ({free:.1f} GiB free "
-              "there now). Staged files were removed and --resume skips a checkpoint cut short, so nothing half-written "
-              "is used. Make room and run the same command again" + (", with --resume to continue from the last "
-              "checkpoint" if mode and mode.resumes else "") + ".", file=sys.stderr)
-        return 1
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -230,6 +220,18 @@ def main(argv=None) -> int:
     except Terminated as e:
         print(f"\n{e}", file=sys.stderr)
         return 143
+    except Exception as e:
+        if not out_of_room(e):
+            raise
+        filename = getattr(e, "filename", None)
+        where = Path(filename or (cfg and cfg.output_dir) or ".").absolute()
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
+        reason = (e.strerror or str(e)).lower() if isinstance(e, OSError) else f"no room ({str(e).splitlines()[0]})"
+        print(f"\nWriting {filename or 'the outputs'} failed: {reason} ({free:.1f} GiB free there now). Staged files "
+              "were removed and --resume skips a checkpoint cut short, so nothing half-written is used. Make room and "
+              "run the same command again" + (", with --resume to continue from the last checkpoint" if mode and
+                                              mode.resumes else "") + ".", file=sys.stderr)
+        return 1
     finally:
         release_folders()
         end_process_group()
@@ -1152,6 +1154,10 @@ def train(cfg, trainer, meter=None, steps_per_run: int = 0):
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; " + (
             f"the last checkpoint is {last}: run the same command with --resume to continue from it" if last
             else f"no checkpoint was written yet (one every --save_steps {cfg.save_steps})")) from None
+    except Exception as e:
+        if out_of_room(e):  # the progress bar ends before main's paragraph, not after it
+            trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        raise
     stopped_by_sigterm(trainer)
     return result
 
@@ -2744,10 +2750,11 @@ def run_eval(cfg: EvalRun, runtime: Runtime | None = None) -> dict:
     table = summary_table(rows)
     out = Path(cfg.output_dir)
     claim_output_dir(out, "eval", replace_own=False)  # each report file is replaced by an atomic write
-    write_atomically(out / "eval_results.json", json.dumps({"config": asdict(cfg), "summary": rows, "items": items},
-                                                           indent=2, ensure_ascii=False) + "\n")
-    write_atomically(out / "eval_summary.md", table + "\n")
-    plot_match_rates([r for r in rows if r["reasoning_language"] != "all"], out / "eval_summary.png")
+    write_files_atomically(out, {  # the three together: a full disk leaves none of them, not a table without its plot
+        "eval_results.json": json.dumps({"config": asdict(cfg), "summary": rows, "items": items}, indent=2,
+                                        ensure_ascii=False) + "\n",
+        "eval_summary.md": table + "\n",
+        "eval_summary.png": plot_match_rates([r for r in rows if r["reasoning_language"] != "all"])})
     record(out, *(out / name for name in ("eval_results.json", "eval_summary.md", "eval_summary.png")))
     print(table)
     print(f"\nwrote eval_results.json, eval_summary.md and eval_summary.png to {out}/")
@@ -3038,7 +3045,8 @@ def summary_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def plot_match_rates(rows: list, path: Path):
+def plot_match_rates(rows: list) -> bytes:
+    """The match rate per language and model, as a PNG."""
     from matplotlib.figure import Figure
 
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -3055,7 +3063,9 @@ def plot_match_rates(rows: list, path: Path):
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
+    png = io.BytesIO()
+    ax.figure.savefig(png, format="png", dpi=120)
+    return png.getvalue()
 
 
 # -----------------------------------------------------------------------------
@@ -4296,6 +4306,18 @@ class RunFailed(Exception):
 
 
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
+# What torch.save (RuntimeError "unexpected pos N vs M", PyTorchStreamWriter) and safetensors (SafetensorError "I/O
+# error: No space left on device (os error 28)") say of such a write: they keep no errno (torch 2.13, safetensors 0.6)
+NO_ROOM_TEXT = re.compile(r"unexpected pos \d+ vs \d+|file write failed|os error (28|122|27)\b|No space left on device")
+
+
+def out_of_room(error: BaseException) -> bool:
+    """Whether an error, or one it came from, is a write that found no room, whatever raised it."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_ROOM or NO_ROOM_TEXT.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Interrupted(Exception):
@@ -4361,15 +4383,25 @@ def quiet_library_warnings(on_cuda: bool):
 
 def write_atomically(path: Path, data: str | bytes):
     """Write beside the target, then rename: a reader never sees half a file, a crash never leaves one."""
-    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write_files_atomically(path.parent, {path.name: data})
+
+
+def write_files_atomically(folder: Path, files: dict):
+    """Write each file beside its target, then rename them all: no reader sees half a file or half of the set, and a
+    write that fails (a full disk) leaves none of them."""
+    staged, name = {}, next(iter(files))
     try:
-        staging.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(staging, path)
+        for name, data in files.items():
+            staged[name] = folder / f".{name}.tmp{os.getpid()}"
+            staged[name].write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        for name, staging in staged.items():
+            os.replace(staging, folder / name)
     except OSError as e:
-        e.filename = e.filename or str(path)  # a failed write names no file: the message should
+        e.filename = e.filename or str(folder / name)  # a failed write names no file: the message should
         raise
     finally:
-        staging.unlink(missing_ok=True)  # what a failed write (a full disk) left
+        for staging in staged.values():
+            staging.unlink(missing_ok=True)  # what a failed write left
 
 
 def read_text_file(path: Path, what: str) -> str:

@@ -2,14 +2,16 @@
 
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
 import gpt_oss_20b_sft as sft
-from conftest import assert_usage_error, demo_training, resolve, run_cli, snapshot
+from conftest import SCRIPT, assert_usage_error, demo_training, resolve, run_cli, snapshot
 
 
 @pytest.fixture
@@ -60,10 +62,10 @@ def test_a_foreign_file_in_the_demo_output_survives(tmp_path):
 
 
 @pytest.mark.slow
-def test_overwrite_replaces_only_the_runs_own_outputs_and_keeps_the_eval_report(demo_folder, monkeypatch):
-    """An eval report inside the adapter folder is another output of the tool: the demo's training run again in its
-    folder (as a second `--demo` does, no --overwrite needed) leaves the report the first one wrote alone, replacing
-    only the adapter, checkpoints and summaries it wrote before."""
+def test_the_demo_run_again_replaces_its_own_outputs_and_the_table_of_the_adapter_it_replaces(demo_folder, monkeypatch):
+    """The demo's training run again in its folder (as a second `--demo` does, no --overwrite needed) replaces the
+    adapter, checkpoints and summaries it wrote before, and takes the earlier table (demo_output/eval, which measured
+    the adapter replaced) with them at once: a run stopped before its own table leaves none (issue 38)."""
     out = demo_folder / "demo_output"
     report = snapshot(out / "eval")
     assert set(report) >= {"eval_results.json", "eval_summary.md", "eval_summary.png"}
@@ -72,7 +74,7 @@ def test_overwrite_replaces_only_the_runs_own_outputs_and_keeps_the_eval_report(
     # the demo's training again, without the table the demo command ends with (it writes a new report there)
     monkeypatch.chdir(demo_folder)
     sft.run_train(resolve("--demo", "--report_to", "none", "--max-steps", "1", "--learning_rate", "0.05"))
-    assert snapshot(out / "eval") == report
+    assert not (out / "eval").exists()
     assert earlier and {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1"}
     assert (out / "adapter_model.safetensors").read_bytes() != first_adapter
     assert json.loads((out / sft.OWNER_FILE).read_text())["mode"] == "train"
@@ -324,16 +326,57 @@ def test_staged_directory_writes_whole_or_not_at_all_and_keeps_what_it_did_not_w
 
 
 @pytest.mark.slow
-def test_a_demo_rerun_takes_the_old_eval_table_with_the_old_adapter(demo_folder):
-    """Issue 38: a re-run of the demo that stops before writing its own table (run_train alone: no table) leaves no
-    table of the adapter it replaced; a file of the user's in that folder stays."""
-    eval_dir, spare = demo_folder / "demo_output" / "eval", demo_folder / "spare_eval"
-    shutil.copytree(eval_dir, spare)  # copy2: the mtimes, so the record still matches
+def test_a_demo_rerun_keeps_a_users_file_in_the_old_table_folder(demo_folder):
+    """The earlier table goes with the adapter it measured; a file of the user's put in that folder stays, and so
+    does the folder holding it."""
+    eval_dir = demo_folder / "demo_output" / "eval"
     (eval_dir / "my_notes.txt").write_text("mine")
-    rerun = ["--demo", "--report_to", "none", "--max_steps", "1", "--output_dir", str(demo_folder / "demo_output")]
-    sft.run_train(resolve(*rerun))
+    sft.run_train(resolve("--demo", "--report_to", "none", "--max_steps", "1", "--output_dir",
+                          str(demo_folder / "demo_output")))
     assert sorted(p.name for p in eval_dir.iterdir()) == [sft.OWNER_FILE, "my_notes.txt"]
-    shutil.rmtree(eval_dir)
-    shutil.copytree(spare, eval_dir)
-    sft.run_train(resolve(*rerun))
-    assert not eval_dir.exists() and (demo_folder / "demo_output" / "adapter_config.json").is_file()
+    assert (eval_dir / "my_notes.txt").read_text() == "mine"
+
+
+def limited_writes(limit: int):
+    """A file size limit for the process (setrlimit): a write past it fails as on a full disk (EFBIG, the signal
+    ignored), whichever library writes; no root and no mount needed."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def run_limited(limit, *args, cwd):
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                            preexec_fn=limited_writes(limit), timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit, said", [(20_000, "os error 27"), (60_000, "unexpected pos")],
+                         ids=["safetensors", "torch.save"])
+def test_a_full_disk_while_training_is_one_paragraph_whatever_library_was_writing(tmp_path, limit, said):
+    """Issue 38: the checkpoint's adapter (safetensors, 30 KB) or its optimizer state (torch.save, 65 KB) cannot be
+    written; neither keeps an errno."""
+    last = run_limited(limit, "--mode", "train", *demo_training("--report_to", "none", "--max_steps", "2",
+                                                                "--save_steps", "1", "--output_dir", "run"),
+                       cwd=tmp_path)
+    assert last.startswith("Writing the outputs failed: no room (") and said in last, last
+    assert last.endswith("Make room and run the same command again, with --resume to continue from the last "
+                         "checkpoint."), last
+    assert not (tmp_path / "run" / "adapter_config.json").exists() and sft.latest_checkpoint(tmp_path / "run") is None
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_merging_or_evaluating_leaves_no_output(demo_folder):
+    """The merged shard (safetensors) cannot be written: no folder, no staging left. Eval's plot cannot be written:
+    none of its three reports is left (the table without its plot, or a 0-byte plot, was)."""
+    last = run_limited(100_000, "--mode", "merge", "--demo", "--output", "merged", "--no-merge-logits-check",
+                       cwd=demo_folder)
+    assert last.startswith("Writing the outputs failed: no room (") and "os error 27" in last, last
+    assert not [p.name for p in demo_folder.iterdir() if "merged" in p.name]
+    last = run_limited(12_000, "--mode", "eval", "--demo", "--limit", "1", "--reasoning-languages", "German",
+                       "--output_dir", "ev", cwd=demo_folder)
+    assert last.startswith("Writing ev/eval_summary.png failed: file too large ("), last
+    assert [p.name for p in (demo_folder / "ev").iterdir()] == [sft.OWNER_FILE]
