@@ -4420,14 +4420,16 @@ def read_text_file(path: Path, what: str) -> str:
 
 @contextlib.contextmanager
 def staged_directory(target: Path):
-    """A sibling directory to write into; when the block ends without error it becomes target by one rename, or, where
-    target exists, its entries move in one by one (swap_in), so target never holds half of it and a file that
+    """A directory to write into on target's own file system: beside target, which it becomes by one rename when the
+    block ends without error, or, where target exists (a mount point, a volume), inside it, its entries then moving
+    out one by one (swap_in). So no rename crosses a file system, target never holds half of it, and a file that
     appeared in target meanwhile stays."""
     import psutil  # accelerate's, peft's and trl's dependency
 
-    target = Path(os.path.realpath(target))  # beside the real folder: a link to another disk still renames
-    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    for stale in target.parent.glob(f".{target.name}.tmp*") if target.parent.is_dir() else ():
+    target = Path(os.path.realpath(target))  # the real folder: a link to another disk still renames
+    staging = (target if target.is_dir() else target.parent) / f".{target.name}.tmp{os.getpid()}"
+    for stale in (p for folder in (target.parent, target) if folder.is_dir()
+                  for p in folder.glob(f".{target.name}.tmp*")):
         pid = stale.name.rsplit(".tmp", 1)[1]
         if stale != staging and pid.isdigit() and owner_of(stale) and not psutil.pid_exists(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)  # a killed run's scratch folder, marked by this tool when made
@@ -4637,6 +4639,9 @@ def check_output_dir(cfg):
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     if not existing.is_dir():
         raise UsageError(f"--output_dir {out}: {existing} is a file, so no folder can be made in it")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise UsageError(f"--output_dir {out}: {existing} is on a file system mounted read-only (permissions will not "
+                         "help): pick a folder on a writable disk")
     if not os.access(existing, os.W_OK):
         raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
     if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder

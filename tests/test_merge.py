@@ -359,3 +359,28 @@ def test_a_merge_into_a_folder_made_beforehand_is_recorded_and_overwrite_replace
     assert into_adapter.returncode == 2 and into_adapter.stderr.strip() == (
         "error: --output_dir demo_output is --adapter; outputs go into a folder of their own, e.g. --output_dir "
         "demo_output-merged"), into_adapter.stderr
+
+
+@pytest.mark.slow
+def test_a_merge_onto_a_mount_point_stages_on_its_file_system_and_a_read_only_one_is_refused_first(demo_folder):
+    """Issue 38: the usual "put the model on the big disk" (a tmpfs mounted on the output folder here, as root). The
+    staging folder was the parent's sibling, and the last rename failed as a cross-device link after the whole merge;
+    a read-only mount was "permission denied"."""
+    target = demo_folder / "bigdisk"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(target)], check=True)
+    try:
+        merge = ["--mode", "merge", "--demo", "--output", "bigdisk", "--no-merge-logits-check"]
+        result = run_cli(*merge, cwd=demo_folder)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (target / "model.safetensors").is_file() and json.loads((target / "merge_check.json").read_text())["passed"]
+        assert not [p.name for p in [*target.iterdir(), *demo_folder.iterdir()] if ".tmp" in p.name]
+        subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
+        before = snapshot(target)
+        refused = run_cli(*merge, "--overwrite", cwd=demo_folder)
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            f"error: --output_dir bigdisk: {target} is on a file system mounted read-only (permissions will not help): "
+            "pick a folder on a writable disk"), refused.stderr
+        assert snapshot(target) == before
+    finally:
+        subprocess.run(["umount", str(target)], check=False)

@@ -369,13 +369,9 @@ def test_a_full_disk_while_training_is_one_paragraph_whatever_library_was_writin
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_merging_or_evaluating_leaves_no_output(demo_folder):
-    """The merged shard (safetensors) cannot be written: no folder, no staging left. Eval's plot cannot be written:
-    none of its three reports is left (the table without its plot, or a 0-byte plot, was)."""
-    last = run_limited(100_000, "--mode", "merge", "--demo", "--output", "merged", "--no-merge-logits-check",
-                       cwd=demo_folder)
-    assert last.startswith("Writing the outputs failed: no room (") and "os error 27" in last, last
-    assert not [p.name for p in demo_folder.iterdir() if "merged" in p.name]
+def test_a_full_disk_while_evaluating_leaves_none_of_the_reports(demo_folder):
+    """Eval's plot cannot be written: none of its three reports is left (the table without its plot, or a 0-byte
+    plot, was). (A merge's shard is written by safetensors, as the checkpoint's adapter above.)"""
     last = run_limited(12_000, "--mode", "eval", "--demo", "--limit", "1", "--reasoning-languages", "German",
                        "--output_dir", "ev", cwd=demo_folder)
     assert last.startswith("Writing ev/eval_summary.png failed: file too large ("), last
