@@ -46,8 +46,8 @@ STARTS_A_PROCESS = re.compile(r"\b(run_cli|run_without|subprocess\.|Popen)\(?")
 # The order `pytest -n 2 --dist loadfile --no-loadscope-reorder` hands whole files to the two workers: the longest
 # first, so that both end together; test_gguf second, as it builds its own model while the first file builds
 # the demo's base, which nearly every other file needs. Files not named follow, in their usual order.
-LONGEST_FIRST = ["test_bench", "test_gguf", "test_multi", "test_outputs", "test_speed", "test_train_infer", "test_merge",
-                 "test_config", "test_eval", "test_resume", "test_bad_inputs"]
+LONGEST_FIRST = ["test_bench", "test_gguf", "test_multi", "test_outputs", "test_grpo", "test_speed", "test_train_infer",
+                 "test_merge", "test_config", "test_eval", "test_resume", "test_bad_inputs"]
 
 
 def pytest_collection_modifyitems(items):

@@ -232,6 +232,23 @@ def test_a_save_the_file_system_refuses_is_one_line_and_the_turns_stay(tmp_path)
     assert sft.handle_command(f"/save {tmp_path / 'c.jsonl'}", after)[1] == f"saved 1 turn to {tmp_path / 'c.jsonl'}"
 
 
+def test_a_save_onto_a_full_disk_is_one_line_leaves_nothing_and_the_turns_stay(tmp_path):
+    """Issue 38: the write fails part-way (a file size limit for this process, as a full disk fails it: EFBIG)."""
+    import resource
+
+    session = sft.ChatSession("French", None, "low").answered("a?", "je pense " * 500, "A")
+    limits, previous = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, limits[1]))
+    try:
+        after, said = sft.handle_command(f"/save {tmp_path / 'c.jsonl'}", session)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert after == session and said == f"error: /save {tmp_path / 'c.jsonl'}: file too large"
+    assert list(tmp_path.iterdir()) == []
+    assert sft.handle_command(f"/save {tmp_path / 'c.jsonl'}", after)[1] == f"saved 1 turn to {tmp_path / 'c.jsonl'}"
+
+
 @pytest.mark.slow
 def test_save_writes_rows_train_reads_and_refuses_foreign_files(two_turns, tmp_path, demo_model):
     session = two_turns[0]
