@@ -226,7 +226,8 @@ def main(argv=None) -> int:
         filename = getattr(e, "filename", None)
         where = Path(filename or (cfg and cfg.output_dir) or ".").absolute()
         free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
-        reason = (e.strerror or str(e)).lower() if isinstance(e, OSError) else f"no room ({str(e).splitlines()[0]})"
+        reason = ((e.strerror or str(e)).lower() if isinstance(e, OSError) and e.errno in NO_ROOM
+                  else f"no room ({str(e).splitlines()[0]})")
         print(f"\nWriting {filename or 'the outputs'} failed: {reason} ({free:.1f} GiB free there now). Staged files "
               "were removed and --resume skips a checkpoint cut short, so nothing half-written is used. Make room and "
               "run the same command again" + (", with --resume to continue from the last checkpoint" if mode and
@@ -4306,9 +4307,11 @@ class RunFailed(Exception):
 
 
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit: RunFailed's kind
-# What torch.save (RuntimeError "unexpected pos N vs M", PyTorchStreamWriter) and safetensors (SafetensorError "I/O
-# error: No space left on device (os error 28)") say of such a write: they keep no errno (torch 2.13, safetensors 0.6)
-NO_ROOM_TEXT = re.compile(r"unexpected pos \d+ vs \d+|file write failed|os error (28|122|27)\b|No space left on device")
+# What torch.save (RuntimeError "unexpected pos N vs M", PyTorchStreamWriter), safetensors (SafetensorError "I/O
+# error: No space left on device (os error 28)") and numpy's tofile under gguf's writer (OSError "N requested and M
+# written") say of such a write: they keep no errno (torch 2.13, safetensors 0.8, numpy 2.4)
+NO_ROOM_TEXT = re.compile(r"unexpected pos \d+ vs \d+|file write failed|os error (28|122|27)\b|No space left on device|"
+                          r"\d+ requested and \d+ written")
 
 
 def out_of_room(error: BaseException) -> bool:

@@ -384,3 +384,28 @@ def test_a_merge_onto_a_mount_point_stages_on_its_file_system_and_a_read_only_on
         assert snapshot(target) == before
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge_format, said", [("bf16", "no room ("), ("gguf", "no room (131072 requested")])
+def test_a_full_disk_while_merging_is_one_paragraph_and_leaves_no_folder(demo_folder, monkeypatch, capsys,
+                                                                        merge_format, said):
+    """Issue 38: the merged shard (safetensors, which keeps no errno) or the GGUF (Python's own writes) cannot be
+    written: the paragraph, exit 1, no output folder and no staging left. The file size limit (a full disk's EFBIG) is
+    set in this process for the call only."""
+    import resource
+
+    monkeypatch.chdir(demo_folder)
+    limits, previous = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)  # main() installs its own
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        code = sft.main(["--mode", "merge", "--demo", "--output", "merged", "--merge-format", merge_format,
+                         "--no-merge-logits-check"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+        signal.signal(signal.SIGTERM, term)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("Writing ") and f"failed: {said}" in last and "Make room" in last, last
+    assert not [p.name for p in demo_folder.iterdir() if "merged" in p.name]
