@@ -3165,8 +3165,8 @@ class Grpo(ModelMode):
         if not any(weight for weight in reward_weights(cfg).values()):
             raise UsageError("every reward weight is 0: nothing to learn from (--language_reward is 1 by default)")
         check_training_run(cfg)
-        if cfg.adapter:
-            read_lora_adapter(cfg.adapter)  # a folder that is not a LoRA adapter is one line here, not PEFT's traceback
+        if cfg.adapter and not (cfg.demo and cfg.adapter == DEMO_OUTPUT_DIR and not Path(cfg.adapter).exists()):
+            read_lora_adapter(cfg.adapter)  # one line here, not PEFT's traceback (the demo trains its own first)
 
     def inputs(self, cfg):
         return {"the prompts": cfg.dataset}

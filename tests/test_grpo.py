@@ -212,3 +212,13 @@ def test_the_grpo_demo_teaches_the_language_no_sft_row_reasons_in(demo_run, tmp_
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["reasoning_languages"] == ["French", "German", "Italian", "Polish", "Spanish"]
     assert (out / "reward_curve.png").stat().st_size > 0 and (user / "demo_output" / "adapter_config.json").exists()
+
+
+def test_the_grpo_demo_resolves_before_its_sft_adapter_exists(tmp_path, monkeypatch):
+    """--mode grpo --demo in a fresh folder trains the demo's SFT adapter first: its settings (and --print-config)
+    resolve before that adapter exists, naming the unseen language among the five."""
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve("--mode", "grpo", "--demo")
+    assert cfg.adapter == "demo_output" and cfg.reasoning_languages == ["Polish", "French", "German", "Spanish",
+                                                                        "Italian"]
+    assert list(tmp_path.iterdir()) == []
