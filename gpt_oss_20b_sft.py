@@ -534,7 +534,7 @@ def language_name(name: str, flag: str, any_language: bool = False) -> str:
                        "--allow-any-language sends another name as typed)")
 
 
-PATHS = ("model", "adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed")  # settings naming a file
+PATHS = ("model", "adapter", "compare_adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed")  # settings naming a file
 
 
 def derive(cfg: CommonSettings) -> CommonSettings:
@@ -866,8 +866,7 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
     if runtime.rank == 0:
-        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume,
-                         settings=None if cfg.resume else run_settings(cfg))
+        claim_output_dir(Path(cfg.output_dir), "train", replace_own=not cfg.resume, settings=run_settings(cfg))
         if cfg.demo and not cfg.resume:  # its table measured the adapter this run replaces: gone with it, even if
             remove_output_folder(Path(cfg.output_dir) / "eval")  # this run is stopped before its own table
     args = build_sft_config(cfg, runtime, sampler)  # before the model: ZeRO-3 and FSDP2 shape how it is loaded
@@ -2868,8 +2867,8 @@ def check_compared_adapter(cfg: EvalRun):
                          Path(cfg.compare_adapter).exists() else "does not exist"))
     if Path(cfg.compare_adapter).resolve() == Path(cfg.adapter).resolve():
         raise UsageError(f"--compare-adapter {cfg.compare_adapter} is --adapter itself: name another adapter")
-    read_lora_adapter(cfg.compare_adapter, "--compare-adapter")  # a folder that is not a LoRA adapter: one line, not PEFT's traceback
-    bases = adapter_base(cfg.adapter), adapter_base(cfg.compare_adapter)
+    config, _ = read_lora_adapter(cfg.compare_adapter, "--compare-adapter")  # one line, not PEFT's traceback
+    bases = adapter_base(cfg.adapter), config.get("base_model_name_or_path")
     if bases[0] and bases[1] and Path(bases[0]).name != Path(bases[1]).name:
         raise UsageError(f"--compare-adapter {cfg.compare_adapter} was trained on {bases[1]}, --adapter on "
                          f"{bases[0]}: one table compares adapters of one base")
@@ -3165,7 +3164,7 @@ class Grpo(ModelMode):
         if not any(weight for weight in reward_weights(cfg).values()):
             raise UsageError("every reward weight is 0: nothing to learn from (--language_reward is 1 by default)")
         check_training_run(cfg)
-        if cfg.adapter and not (cfg.demo and cfg.adapter == DEMO_OUTPUT_DIR and not Path(cfg.adapter).exists()):
+        if cfg.adapter and not (cfg.demo and demo_adapter_pending(cfg.adapter)):
             read_lora_adapter(cfg.adapter)  # one line here, not PEFT's traceback (the demo trains its own first)
 
     def inputs(self, cfg):
@@ -3202,8 +3201,7 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     print(f"prompts: {len(prompts)} ({', '.join(f'{asked.count(lang)} in {lang}' for lang in dict.fromkeys(asked))}), "
           f"{cfg.num_generations} completions each")
     if runtime.rank == 0:
-        claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume,
-                         settings=None if cfg.resume else run_settings(cfg))
+        claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume, settings=run_settings(cfg))
     model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
                        runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, seed=cfg.seed, training=True)
     if cfg.adapter:
@@ -4264,11 +4262,16 @@ def ensure_demo_model(cfg: CommonSettings):
         write_mxfp4_checkpoint(tiny, demo_model_dir(use_4bit=True))
 
 
+def demo_adapter_pending(adapter: str | None) -> bool:
+    """Whether `adapter` is the demo's own, not trained yet: the demo trains it before the mode runs."""
+    return adapter == DEMO_OUTPUT_DIR and not (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").is_file()
+
+
 def ensure_demo_adapter(cfg: CommonSettings):
     """The step before infer, chat, eval or merge runs in the demo: its adapter, trained into demo_output with the
     demo's own train settings (none of this run's), when there is none yet. The mode's output folder was checked
     before (ensure_demo_model), so a folder it would refuse is refused before anything is written."""
-    if cfg.adapter != DEMO_OUTPUT_DIR or (Path(DEMO_OUTPUT_DIR) / "adapter_config.json").is_file():
+    if not demo_adapter_pending(cfg.adapter):
         return
     # not tracked: this run's flags cannot reach the step, and it must run where no tracker is installed
     run_train(parse_config(["--mode", "train", "--demo", "--report_to", "none"]))
@@ -4580,9 +4583,10 @@ def protected_folder(out: Path, cfg) -> str | None:
         return "holds the folder you are in" if target in here.parents else "is your home folder"
     inputs = {**MODES[cfg.mode].inputs(cfg), "this script": __file__, "--adapter": cfg.adapter}
     for what, path in inputs.items():
-        if path and Path(path).expanduser().exists() and target == Path(path).expanduser().resolve():
+        given = Path(path).expanduser().resolve() if path and Path(path).expanduser().exists() else None
+        if given and target == given:
             return f"is {what}"
-        if path and Path(path).expanduser().exists() and target in Path(path).expanduser().resolve().parents:
+        if given and target in given.parents:
             return f"holds {what}"
     return None
 
@@ -4697,7 +4701,7 @@ def check_resumed_settings(cfg, out: Path):
 def claim_output_dir(out: Path, mode: str, replace_own: bool, settings: dict | None = None):
     """Create out, hold it and mark it as this mode's, with a record of the earlier outputs kept; with replace_own,
     first delete this mode's earlier outputs (only those: check_output_dir has refused a folder holding more). A
-    training run's settings go into the record when it starts (a resumed run keeps those it started with)."""
+    training run's settings go into the record when it starts; one that continues (not replace_own) keeps those."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -4707,7 +4711,7 @@ def claim_output_dir(out: Path, mode: str, replace_own: bool, settings: dict | N
     lock_folder(out)
     marker = read_marker(out) or {}
     before, own = marker.get("written", {}), sort_outputs(out, mode)[0]
-    settings = settings if settings is not None else marker.get("settings") if not replace_own else None
+    settings = settings if replace_own else marker.get("settings")  # a run continued keeps what it started with
     if replace_own:
         remove_outputs(out, own)
     kept = {p.relative_to(out).as_posix(): p for p in own if not replace_own and os.path.lexists(p)}

@@ -1,5 +1,6 @@
 """Shared set-up and helpers: the tests run offline, on CPU, with a demo cache of their own."""
 
+import contextlib
 import datetime
 import inspect
 import json
@@ -102,6 +103,23 @@ def assert_usage_error(result, needle):
 def snapshot(folder):
     """Every file under folder with its bytes: what 'nothing was written or deleted' compares."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """For the block, a write of this process past `limit` bytes fails as on a full disk (EFBIG; SIGXFSZ ignored):
+    no root and no mount needed. main() installs its own SIGTERM handler: that is put back too."""
+    import resource
+
+    limits, xfsz, term = (resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+                          signal.getsignal(signal.SIGTERM))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, xfsz)
+        signal.signal(signal.SIGTERM, term)
 
 
 def write_jsonl(path, rows):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, ScriptedModel, assert_usage_error, resolve, run_cli
+from conftest import SCRIPT, ScriptedModel, assert_usage_error, file_size_limit, resolve, run_cli
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 FIRST, SECOND = "What is 7 x 8?", "How many hours are in a week?"
@@ -234,16 +234,9 @@ def test_a_save_the_file_system_refuses_is_one_line_and_the_turns_stay(tmp_path)
 
 def test_a_save_onto_a_full_disk_is_one_line_leaves_nothing_and_the_turns_stay(tmp_path):
     """Issue 38: the write fails part-way (a file size limit for this process, as a full disk fails it: EFBIG)."""
-    import resource
-
     session = sft.ChatSession("French", None, "low").answered("a?", "je pense " * 500, "A")
-    limits, previous = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, limits[1]))
-    try:
+    with file_size_limit(1000):
         after, said = sft.handle_command(f"/save {tmp_path / 'c.jsonl'}", session)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, previous)
     assert after == session and said == f"error: /save {tmp_path / 'c.jsonl'}: file too large"
     assert list(tmp_path.iterdir()) == []
     assert sft.handle_command(f"/save {tmp_path / 'c.jsonl'}", after)[1] == f"saved 1 turn to {tmp_path / 'c.jsonl'}"

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import gpt_oss_20b_sft as sft
-from conftest import SCRIPT, resolve, run_cli, snapshot
+from conftest import SCRIPT, file_size_limit, resolve, run_cli, snapshot
 
 ATTENTION = dict(target_modules=["q_proj", "v_proj"])
 EXPERTS = dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -393,19 +393,10 @@ def test_a_full_disk_while_merging_is_one_paragraph_and_leaves_no_folder(demo_fo
     """Issue 38: the merged shard (safetensors, which keeps no errno) or the GGUF (Python's own writes) cannot be
     written: the paragraph, exit 1, no output folder and no staging left. The file size limit (a full disk's EFBIG) is
     set in this process for the call only."""
-    import resource
-
     monkeypatch.chdir(demo_folder)
-    limits, previous = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    term = signal.getsignal(signal.SIGTERM)  # main() installs its own
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
-    try:
+    with file_size_limit(100_000):
         code = sft.main(["--mode", "merge", "--demo", "--output", "merged", "--merge-format", merge_format,
                          "--no-merge-logits-check"])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, previous)
-        signal.signal(signal.SIGTERM, term)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("Writing ") and f"failed: {said}" in last and "Make room" in last, last
     assert not [p.name for p in demo_folder.iterdir() if "merged" in p.name]
