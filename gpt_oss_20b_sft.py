@@ -323,6 +323,14 @@ class GenerationMode(ModelMode):
                 + ("" if cfg.use_4bit else ", --use_4bit (the weights take 14 GB instead of 42 GB for gpt-oss-20b)") + ".")
 
 
+@dataclass(frozen=True)
+class PreflightSettings:
+    """preflight: will this fit my GPU, and how fast is it? ({readers}; speed.json has the numbers)"""
+    random_init: bool = setting(False, "random weights of the model's shapes, built on the GPU (no download)")
+    synthetic_data: int | None = setting(None, "N generated rows with Multilingual-Thinking's lengths instead of "
+                                               "--dataset", check="positive")
+
+
 # What --demo changes, each for a reason (each mode takes the ones among its settings): its rows and questions, written
 # for a 2-layer model (data/make_demo_data.py); a learning rate and passes that teach a tiny model the instruction in a
 # minute of CPU (NOTES.md); no gradient checkpointing, which saves memory a tiny model does not need and costs CPU
@@ -696,16 +704,12 @@ class TrainSettings:
                          section="several GPUs: run the script under torchrun, deepspeed or accelerate launch (README)")
     deepspeed: str | None = setting(None, "zero3 (the built-in ZeRO-3 preset; default under the deepspeed launcher) or "
                                           "a DeepSpeed JSON file")
-    random_init: bool = setting(False, "random weights of the model's shapes, built on the GPU (no download)",
-                                section="preflight: will this fit my GPU, and how fast is it?")
-    synthetic_data: int | None = setting(None, "N generated rows with Multilingual-Thinking's lengths",
-                                         check="positive")
 
 
 # One frozen object per run: the fields of its mode's groups and no others. A dataclass lays out the fields of its
 # bases from the last base to the first, so the common settings come first (and --help shows the groups so).
 @dataclass(frozen=True)
-class TrainRun(TrainSettings, ModelSettings, CommonSettings):
+class TrainRun(PreflightSettings, TrainSettings, ModelSettings, CommonSettings):
     """--mode train"""
 
 
@@ -845,11 +849,8 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     chats = training_chats(cfg)
     config = load_model_config(cfg.model)
     resolve_attention(cfg.attn_implementation, on_cuda)
-    shape = meta_model(config)
+    shape = trainable_here(cfg.model, config, on_cuda)
     n_params = sum(p.numel() for p in shape.parameters())
-    if not on_cuda and n_params > 1e9:
-        raise UsageError(f"{cfg.model} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
-                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
     check_training_names(cfg, shape)
     tokenizer = load_tokenizer(cfg.model)
     dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
@@ -1622,6 +1623,16 @@ def meta_model(config):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(unquantized_config(config))
+
+
+def trainable_here(source: str, config, on_cuda: bool):
+    """The model's shape (meta_model); a model of over 1B parameters is refused on a machine without CUDA."""
+    shape = meta_model(config)
+    n_params = sum(p.numel() for p in shape.parameters())
+    if not on_cuda and n_params > 1e9:
+        raise UsageError(f"{source} has {n_params / 1e9:.1f}B parameters and there is no CUDA GPU here; training "
+                         "it needs one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU")
+    return shape
 
 
 def check_training_names(cfg: TrainRun, model):
@@ -3114,7 +3125,7 @@ class GrpoSettings:
 
 
 @dataclass(frozen=True)
-class GrpoRun(GrpoSettings, ModelSettings, CommonSettings):
+class GrpoRun(PreflightSettings, GrpoSettings, ModelSettings, CommonSettings):
     """--mode grpo"""
 
 
@@ -3126,7 +3137,7 @@ class Grpo(ModelMode):
     name, settings, during = "grpo", GrpoRun, "GRPO training"
     summary = "grpo (teach a reasoning language from prompts)"
     output_help = "grpo gpt-oss-20b-grpo, demo demo_grpo_output"
-    outputs = TRAINER_OUTPUTS + r"|reward_curve\.png"
+    outputs = TRAINER_OUTPUTS + r"|speed\.json|reward_curve\.png"
     demo_defaults = dict(learning_rate=3e-3, num_generations=8, max_completion_length=160, batch_size=32,
                          gradient_accumulation_steps=1, max_steps=40, max_samples=40, save_steps=10,
                          reasoning_languages=["Polish", "French", "German", "Spanish", "Italian"])
@@ -3149,9 +3160,9 @@ class Grpo(ModelMode):
         return False  # the reward reads the reasoning's language with the detector: it must know the language
 
     def check(self, cfg):
-        if importlib.util.find_spec("lingua") is None:
+        if (cfg.language_reward or cfg.answer_language_reward) and importlib.util.find_spec("lingua") is None:
             raise UsageError("--mode grpo rewards the reasoning's language with lingua: pip install "
-                             "lingua-language-detector")
+                             "lingua-language-detector (or --language_reward 0 --answer_language_reward 0)")
         if cfg.num_generations < 2:
             raise UsageError("--num_generations must be at least 2: GRPO scores each completion against the others "
                              "of its prompt")
@@ -3168,7 +3179,7 @@ class Grpo(ModelMode):
             read_lora_adapter(cfg.adapter)  # one line here, not PEFT's traceback (the demo trains its own first)
 
     def inputs(self, cfg):
-        return {"the prompts": cfg.dataset}
+        return {} if cfg.synthetic_data else {"the prompts": cfg.dataset}
 
     def strategy(self, cfg, world_size):
         return "ddp" if world_size > 1 else "single"
@@ -3179,16 +3190,17 @@ class Grpo(ModelMode):
                 + ("" if cfg.use_4bit else ", --use_4bit (experts in MXFP4: 14 GB of weights instead of 42)") + ".")
 
     def hub_repos(self, cfg):
-        return [] if Path(cfg.dataset).expanduser().exists() else [cfg.dataset]
+        return [] if cfg.synthetic_data or Path(cfg.dataset).expanduser().exists() else [cfg.dataset]
 
     def after_demo(self, cfg, runtime):
-        if runtime.rank == 0:
+        if runtime.rank == 0 and not (cfg.random_init or cfg.synthetic_data):  # a preflight ends with its numbers
             grpo_demo_table(cfg)
 
 
 def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     """Prompts asked in each language, completions sampled and scored by the rewards, the adapter updated (TRL's
-    GRPOTrainer); the adapter, run_summary.json, reward_curve.png and a model card, as train writes them."""
+    GRPOTrainer); the adapter, run_summary.json, speed.json, reward_curve.png and a model card, as train writes them."""
+    import torch
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -3197,39 +3209,75 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     prompts = grpo_prompts(cfg)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
     config = load_model_config(cfg.model)
+    trainable_here(cfg.model, config, runtime.on_cuda)
     asked = [p["reasoning_language"] for p in prompts]
     print(f"prompts: {len(prompts)} ({', '.join(f'{asked.count(lang)} in {lang}' for lang in dict.fromkeys(asked))}), "
           f"{cfg.num_generations} completions each")
     if runtime.rank == 0:
         claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume, settings=run_settings(cfg))
     model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
-                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, seed=cfg.seed, training=True)
+                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, random_init=cfg.random_init,
+                       seed=cfg.seed, training=True)
     if cfg.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
-    callbacks = [make_nonfinite_guard(cfg.output_dir), make_sigterm_stop()] + [
+    meter, rollouts = make_speed_meter(model, runtime, warmup_steps=1), []  # rollouts: (seconds, tokens) per generation
+    callbacks = [meter, make_nonfinite_guard(cfg.output_dir), make_sigterm_stop()] + [
         make_checkpoint_recorder(cfg.output_dir)] * (runtime.rank == 0)
+
     class QuietGRPOTrainer(GRPOTrainer):
         def create_model_card(self, *args, **kwargs):
             """Nothing: TRL's card would land in the output folder at each checkpoint, outside the record."""
 
-    trainer = QuietGRPOTrainer(model=model, reward_funcs=grpo_reward_functions(cfg, tokenizer),
+        # private: GRPOTrainer._generate_single_turn, checked against TRL 1.16.0 (its own timer reports to trackers only)
+        def _generate_single_turn(self, *args, **kwargs):
+            start = time.perf_counter()
+            completion_ids, logprobs = super()._generate_single_turn(*args, **kwargs)
+            rollouts.append((time.perf_counter() - start, sum(map(len, completion_ids))))
+            return completion_ids, logprobs
+
+    weighted = {name: fn for name, fn in grpo_reward_functions(cfg, tokenizer).items() if reward_weights(cfg)[name]}
+    trainer = QuietGRPOTrainer(model=model, reward_funcs=list(weighted.values()),
                                args=grpo_config(cfg, runtime), train_dataset=Dataset.from_list(prompts),
                                processing_class=tokenizer, callbacks=callbacks,
                                peft_config=None if cfg.adapter else build_lora_config(TrainRun()))  # train's LoRA
-    result = train(cfg, trainer)  # train's loop: resume, Ctrl-C, SIGTERM, NaN and out of memory alike
-    summary = save_grpo_run(cfg, runtime, trainer, result, prompts)
+    steps_per_run = math.ceil(len(prompts) * cfg.num_generations / (
+        cfg.batch_size * cfg.gradient_accumulation_steps * runtime.world_size)) * math.ceil(cfg.num_train_epochs)
+    if runtime.on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg, trainer, meter, steps_per_run)  # train's loop: resume, Ctrl-C, SIGTERM, NaN, out of memory
+    speed = grpo_speed(cfg, runtime, meter.summary(steps_per_run), rollouts)
+    summary = save_grpo_run(cfg, runtime, trainer, result, prompts, speed)
     if runtime.rank == 0:
         rewards = summary["reward_first"], summary["reward_last"]
-        print(f"saved adapter, model card (README.md), run_summary.json and reward_curve.png to {cfg.output_dir}/ "
-              f"(mean reward {rewards[0]:.3f} -> {rewards[1]:.3f} over {summary['optimizer_steps']} steps)")
+        print(f"saved adapter, model card (README.md), run_summary.json, speed.json and reward_curve.png to "
+              f"{cfg.output_dir}/ (mean reward {rewards[0]:.3f} -> {rewards[1]:.3f} over {summary['optimizer_steps']} "
+              "steps)")
+        print(json.dumps(speed))  # also in speed.json, which bench/benchmark.sh reads
     return trainer
+
+
+def grpo_speed(cfg: GrpoRun, runtime: Runtime, measured: dict, rollouts: list) -> dict:
+    """speed.json of a GRPO run: train's step time and peak memory (the first step, with its warm-up, not counted)
+    and the rollouts' completion tokens per second, counted on each process alike."""
+    timed = rollouts[1:] or rollouts
+    seconds, tokens = sum(t[0] for t in timed), sum(t[1] for t in timed) * runtime.world_size
+    keep = ("gpu", "processes", "steps_measured", "step_seconds", "peak_memory_gib", "optimizer_steps_per_run",
+            "projected_run_minutes")
+    return {**{k: measured[k] for k in keep},
+            "rollout_tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+            "rollout_seconds": round(seconds / len(timed), 3) if timed else None,
+            "completion_tokens_per_step": round(tokens / len(timed), 1) if timed else None,
+            **{name: getattr(cfg, name) for name in ("num_generations", "max_completion_length", "batch_size",
+                                                     "gradient_accumulation_steps", "use_4bit")},
+            "attn_implementation": resolve_attention(cfg.attn_implementation, runtime.on_cuda)}
 
 
 def grpo_prompts(cfg: GrpoRun) -> list:
     """One dataset row per prompt and reasoning language: the chat as infer builds it, and what the rewards check."""
-    rows = read_rows(cfg.dataset, cfg.dataset_split)[:cfg.max_samples]
+    rows = (synthetic_rows(cfg.synthetic_data, cfg.seed) if cfg.synthetic_data
+            else read_rows(cfg.dataset, cfg.dataset_split))[:cfg.max_samples]
     prompts = []
     for number, row in enumerate(rows, 1):
         where = f"prompt row {number}"
@@ -3266,7 +3314,7 @@ def grpo_config(cfg: GrpoRun, runtime: Runtime):
             "save_steps", "seed")},
         per_device_train_batch_size=cfg.batch_size,
         max_steps=cfg.max_steps or -1,
-        reward_weights=list(reward_weights(cfg).values()),
+        reward_weights=[weight for weight in reward_weights(cfg).values() if weight],  # the rewards run_grpo passes
         router_aux_loss_coef=0.0,  # as train: TRL would add 0.9 x the router's load-balancing loss to the policy's
         chat_template_kwargs={"reasoning_effort": cfg.reasoning_effort},  # the system prompt as infer renders it
         activation_checkpointing=runtime.on_cuda,  # transformers 5.23's name for gradient checkpointing
@@ -3286,7 +3334,7 @@ def grpo_config(cfg: GrpoRun, runtime: Runtime):
 
 
 def reward_weights(cfg: GrpoRun) -> dict:
-    """Each reward's weight, in the order of grpo_reward_functions."""
+    """Each reward's weight, by the names grpo_reward_functions gives the rewards."""
     return {"language": cfg.language_reward, "format": cfg.format_reward, "correctness": cfg.correctness_reward,
             "answer_language": cfg.answer_language_reward}
 
@@ -3323,8 +3371,8 @@ def answer_language_reward(final: str | None, language: str | None) -> float | N
     return None if not language else float(final is not None and detect_language(final) == language)
 
 
-def grpo_reward_functions(cfg: GrpoRun, tokenizer) -> list:
-    """The four rewards as TRL calls them (completion_ids and the dataset's columns), in reward_weights' order. The
+def grpo_reward_functions(cfg: GrpoRun, tokenizer) -> dict:
+    """The four rewards as TRL calls them (completion_ids and the dataset's columns), by reward_weights' names. The
     language reward also logs, per language, its mean and the mean reasoning length: a reward won by shortening the
     reasoning shows."""
     def parts(completion_ids):  # each completion read as infer reads its output
@@ -3352,10 +3400,10 @@ def grpo_reward_functions(cfg: GrpoRun, tokenizer) -> list:
     def answer_language(completion_ids, answer_language, **_):
         return [answer_language_reward(f, lang) for f, lang in zip(parts(completion_ids)[2], answer_language)]
 
-    return [language, format, correctness, answer_language]
+    return {"language": language, "format": format, "correctness": correctness, "answer_language": answer_language}
 
 
-def save_grpo_run(cfg: GrpoRun, runtime: Runtime, trainer, result, prompts: list) -> dict:
+def save_grpo_run(cfg: GrpoRun, runtime: Runtime, trainer, result, prompts: list, speed: dict) -> dict:
     """The adapter and its record, staged and moved in with adapter_config.json last (as train saves)."""
     out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
     if runtime.rank == 0:
@@ -3377,9 +3425,12 @@ def save_grpo_run(cfg: GrpoRun, runtime: Runtime, trainer, result, prompts: list
         "reward_last": logs[-1]["reward"] if logs else None,
         "per_step": [{k: v for k, v in e.items() if k == "step" or k == "reward" or "/" in k} for e in logs],
         "runtime_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        "peak_gpu_memory_gib": speed["peak_memory_gib"]["allocated"],
+        "speed": speed,
     }
     plot_rewards(logs, languages, staging / "reward_curve.png")
     (staging / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (staging / "speed.json").write_text(json.dumps(speed, indent=2) + "\n")
     (staging / "README.md").write_text(
         f"---\nbase_model: {cfg.model}\nlibrary_name: peft\ntags: [gpt-oss, grpo, trl, lora]\n---\n\n"
         f"# {out.name}\n\nLoRA adapter for {cfg.model}, trained with GRPO (TRL) by gpt_oss_20b_sft.py from "
@@ -3406,7 +3457,8 @@ def plot_rewards(logs: list, languages: list, path: Path):
     length.set(xlabel="optimizer step", ylabel="reasoning tokens (mean)")
     for ax in (reward, length):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # none where the language reward did not run (--language_reward 0)
+            ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -46,7 +46,8 @@ $PYTHON -c "import importlib, torch; print('versions:', {m: importlib.import_mod
 if [ "$DRY" = 1 ] || ! $PYTHON -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   DRY=1
   MODEL=$($PYTHON -c "import gpt_oss_20b_sft as s; print(s.build_demo_model())" 2>> "$OUT/logs.txt" | tail -1) || exit 1
-  export EXTRA_FLAGS="--max_seq_length 512 --batch_size 2 --gradient_accumulation_steps 1 --synthetic-data 16"
+  export EXTRA_FLAGS="--max_seq_length 512 --batch_size 2 --gradient_accumulation_steps 1 --synthetic-data 16" \
+    GRPO_EXTRA_FLAGS="--num_generations 2 --batch_size 2 --max_completion_length 16 --synthetic-data 16"
   echo "DRY run on the CPU with $MODEL: checks the command, measures nothing" >> "$OUT/machine.txt"
 fi
 echo "model $MODEL" >> "$OUT/machine.txt"
@@ -79,6 +80,8 @@ run ours 5 130                  # the seed recipe, 8 x 2,048 tokens x 2; the fir
 run baseline 4 100              # the Cookbook's way at batch 8 (eager, padded, full logits): the ratio's baseline
 grep -q '"run": "baseline".*tokens_per_second' "$OUT/results.jsonl" 2>/dev/null || run baseline_b4 4 90  # batch 4 x 4
 run ours_4bit 4 90
+run grpo 4 100                  # 8 completions of 256 tokens, then the update; the first step untimed
+grep -q '"run": "grpo".*rollout_tokens_per_second' "$OUT/results.jsonl" 2>/dev/null || run grpo_eager 4 80  # flex failed
 cap=$(seconds_for 60)           # packed rows against alone: logits, router top-k sets, layer 0's attention
 if [ "$cap" = 0 ]; then echo "== check_attention: skipped, out of time" >> "$OUT/logs.txt"
 else timeout "$cap" $PYTHON bench/check_attention.py "$MODEL" $([ "$DRY" = 1 ] && echo "--layers 2 --lengths 60,180,140 \

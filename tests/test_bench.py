@@ -10,8 +10,8 @@ import pytest
 
 from conftest import ROOT
 
-TABLE = ["ours", "baseline", "ours_4bit", "ours_packing", "ours_checkpoint_every2", "120b:ours_4bit_b1_ga2",
-         "ours_compile"]  # baseline_b4 runs only where baseline fails
+TABLE = ["ours", "baseline", "ours_4bit", "grpo", "ours_packing", "ours_checkpoint_every2", "120b:ours_4bit_b1_ga2",
+         "ours_compile"]  # baseline_b4 and grpo_eager run only where baseline and grpo fail
 
 
 @pytest.mark.slow
@@ -31,9 +31,13 @@ def test_the_gpu_commands_dry_run_installs_the_staged_wheels_and_measures_every_
     assert all((tmp_path / "work" / "site" / name).is_dir() for name in ("transformers", "trl", "peft", "datasets"))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [row["run"] for row in rows] == TABLE, (out / "logs.txt").read_text()[-3000:]
-    failed = [row["run"] for row in rows if row["exit"] != 0 or "tokens_per_second" not in row["summary"]]
+    measured = lambda row: "rollout_tokens_per_second" if row["run"] == "grpo" else "tokens_per_second"
+    failed = [row["run"] for row in rows if row["exit"] != 0 or measured(row) not in row["summary"]]
     assert failed == [], (out / "logs.txt").read_text()[-3000:]
+    grpo = rows[TABLE.index("grpo")]["summary"]  # 3 steps of 2 completions of 16 tokens (random weights never stop)
+    assert (grpo["steps_measured"], grpo["num_generations"], grpo["completion_tokens_per_step"]) == (2, 2, 32)
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in TABLE) and "failed" not in table and "timed out" not in table
+    assert "GRPO (the first step, with its warm-up, untimed):" in table
     for check in ("check_attention.txt", "mask_bench.txt"):  # each a JSON line of its measurement
         assert [json.loads(line) for line in (out / check).read_text().splitlines()], check

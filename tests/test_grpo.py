@@ -62,7 +62,8 @@ def test_the_rewards_read_the_harmony_channels_of_the_completion_ids(real_tokeni
         ids(f"<|channel|>analysis<|message|>{FRENCH}"),  # cut off inside the reasoning
     ]
     logged = {}
-    language, form, correct, answer_language = sft.grpo_reward_functions(resolve("--mode", "grpo"), real_tokenizer)
+    language, form, correct, answer_language = sft.grpo_reward_functions(resolve("--mode", "grpo"),
+                                                                                  real_tokenizer).values()
     columns = dict(reasoning_language=["Chinese", "French", "French"], answer=[json.dumps({"number": 56})] * 2 + [""],
                    answer_language=["Chinese", "French", ""])
     assert language(completions, log_metric=logged.__setitem__, **columns) == [0.0, 1.0, 1.0]
@@ -108,7 +109,7 @@ def test_the_trainer_renders_each_prompt_as_infer_does(tmp_path, demo_model):
     tokenizer = sft.load_tokenizer(cfg.model)
     model = sft.load_model(cfg.model, sft.load_model_config(cfg.model), sft.find_runtime(cfg).dtype, "eager", "cpu",
                            None)
-    trainer = GRPOTrainer(model=model, reward_funcs=sft.grpo_reward_functions(cfg, tokenizer),
+    trainer = GRPOTrainer(model=model, reward_funcs=list(sft.grpo_reward_functions(cfg, tokenizer).values()),
                           args=sft.grpo_config(cfg, sft.find_runtime(cfg)), train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=sft.build_lora_config(sft.TrainRun()))
     # private: GRPOTrainer._tokenize_prompts; checked against trl 1.16.0
@@ -169,7 +170,8 @@ def test_a_short_grpo_run_writes_an_adapter_that_infer_takes(tmp_path, demo_mode
                      "--report_to", "none", "--output_dir", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "prompts: 4 (2 in French, 2 in German), 4 completions each" in result.stdout
-    assert f"saved adapter, model card (README.md), run_summary.json and reward_curve.png to {out}/" in result.stdout
+    assert (f"saved adapter, model card (README.md), run_summary.json, speed.json and reward_curve.png to {out}/"
+            in result.stdout)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["optimizer_steps"] == 2 and summary["reasoning_languages"] == ["French", "German"]
     assert summary["started_from"].startswith("a new LoRA adapter on") and len(summary["per_step"]) == 2

@@ -427,6 +427,30 @@ def test_train_infer_chat_and_merge_need_nothing_that_only_eval_needs(tmp_path):
     assert merge.returncode == 0 and (tmp_path / "out-merged" / "merge_check.json").is_file(), merge.stderr
 
 
+@pytest.mark.slow
+def test_a_grpo_preflight_runs_without_lingua_and_writes_its_speed(tmp_path, demo_model):
+    """bench/device_run.sh's GRPO row, as a GPU node without lingua runs it: random weights, generated prompts, the
+    format reward alone; speed.json counts the rollouts' tokens (random weights never stop: every completion is full)."""
+    flags = ["--mode", "grpo", "--model", str(demo_model), "--random-init", "--synthetic-data", "4", "--num_generations",
+             "4", "--batch_size", "4", "--gradient_accumulation_steps", "1", "--max_completion_length", "16",
+             "--max_steps", "3", "--report_to", "none", "--output_dir", "out"]
+    refused = run_without(("lingua",), *flags, cwd=tmp_path)
+    assert_usage_error(refused, "--mode grpo rewards the reasoning's language with lingua: pip install "
+                                "lingua-language-detector (or --language_reward 0 --answer_language_reward 0)")
+    result = run_without(NOT_ON_THE_GPU_NODE, *flags, "--language_reward", "0", "--answer_language_reward", "0",
+                         cwd=tmp_path)
+    assert result.returncode == 0 and "Error" not in result.stderr, result.stderr[-3000:]
+    speed = json.loads((tmp_path / "out" / "speed.json").read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == speed
+    assert (speed["steps_measured"], speed["completion_tokens_per_step"], speed["optimizer_steps_per_run"]) == (2, 64, 4)
+    assert speed["rollout_tokens_per_second"] > 0 and speed["step_seconds"] > 0 and speed["gpu"] == "cpu"
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["speed"] == speed and summary["prompts"] == 4 and summary["reasoning_languages"] == [
+        "English", "French", "German", "Spanish"]  # the generated rows' own languages
+    logged = set(summary["per_step"][0])  # the rewards that ran: those with a weight
+    assert {"rewards/format/mean", "rewards/correctness/mean"} <= logged and not any("language" in k for k in logged)
+
+
 def test_eval_without_lingua_is_one_line(tmp_path):
     scores = write_jsonl(tmp_path / "outs.jsonl", [{"reasoning_language": "German", "analysis": "Ich denke.", "final": "4"}])
     result = run_without(("lingua",), "--mode", "eval", "--score-file", scores, cwd=tmp_path)

@@ -165,6 +165,10 @@ def test_full_model_without_a_gpu(tmp_path):
     assert result.returncode == 2
     assert result.stderr == (f"error: {tmp_path} has 20.9B parameters and there is no CUDA GPU here; training it needs "
                              "one with >= 80 GB (H100/H200). The demo (--demo) and tiny local models run on CPU\n")
+    grpo = run_cli("--mode", "grpo", "--model", str(SHARED), "--random-init", "--synthetic-data", "4", "--output_dir",
+                   str(tmp_path / "grpo"), "--report_to", "none", cwd=tmp_path)  # a preflight, refused before it builds
+    assert grpo.returncode == 2 and not (tmp_path / "grpo").exists()
+    assert grpo.stderr == result.stderr.replace(str(tmp_path), str(SHARED))
 
 
 def test_hub_offline_is_one_line(tmp_path, monkeypatch):
