@@ -855,14 +855,8 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     tokenizer = load_tokenizer(cfg.model)
     dataset, held_out, stats = training_dataset(cfg, tokenizer, chats)
     steps_per_run = optimizer_steps_per_run(cfg, len(dataset), runtime.world_size)
-    done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
-    if cfg.resume and done >= (cfg.max_steps or steps_per_run):
-        if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # moved in last: the adapter is whole
-            print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume; --overwrite trains it "
-                  "again (a longer run is a new run: another --output_dir)")
-            return None
-        print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
-              "from the last checkpoint")
+    if finished_run(cfg, steps_per_run):
+        return None
     sampler = sampler_for(cfg, len(dataset), runtime.world_size)
     if sampler != cfg.sampler:
         print(f"sampler: {sampler} instead of {cfg.sampler}, which would repeat rows to fill the last optimizer step")
@@ -1129,6 +1123,21 @@ def build_lora_config(cfg: TrainRun):
                       task_type="CAUSAL_LM")
 
 
+def finished_run(cfg, steps_per_run: int) -> bool:
+    """With --resume, whether the run trained all its steps and saved its adapter: then there is nothing to do (said
+    so). One that stopped before saving its adapter goes on: train() takes the adapter from the last checkpoint."""
+    done = trained_steps(Path(cfg.output_dir)) if cfg.resume else 0
+    if not cfg.resume or done < (cfg.max_steps or steps_per_run):
+        return False
+    if (Path(cfg.output_dir) / "adapter_config.json").is_file():  # moved in last: the adapter is whole
+        print(f"{cfg.output_dir} holds a finished run ({done} steps): nothing to resume; --overwrite trains it "
+              "again (a longer run is a new run: another --output_dir)")
+        return True
+    print(f"{cfg.output_dir}: the run trained all {done} steps and stopped before its adapter was saved; saving it "
+          "from the last checkpoint")
+    return False
+
+
 def train(cfg, trainer, meter=None, steps_per_run: int = 0):
     """trainer.train(), resumed from the newest complete checkpoint with --resume; out of memory and a stop on NaN
     end the progress bar first and become RunFailed; Ctrl-C and SIGTERM say where the run stopped. Train's and
@@ -1139,8 +1148,11 @@ def train(cfg, trainer, meter=None, steps_per_run: int = 0):
     if checkpoint:
         cut = [c.name for c in Path(cfg.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
                and int(c.name[11:]) > int(checkpoint.name[11:])]
-        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved)"
-                                               if cut else ""))
+        print(f"resuming from {checkpoint}" + (f" (skipping {', '.join(sorted(cut))}: cut short while being saved, "
+                                               "or missing files)" if cut else ""))
+    if checkpoint and trained_steps(Path(cfg.output_dir)) >= (cfg.max_steps or steps_per_run) and not (
+            trainer.is_deepspeed_enabled):  # ZeRO-3 holds the weights partitioned until train() gathers them
+        return finished_checkpoint(trainer, checkpoint)
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as e:
@@ -1161,6 +1173,19 @@ def train(cfg, trainer, meter=None, steps_per_run: int = 0):
         raise
     stopped_by_sigterm(trainer)
     return result
+
+
+def finished_checkpoint(trainer, checkpoint: Path):
+    """The adapter and the state of a checkpoint at the run's last step, put into the trainer without training:
+    transformers 5.23, resumed at max_steps inside an epoch, trains one step more before it checks."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, 0.0, {})
 
 
 def save_run(cfg: TrainRun, runtime: Runtime, trainer, result, meter, chats, stats, n_params: int, sampler: str) -> dict:
@@ -3213,6 +3238,10 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     asked = [p["reasoning_language"] for p in prompts]
     print(f"prompts: {len(prompts)} ({', '.join(f'{asked.count(lang)} in {lang}' for lang in dict.fromkeys(asked))}), "
           f"{cfg.num_generations} completions each")
+    steps_per_run = math.ceil(len(prompts) * cfg.num_generations / (
+        cfg.batch_size * cfg.gradient_accumulation_steps * runtime.world_size)) * math.ceil(cfg.num_train_epochs)
+    if finished_run(cfg, steps_per_run):
+        return None
     if runtime.rank == 0:
         claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume, settings=run_settings(cfg))
     model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
@@ -3242,8 +3271,6 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
                                args=grpo_config(cfg, runtime), train_dataset=Dataset.from_list(prompts),
                                processing_class=tokenizer, callbacks=callbacks,
                                peft_config=None if cfg.adapter else build_lora_config(TrainRun()))  # train's LoRA
-    steps_per_run = math.ceil(len(prompts) * cfg.num_generations / (
-        cfg.batch_size * cfg.gradient_accumulation_steps * runtime.world_size)) * math.ceil(cfg.num_train_epochs)
     if runtime.on_cuda:
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, trainer, meter, steps_per_run)  # train's loop: resume, Ctrl-C, SIGTERM, NaN, out of memory
@@ -4645,9 +4672,13 @@ def protected_folder(out: Path, cfg) -> str | None:
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint without it was
-    cut short (e.g. the process was killed while saving) and is skipped."""
+    cut short (e.g. the process was killed while saving) and is skipped; so is one missing a file the folder's
+    record says was saved in it (an optimizer.pt deleted would restart the optimizer and the schedule)."""
+    written = (read_marker(out) or {}).get("written", {})
     complete = [c for c in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)
-                and (c / "trainer_state.json").is_file()]
+                and (c / "trainer_state.json").is_file()
+                and all(os.path.lexists(out / name) for name, state in written.items()
+                        if name.startswith(f"{c.name}/") and state[:1] != ["pending"])]
     return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
 
 

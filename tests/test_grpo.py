@@ -190,6 +190,26 @@ def test_a_short_grpo_run_writes_an_adapter_that_infer_takes(tmp_path, demo_mode
 
 
 @pytest.mark.slow
+def test_resuming_a_finished_grpo_run_trains_nothing(tmp_path, demo_model):
+    """A finished run is said to be one and stays as it is; one that stopped before its adapter was saved gets the
+    last checkpoint's adapter, with no step past --max_steps (transformers alone would train one more)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"user": "Quelle heure est-il ?"}, {"user": "Wie alt bist du?"}])
+    out = tmp_path / "grpo"
+    run = ["--mode", "grpo", "--model", str(demo_model), "--dataset", str(prompts), "--reasoning-languages",
+           "French,German", "--num_generations", "2", "--batch_size", "2", "--gradient_accumulation_steps", "1",
+           "--max_steps", "2", "--save_steps", "1", "--max_completion_length", "8", "--report_to", "none",
+           "--output_dir", str(out)]
+    assert sft.run_grpo(resolve(*run)).state.global_step == 2
+    before = snapshot(out)
+    assert sft.run_grpo(resolve(*run, "--resume")) is None and snapshot(out) == before
+    (out / "adapter_config.json").unlink()  # as if stopped between the last checkpoint and the adapter's save
+    trainer = sft.run_grpo(resolve(*run, "--resume"))
+    assert trainer.state.global_step == 2 and not (out / "checkpoint-3").exists()
+    assert (out / "adapter_model.safetensors").read_bytes() == before["adapter_model.safetensors"]
+    assert json.loads((out / "run_summary.json").read_text())["optimizer_steps"] == 2
+
+
+@pytest.mark.slow
 def test_the_grpo_demo_teaches_the_language_no_sft_row_reasons_in(demo_run, tmp_path):
     """Issue 40's targets, on the demo's held-out questions (kinds no row has), from the demo's SFT adapter: Polish
     (in the base's plain documents only) <= 40% after SFT and >= 80% after GRPO; each SFT language >= 90% after GRPO;

@@ -126,6 +126,21 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
     assert sft.latest_checkpoint(tmp_path / "checkpoint-6") is None
 
 
+def test_resume_skips_a_checkpoint_missing_a_file_it_was_saved_with(tmp_path):
+    """Its optimizer.pt deleted, a checkpoint would restart the optimizer and the schedule: the one before is used."""
+    out = tmp_path / "run"
+    sft.claim_output_dir(out, "train", replace_own=True)
+    for step in (2, 4):
+        (out / f"checkpoint-{step}").mkdir()
+        for name in ("trainer_state.json", "optimizer.pt", "adapter_model.safetensors"):
+            (out / f"checkpoint-{step}" / name).write_text("{}")
+        sft.record(out, out / f"checkpoint-{step}")
+    assert sft.latest_checkpoint(out) == out / "checkpoint-4"
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    assert sft.latest_checkpoint(out) == out / "checkpoint-2"
+    sft.release_folders()
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(sft.UsageError, match="holds no complete checkpoint"):
         sft.check_output_dir(resolve("--output_dir", str(tmp_path / "empty"), "--resume"))
