@@ -522,10 +522,17 @@ def known_languages() -> dict:
     return spellings
 
 
-@functools.lru_cache(maxsize=None)
-def language_name(name: str, flag: str, any_language: bool = False) -> str:
+def language_name(name: str, flag: str, any_language: bool = False, detected: bool = False) -> str:
     """One rule for every mode: "german", " GERMAN ", "de", "deu", "de-CH", "Deutsch" -> "German", the name the
-    training rows use (a different name is a different token: " german" is not " German")."""
+    training rows use (a different name is a different token: " german" is not " German"). `detected`: the mode
+    reads the language with the detector, so only the names it knows will do (no --allow-any-language)."""
+    if not isinstance(name, str):  # a row's value can be anything JSON holds
+        raise UsageError(f"{flag}: {name!r} is not a language name (write it as text, e.g. \"German\")")
+    return _language_name(name, flag, any_language, detected)
+
+
+@functools.lru_cache(maxsize=None)
+def _language_name(name: str, flag: str, any_language: bool, detected: bool) -> str:
     text = " ".join(name.split())
     if not text:
         raise UsageError(f"{flag} is empty: name a language, e.g. {flag} German")
@@ -539,7 +546,8 @@ def language_name(name: str, flag: str, any_language: bool = False) -> str:
     close = difflib.get_close_matches(text.title(), names, n=3, cutoff=0.6)
     raise UsageError(f"{flag}: unknown language {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
                      + f" ({len(names)} languages are known by English name, ISO code or native name; "
-                       "--allow-any-language sends another name as typed)")
+                       + ("the language detector knows no other)" if detected
+                          else "--allow-any-language sends another name as typed)"))
 
 
 PATHS = ("model", "adapter", "compare_adapter", "output_dir", "dataset", "eval_file", "score_file", "deepspeed")  # settings naming a file
@@ -559,9 +567,14 @@ def derive(cfg: CommonSettings) -> CommonSettings:
                    **mode.derive(cfg))
 
 
-def language_names(names, flag: str, any_language: bool) -> list | None:
-    """Comma- or space-separated language names, each by the one rule (language_name)."""
-    return None if names is None else [language_name(n, flag, any_language) for n in _flat(names)]
+def language_names(names, flag: str, any_language: bool, detected: bool = False) -> list | None:
+    """Comma- or space-separated language names, each by the one rule (language_name), each once; none is an error."""
+    if names is None:
+        return None
+    named = list(dict.fromkeys(language_name(n, flag, any_language, detected) for n in _flat(names)))
+    if not named:
+        raise UsageError(f"{flag} names no language: name one, e.g. {flag} German, or leave the flag out")
+    return named
 
 
 RULES = {"positive": (lambda v: v > 0, "must be a positive integer"),
@@ -849,6 +862,7 @@ def run_train(cfg: TrainRun, runtime: Runtime | None = None):
     chats = training_chats(cfg)
     config = load_model_config(cfg.model)
     resolve_attention(cfg.attn_implementation, on_cuda)
+    check_loadable(cfg.model, config, cfg.use_4bit, cfg.random_init)
     shape = trainable_here(cfg.model, config, on_cuda)
     n_params = sum(p.numel() for p in shape.parameters())
     check_training_names(cfg, shape)
@@ -1747,10 +1761,8 @@ def load_model(source: str, config, dtype, attention: str, device: str, device_m
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     kwargs = dict(dtype=dtype, attn_implementation=attention)
+    check_loadable(source, config, use_4bit, random_init)
     if use_4bit:
-        if not random_init and checkpoint_quantization(config) != "mxfp4":
-            raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {source}'s experts "
-                             "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
         model = load_mxfp4_model(source, config, device, random_init, seed, **kwargs)
     elif random_init:
         torch.manual_seed(seed)
@@ -1765,6 +1777,13 @@ def load_model(source: str, config, dtype, attention: str, device: str, device_m
             raise _hub_error(source, e) from e
     model.config.use_cache = not training
     return model
+
+
+def check_loadable(source: str, config, use_4bit: bool, random_init: bool = False):
+    """What load_model refuses in the config alone; a training run asks before it claims its folder."""
+    if use_4bit and not random_init and checkpoint_quantization(config) != "mxfp4":
+        raise UsageError(f"--use_4bit keeps the experts in MXFP4 as gpt-oss ships them, but {source}'s experts "
+                         "are not MXFP4 (no mxfp4 quantization_config); drop --use_4bit")
 
 
 # -----------------------------------------------------------------------------
@@ -2740,7 +2759,7 @@ class Eval(GenerationMode):
         if cfg.allow_any_language:  # before the names are read: their error would advise this very flag
             raise UsageError("--allow-any-language: eval scores the reasoning with the language detector, which knows "
                              "only its 75 languages; drop it")
-        languages = lambda names, flag: language_names(names, flag, False)  # noqa: E731
+        languages = lambda names, flag: language_names(names, flag, False, detected=True)  # noqa: E731
         return {**super().derive(cfg),
                 "eval_reasoning_languages": languages(cfg.eval_reasoning_languages, "--reasoning-languages"),
                 "question_languages": languages(cfg.question_languages, "--question-languages"),
@@ -2810,8 +2829,8 @@ def read_score_file(path: str) -> list:
             if row.get(key) is not None and not isinstance(row[key], str):
                 raise UsageError(f"{where}: {key!r} must be a string")
         items.append({**row, "model": row.get("model") or "outputs",
-                      "reasoning_language": language_name(row["reasoning_language"], where),
-                      "answer_language": language_name(row["answer_language"], where)
+                      "reasoning_language": language_name(row["reasoning_language"], where, detected=True),
+                      "answer_language": language_name(row["answer_language"], where, detected=True)
                       if row.get("answer_language") else None,
                       "expected": _expected_answer(row.get("expected"), where)})
     return items
@@ -2832,16 +2851,20 @@ def read_jsonl(path: str, what: str) -> list:
 
 
 def _expected_answer(value, where: str) -> dict | None:
-    if value is None or isinstance(value, dict) and (set(value) == {"number"} or set(value) == {"accepted"}):
+    """An expected answer in the form answer_is_correct reads: {"number": x} or {"accepted": [spellings]}."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    spellings = lambda v: isinstance(v, list) and v and all(isinstance(a, str) and a.strip() for a in v)  # noqa: E731
+    if value is None or isinstance(value, dict) and (set(value) == {"number"} and number(value["number"])
+                                                      or set(value) == {"accepted"} and spellings(value["accepted"])):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if number(value):
         return {"number": value}
     if isinstance(value, str) and value.strip():
         return {"accepted": [value]}
-    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+    if spellings(value):
         return {"accepted": value}
     raise UsageError(f"{where}: 'expected' must be a number, a string, a list of strings, {{\"number\": x}} or "
-                     "{\"accepted\": [...]}")
+                     "{\"accepted\": [...]}" + f", not {json.dumps(value, default=str)[:60]}")
 
 
 def eval_plan_of(cfg: EvalRun) -> list:
@@ -3179,7 +3202,7 @@ class Grpo(ModelMode):
             raise UsageError("--allow-any-language: grpo rewards the reasoning's language with the language detector, "
                              "which knows only its 75 languages; drop it")
         return dict(reasoning_languages=language_names(cfg.reasoning_languages, "--reasoning-languages",
-                                                       self.any_language(cfg)))
+                                                       self.any_language(cfg), detected=True))
 
     def any_language(self, cfg):
         return False  # the reward reads the reasoning's language with the detector: it must know the language
@@ -3235,6 +3258,8 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
     config = load_model_config(cfg.model)
     trainable_here(cfg.model, config, runtime.on_cuda)
+    resolve_attention(cfg.attn_implementation, runtime.on_cuda)  # what loading would refuse, before the folder is claimed
+    check_loadable(cfg.model, config, cfg.use_4bit, cfg.random_init)
     asked = [p["reasoning_language"] for p in prompts]
     print(f"prompts: {len(prompts)} ({', '.join(f'{asked.count(lang)} in {lang}' for lang in dict.fromkeys(asked))}), "
           f"{cfg.num_generations} completions each")
@@ -3312,13 +3337,16 @@ def grpo_prompts(cfg: GrpoRun) -> list:
         if not isinstance(user, str) or not user.strip():
             raise UsageError(f"{where} has no 'user' text (the question): each row needs one, e.g. "
                              '{"user": "What is 7 x 8?", "answer": 56}')
-        try:
-            expected = _expected_answer(row.get("answer"), where)
+        answer = row.get("answer")
+        try:  # an empty cell (a .csv's) is no answer
+            expected = _expected_answer(None if isinstance(answer, str) and not answer.strip() else answer, where)
         except UsageError as e:
             raise UsageError(str(e).replace("'expected'", "'answer'")) from None
-        answer_language = row.get("answer_language") and language_name(row["answer_language"], where, False)
+        answer_language = row.get("answer_language") and language_name(row["answer_language"],
+                                                                        f"{where}: 'answer_language'", detected=True)
         own = row.get("reasoning_language")
-        languages = cfg.reasoning_languages or ([language_name(own, where, False)] if own else None)
+        languages = cfg.reasoning_languages or (
+            [language_name(own, f"{where}: 'reasoning_language'", detected=True)] if own else None)
         if not languages:
             raise UsageError(f"{where} has no 'reasoning_language': give --reasoning-languages to ask each prompt "
                              "in those languages")
@@ -4547,11 +4575,17 @@ _LOCKED = {}  # folder -> open descriptor holding its lock, for as long as this 
 
 
 def read_marker(folder: Path) -> dict | None:
+    """The folder's record, or None where there is none or it is not one (damaged, or edited into another shape)."""
     try:
         marker = json.loads((folder / OWNER_FILE).read_text())
-        return marker if isinstance(marker, dict) else None
     except (OSError, ValueError):
         return None
+    state = lambda v: v in ("dir", "link") or (isinstance(v, list) and len(v) == 2 and type(v[1]) is int  # noqa: E731
+                                                and (v[0] == "pending" or type(v[0]) is int))
+    valid = (isinstance(marker, dict) and isinstance(marker.get("mode"), str)
+             and isinstance(marker.get("written", {}), dict) and all(map(state, marker.get("written", {}).values()))
+             and isinstance(marker.get("settings", {}), dict))
+    return marker if valid else None
 
 
 def owner_of(folder: Path) -> str | None:
@@ -4736,6 +4770,10 @@ def check_output_dir(cfg):
         raise UsageError(f"--output_dir {out}: {existing} is not writable (permission denied)")
     if out.is_dir() and is_main_process():  # rank 0 writes; the other ranks of a launch share its folder
         lock_folder(out)
+    if (out / OWNER_FILE).is_file() and read_marker(out) is None:
+        raise UsageError(f"--output_dir {out}: its record of what this tool wrote there ({OWNER_FILE}) is damaged, so "
+                         "its files cannot be told from yours: move out what you want to keep and delete the folder, "
+                         "or pick another folder")
     own, foreign = sort_outputs(out, cfg.mode)
     if foreign:
         names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
@@ -4762,19 +4800,43 @@ RESUME_MAY_CHANGE = {"mode", "demo", "print_config", "json", "local_rank", "outp
 
 
 def run_settings(cfg) -> dict:
-    """The settings that make a training run's maths, as JSON keeps them (recorded when the run starts)."""
-    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}, default=str))
+    """The settings that make a training run's maths, as JSON keeps them (recorded when the run starts): local paths
+    resolved, LoRA targets in order, and a local dataset's bytes as their sha256 (rows edited in place change the run)."""
+    settings = normal_settings({k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE})
+    data = Path(settings.get("dataset") or "")
+    if data.is_file() and not settings.get("synthetic_data"):
+        with data.open("rb") as f:
+            settings["dataset_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return settings
+
+
+def normal_settings(settings: dict) -> dict:
+    """Settings as compared on --resume: a path that exists here resolved (./data.jsonl and its absolute path are one
+    file), the LoRA targets sorted (a set to PEFT)."""
+    settings = json.loads(json.dumps(settings, default=str))
+    for key in PATHS:
+        if isinstance(settings.get(key), str) and Path(settings[key]).expanduser().exists():
+            settings[key] = str(Path(settings[key]).expanduser().resolve())
+    for key in ("target_modules", "target_parameters"):
+        if isinstance(settings.get(key), list):
+            settings[key] = sorted(settings[key])
+    return settings
 
 
 def check_resumed_settings(cfg, out: Path):
     """--resume with settings other than the run's own: one line naming each change, before anything loads."""
     recorded = (read_marker(out) or {}).get("settings")
-    if recorded is None:  # a run started by an older version of the tool: nothing to compare with
-        return
-    shown = lambda v: "unset" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     now = run_settings(cfg)
-    changed = [f"--{k} {shown(now.get(k))} (the run's: {shown(recorded.get(k))})"
-               for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k)]
+    if recorded is None:  # a run started by an older version of the tool: its checkpoint's LoRA shape at least
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            lora = json.loads((latest_checkpoint(out) / "adapter_config.json").read_text())
+            recorded = {"lora_r": lora["r"], "lora_alpha": lora["lora_alpha"],
+                        "target_modules": sorted(lora["target_modules"] or [])}
+    recorded = normal_settings(recorded or {})
+    shown = lambda v: "unset" if v is None else ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    changed = [f"the rows of --dataset {cfg.dataset} (edited since the run started)" if k == "dataset_sha256" else
+               f"--{k} {shown(now.get(k))} (the run's: {shown(recorded.get(k))})"
+               for k in sorted(recorded) if k in now and now.get(k) != recorded.get(k)]
     if changed:
         raise UsageError(f"--resume: {out} was started with other settings, and these change the run's maths: "
                          f"{'; '.join(changed)}. Resume with the run's settings, or start a new run (another "

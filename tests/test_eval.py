@@ -204,6 +204,13 @@ def test_score_file_counts_reasoning_tokens_with_the_models_tokenizer(tmp_path, 
     ([{"reasoning_language": "German"}], [], "outputs.jsonl line 1: needs a string 'analysis'"),
     ([{"reasoning_language": "German", "analysis": "x", "expected": {"answer": 3}}], [],
      "outputs.jsonl line 1: 'expected' must be a number"),
+    ([{"reasoning_language": "German", "analysis": "x", "final": "4", "expected": {"accepted": "42"}}], [],
+     "outputs.jsonl line 1: 'expected' must be a number"),  # a string would be read letter by letter: "4" correct
+    ([{"reasoning_language": "German", "analysis": "x", "final": "4", "expected": {"number": "four"}}], [],
+     "outputs.jsonl line 1: 'expected' must be a number"),
+    ([{"reasoning_language": "German", "analysis": "x", "reasoning_language_x": 1}, {"reasoning_language": 3,
+                                                                                    "analysis": "x"}], [],
+     "outputs.jsonl line 2: needs a string 'reasoning_language'"),
 ])
 def test_bad_score_files_are_one_line_exit_2(tmp_path, lines, argv, needle):
     scored = tmp_path / "outputs.jsonl"

@@ -124,7 +124,20 @@ def test_the_trainer_renders_each_prompt_as_infer_does(tmp_path, demo_model):
     ([{"user": "7 x 8?", "answer": {"value": 56}}], ["--reasoning-languages", "French"],
      "prompt row 1: 'answer' must be a number, a string, a list of strings"),
     ([{"user": "7 x 8?"}], [], "prompt row 1 has no 'reasoning_language': give --reasoning-languages"),
-    ([{"user": "7 x 8?", "reasoning_language": "Klingon"}], [], "prompt row 1"),
+    ([{"user": "7 x 8?", "reasoning_language": "Klingon"}], [],
+     "prompt row 1: 'reasoning_language': unknown language 'Klingon' (75 languages are known by English name, ISO "
+     "code or native name; the language detector knows no other)"),
+    ([{"user": "7 x 8?", "reasoning_language": 3}], [], "prompt row 1: 'reasoning_language': 3 is not a language name"),
+    ([{"user": "7 x 8?", "reasoning_language": ["French"]}], [],
+     "prompt row 1: 'reasoning_language': .'French'. is not a language name"),  # (a regex: . for [ and ])
+    ([{"user": "7 x 8?", "answer_language": 7}], ["--reasoning-languages", "French"],
+     "prompt row 1: 'answer_language': 7 is not a language name"),
+    ([{"user": "7 x 8?", "answer": {"number": "four"}}], ["--reasoning-languages", "French"],
+     "prompt row 1: 'answer' must be a number, a string, a list of strings, {\"number\": x} or {\"accepted\": "),
+    ([{"user": "7 x 8?", "answer": {"accepted": "42"}}], ["--reasoning-languages", "French"],
+     "prompt row 1: 'answer' must be"),
+    ([{"user": "7 x 8?", "answer": float("nan")}], ["--reasoning-languages", "French"], "prompt row 1: 'answer' must be"),
+    ([{"user": "7 x 8?", "answer": {"accepted": []}}], ["--reasoning-languages", "French"], "prompt row 1: 'answer' must"),
 ])
 def test_a_bad_prompts_file_is_one_line_before_anything_loads(tmp_path, demo_model, rows, flags, needle):
     prompts = tmp_path / "prompts.jsonl"
@@ -136,7 +149,11 @@ def test_a_bad_prompts_file_is_one_line_before_anything_loads(tmp_path, demo_mod
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--reasoning-languages", "Klingon"], "--reasoning-languages: unknown language 'Klingon'"),
+    (["--reasoning-languages", "Klingon"], "--reasoning-languages: unknown language 'Klingon' (75 languages are known "
+                                           "by English name, ISO code or native name; the language detector knows no "
+                                           "other)"),
+    (["--reasoning-languages", ",,"], "--reasoning-languages names no language: name one, e.g. --reasoning-languages "
+                                      "German, or leave the flag out"),
     (["--num_generations", "3"], "--num_generations 3 must divide the completions of one optimizer step (8 x 4 x 1 "
                                  "process = 32)"),
     (["--num_generations", "1"], "--num_generations must be at least 2"),
@@ -148,6 +165,37 @@ def test_a_bad_prompts_file_is_one_line_before_anything_loads(tmp_path, demo_mod
 def test_bad_grpo_settings_are_one_line(flags, needle):
     with pytest.raises(sft.UsageError, match="^" + needle.replace("(", r"\(").replace(")", r"\)")):
         resolve("--mode", "grpo", *flags)
+
+
+def test_each_language_is_asked_once_and_an_empty_csv_cell_is_no_answer(tmp_path):
+    assert resolve("--mode", "grpo", "--reasoning-languages", "French,French,fr").reasoning_languages == ["French"]
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("user,answer,reasoning_language\nWhat is 7 x 8?,56,German\nName a red fruit.,,French\n")
+    rows = sft.grpo_prompts(resolve("--mode", "grpo", "--dataset", str(prompts)))
+    assert [(r["reasoning_language"], r["answer"]) for r in rows] == [("German", '{"accepted": ["56"]}'), ("French", "")]
+
+
+@pytest.mark.slow
+def test_a_refusal_when_the_model_is_read_leaves_the_earlier_run_as_it_was(tmp_path, demo_model):
+    """Train and grpo check what loading the model would refuse (--use_4bit on experts not in MXFP4, flex attention
+    on a CPU) before they claim the folder: an --overwrite that is refused deletes nothing."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"user": "Quelle heure est-il ?", "reasoning_language": "fr"}])
+    out = tmp_path / "grpo"
+    run = ["--mode", "grpo", "--model", str(demo_model), "--dataset", str(prompts), "--num_generations", "2",
+           "--batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "1", "--max_completion_length", "4",
+           "--report_to", "none", "--output_dir", str(out)]
+    sft.run_grpo(resolve(*run))
+    sft.release_folders()
+    before = snapshot(out)
+    for flag, needle in (("--use_4bit", "--use_4bit keeps the experts in MXFP4"),
+                         ("--attn-implementation=flex_attention", "flex_attention applies gpt-oss's attention sinks")):
+        for start, mode in ((sft.run_grpo, run), (sft.run_train, ["--model", str(demo_model), "--dataset",
+                                                                   str(sft.DEMO_DATASET), "--report_to", "none",
+                                                                   "--output_dir", str(tmp_path / "train")])):
+            with pytest.raises(sft.UsageError, match=needle):
+                start(resolve(*mode, "--overwrite", flag))
+            sft.release_folders()
+    assert snapshot(out) == before and not (tmp_path / "train").exists()
 
 
 def test_an_adapter_that_is_not_a_lora_is_refused(tmp_path):

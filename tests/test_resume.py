@@ -141,6 +141,63 @@ def test_resume_skips_a_checkpoint_missing_a_file_it_was_saved_with(tmp_path):
     sft.release_folders()
 
 
+def a_started_run(tmp_path, *flags):
+    """A run's folder as train leaves it after its first checkpoint: the record with the settings, checkpoint-2."""
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(sft.DEMO_DATASET.read_bytes())
+    run = ["--dataset", str(data), "--output_dir", str(tmp_path / "out"), *flags]
+    sft.claim_output_dir(tmp_path / "out", "train", replace_own=True, settings=sft.run_settings(resolve(*run)))
+    (tmp_path / "out" / "checkpoint-2").mkdir()
+    (tmp_path / "out" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "out" / "checkpoint-2" / "adapter_config.json").write_text(json.dumps(
+        {"r": 16, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"]}))
+    sft.record(tmp_path / "out", tmp_path / "out" / "checkpoint-2")
+    sft.release_folders()
+    return run + ["--resume"]
+
+
+def test_resume_compares_the_same_file_and_targets_as_the_same_and_edited_rows_as_a_change(tmp_path, monkeypatch):
+    run = a_started_run(tmp_path, "--target_modules", "q_proj,v_proj")
+    monkeypatch.chdir(tmp_path)
+    sft.check_output_dir(resolve(*run, "--dataset", "./rows.jsonl", "--target_modules", "v_proj", "q_proj"))
+    sft.release_folders()
+    with (tmp_path / "rows.jsonl").open("a") as rows:  # one row more, same path
+        rows.write((tmp_path / "rows.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(sft.UsageError) as refused:
+        sft.check_output_dir(resolve(*run))
+    assert f"these change the run's maths: the rows of --dataset {tmp_path / 'rows.jsonl'} (edited since the run " \
+           "started)." in str(refused.value)
+
+
+def test_a_record_without_settings_is_still_held_to_its_checkpoints_lora_shape(tmp_path):
+    run = a_started_run(tmp_path)
+    record = json.loads((tmp_path / "out" / sft.OWNER_FILE).read_text())
+    del record["settings"]  # as an older version of the tool wrote it
+    (tmp_path / "out" / sft.OWNER_FILE).write_text(json.dumps(record))
+    with pytest.raises(sft.UsageError, match=r"maths: --lora_r 4 \(the run's: 16\)\. Resume with"):
+        sft.check_output_dir(resolve(*run, "--lora_r", "4"))
+    sft.release_folders()
+    sft.check_output_dir(resolve(*run, "--learning_rate", "1e-3"))  # what the checkpoint does not say is not checked
+    sft.release_folders()
+
+
+@pytest.mark.parametrize("damage", [{"written": None}, {"written": [1]}, {"settings": "oops"}, {"settings": [1]},
+                                    {"mode": None}, {"written": {"checkpoint-2": "mine"}}])
+def test_a_damaged_record_is_one_line_and_nothing_is_touched(tmp_path, damage):
+    run = a_started_run(tmp_path)
+    record = json.loads((tmp_path / "out" / sft.OWNER_FILE).read_text())
+    (tmp_path / "out" / sft.OWNER_FILE).write_text(json.dumps({**record, **damage}))
+    before = snapshot(tmp_path / "out")
+    for flags in (["--resume"], ["--overwrite"]):
+        with pytest.raises(sft.UsageError) as refused:
+            sft.check_output_dir(resolve(*run[:-1], *flags))
+        sft.release_folders()
+        assert str(refused.value) == (f"--output_dir {tmp_path / 'out'}: its record of what this tool wrote there "
+                                      "(.gpt_oss_sft.json) is damaged, so its files cannot be told from yours: move out "
+                                      "what you want to keep and delete the folder, or pick another folder")
+    assert snapshot(tmp_path / "out") == before
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(sft.UsageError, match="holds no complete checkpoint"):
         sft.check_output_dir(resolve("--output_dir", str(tmp_path / "empty"), "--resume"))
