@@ -223,15 +223,19 @@ def main(argv=None) -> int:
     except Exception as e:
         if not out_of_room(e):
             raise
+        out = Path(cfg.output_dir) if cfg and mode and mode.outputs and cfg.output_dir else None
+        if out and is_main_process():
+            with contextlib.suppress(OSError):  # the record's own rewrite may find no room either
+                remove_unfinished(out)
         filename = getattr(e, "filename", None)
-        where = Path(filename or (cfg and cfg.output_dir) or ".").absolute()
-        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.is_dir())).free / 2**30
-        reason = ((e.strerror or str(e)).lower() if isinstance(e, OSError) and e.errno in NO_ROOM
-                  else f"no room ({str(e).splitlines()[0]})")
-        print(f"\nWriting {filename or 'the outputs'} failed: {reason} ({free:.1f} GiB free there now). Staged files "
-              "were removed and --resume skips a checkpoint cut short, so nothing half-written is used. Make room and "
-              "run the same command again" + (", with --resume to continue from the last checkpoint" if mode and
-                                              mode.resumes else "") + ".", file=sys.stderr)
+        where = Path(filename or out or ".").absolute()
+        disk = next(p for p in (where, *where.parents) if p.is_dir())
+        what = filename or (f"the outputs into {out}" if out else "a file")
+        print(f"\nWriting {what} failed: {no_room_reason(e)}; {human_size(shutil.disk_usage(disk).free)} free now on "
+              f"the disk that holds {disk}. What was being written was removed; nothing half-written is left. Make "
+              "room and run the same command again" + (
+                  ", with --resume to continue from the last checkpoint" if mode and mode.resumes else "") + ".",
+              file=sys.stderr)
         return 1
     finally:
         release_folders()
@@ -4424,6 +4428,23 @@ NO_ROOM_TEXT = re.compile(r"unexpected pos \d+ vs \d+|file write failed|os error
                           r"\d+ requested and \d+ written")
 
 
+def no_room_reason(error: BaseException) -> str:
+    """What the system said of a write that found no room, in its words where an errno is at hand."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_ROOM:
+            return os.strerror(error.errno).lower()
+        code = re.search(r"os error (\d+)", str(error))
+        if code:
+            return os.strerror(int(code.group(1))).lower()
+        error = error.__cause__ or error.__context__
+    return "no space left: a write came up short"
+
+
+def human_size(size: int) -> str:
+    return next(f"{size / 2**p:.1f} {unit}" for p, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")) if size >= 2**p) \
+        if size >= 2**10 else f"{size} bytes"
+
+
 def out_of_room(error: BaseException) -> bool:
     """Whether an error, or one it came from, is a write that found no room, whatever raised it."""
     while error is not None:
@@ -4648,6 +4669,18 @@ def remove_outputs(folder: Path, entries: list):
     for entry in reversed(entries):
         with contextlib.suppress(FileNotFoundError, OSError):
             entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def remove_unfinished(folder: Path):
+    """What a run was writing into folder when it stopped: the entries its record holds as being written (a
+    checkpoint, the staged adapter), this tool's files in them, removed."""
+    marker = read_marker(folder)
+    if not marker:
+        return
+    pending = [folder / name for name, state in marker.get("written", {}).items() if state[:1] == ["pending"]]
+    own = sort_outputs(folder, marker["mode"])[0]
+    remove_outputs(folder, [p for p in own if any(p == q or q in p.parents for q in pending)])
+    record(folder)  # the record forgets what is gone
 
 
 def remove_output_folder(folder: Path):

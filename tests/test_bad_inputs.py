@@ -229,8 +229,8 @@ def test_a_write_that_finds_no_room_is_one_line_exit_1_and_leaves_nothing_half_w
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("Writing ev/eval_results.json failed: file too large ("), line
-    assert "nothing half-written is used. Make room and run the same command again." in line
+    assert line.startswith("Writing ev/eval_results.json failed: file too large; "), line
+    assert "nothing half-written is left. Make room and run the same command again." in line
     assert snapshot(tmp_path) == {**before, f"ev/{sft.OWNER_FILE}": (tmp_path / "ev" / sft.OWNER_FILE).read_bytes()}
 
 

@@ -354,7 +354,7 @@ def run_limited(limit, *args, cwd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("limit, said", [(20_000, "os error 27"), (60_000, "unexpected pos")],
+@pytest.mark.parametrize("limit, said", [(20_000, "file too large"), (60_000, "no space left: a write came up short")],
                          ids=["safetensors", "torch.save"])
 def test_a_full_disk_while_training_is_one_paragraph_whatever_library_was_writing(tmp_path, limit, said):
     """Issue 38: the checkpoint's adapter (safetensors, 30 KB) or its optimizer state (torch.save, 65 KB) cannot be
@@ -362,10 +362,38 @@ def test_a_full_disk_while_training_is_one_paragraph_whatever_library_was_writin
     last = run_limited(limit, "--mode", "train", *demo_training("--report_to", "none", "--max_steps", "2",
                                                                 "--save_steps", "1", "--output_dir", "run"),
                        cwd=tmp_path)
-    assert last.startswith("Writing the outputs failed: no room (") and said in last, last
+    assert last.startswith(f"Writing the outputs into run failed: {said}; ") and "free now on the disk that holds " \
+        f"{tmp_path / 'run'}. What was being written was removed; nothing half-written is left." in last, last
     assert last.endswith("Make room and run the same command again, with --resume to continue from the last "
                          "checkpoint."), last
     assert not (tmp_path / "run" / "adapter_config.json").exists() and sft.latest_checkpoint(tmp_path / "run") is None
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [sft.OWNER_FILE]  # the cut-short checkpoint removed
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_while_training_leaves_no_partial_file_and_resume_finishes_after_room_is_made(tmp_path):
+    """A real full disk (a 300 KB tmpfs, as root): the checkpoint being written when it filled is removed, the complete
+    ones stay, and once the disk is bigger --resume finishes the run."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], check=True)
+    try:
+        (disk / "thesis.txt").write_text("mine")
+        run = ["--mode", "train", *demo_training("--report_to", "none", "--max_steps", "3", "--save_steps", "1",
+                                                 "--output_dir", str(disk / "run"), "--limit", "16")]
+        full = run_cli(*run, cwd=tmp_path)
+        assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        assert "no space left on device; " in full.stderr and "nothing half-written is left" in full.stderr
+        complete = sft.latest_checkpoint(disk / "run")
+        left = [p for p in (disk / "run").rglob("*") if p.is_file()]
+        assert all(p.name == sft.OWNER_FILE or complete and complete in p.parents for p in left), left
+        assert (disk / "thesis.txt").read_text() == "mine"
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        resumed = run_cli(*run, "--resume", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert (disk / "run" / "adapter_config.json").is_file() and sft.trained_steps(disk / "run") == 3
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 @pytest.mark.slow
@@ -374,5 +402,5 @@ def test_a_full_disk_while_evaluating_leaves_none_of_the_reports(demo_folder):
     plot, was). (A merge's shard is written by safetensors, as the checkpoint's adapter above.)"""
     last = run_limited(12_000, "--mode", "eval", "--demo", "--limit", "1", "--reasoning-languages", "German",
                        "--output_dir", "ev", cwd=demo_folder)
-    assert last.startswith("Writing ev/eval_summary.png failed: file too large ("), last
+    assert last.startswith("Writing ev/eval_summary.png failed: file too large; "), last
     assert [p.name for p in (demo_folder / "ev").iterdir()] == [sft.OWNER_FILE]
