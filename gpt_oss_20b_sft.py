@@ -1448,7 +1448,12 @@ def read_rows(source: str, split: str = "train") -> list:
             raise UsageError(f"dataset file {source}: {e}") from None
         rows = rows.get("data", rows) if isinstance(rows, dict) else rows
     else:
-        rows = [row for _, row in jsonl_lines(path, "dataset file")]
+        rows = []
+        for number, row in jsonl_lines(path, "dataset file"):
+            if not isinstance(row, dict):
+                raise UsageError(f"dataset file {source} line {number} is {json.dumps(row)[:40]}, not an object "
+                                 "(a row): one object per line")
+            rows.append(row)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UsageError(f"{source} must hold a list of objects (rows), one per example")
     if not rows:
@@ -3666,15 +3671,22 @@ def read_lora_adapter(adapter: str, flag: str = "--adapter") -> tuple:
     from safetensors.torch import load_file
 
     folder = Path(adapter)
+    if not folder.is_dir() or not (folder / "adapter_config.json").is_file():
+        raise UsageError(f"{flag} {adapter} " + ("does not exist" if not folder.exists() else "is a file"
+                         if not folder.is_dir() else "holds no adapter_config.json: it is not a LoRA adapter folder")
+                         + "; pass the --output_dir of a train or grpo run")
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {adapter}: adapter_config.json is not readable JSON ({type(e).__name__})") from None
+        config = config if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        config = None
+    if config is None:
+        raise UsageError(f"{flag} {adapter}: adapter_config.json is not readable JSON (a damaged file?)")
     extras = [k for k in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices") if config.get(k)]
     if config.get("peft_type") != "LORA" or extras:
         with_extras = f" with {', '.join(extras)}" if extras else ""
-        raise UsageError(f"{flag} {adapter} is a {config.get('peft_type')} adapter{with_extras}; merge folds plain "
-                         "LoRA (as train mode writes it): serve this one unmerged")
+        raise UsageError(f"{flag} {adapter} is a {config.get('peft_type')} adapter{with_extras}; this tool takes plain "
+                         "LoRA adapters (as train and grpo write them)")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise UsageError(f"{flag} {adapter} has no adapter_model.safetensors (a train run that did not finish?)")
@@ -4811,8 +4823,9 @@ def check_output_dir(cfg):
     if foreign:
         names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
             ", ..." if len(foreign) > 3 else "")
-        raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}); it only ever replaces its "
-                         "own outputs, unchanged since it wrote them: move them or pick another folder")
+        raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}), or changed since it "
+                         "wrote them; it only ever replaces its own outputs, unchanged: move them or pick another "
+                         "folder")
     resume = mode.resumes and cfg.resume
     if resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")

@@ -29,6 +29,7 @@ def workdir(tmp_path, monkeypatch, demo_model):
     (tmp_path / "table.csv").write_text("user,final\n2+2?,4\n")
     write_jsonl(tmp_path / "nulllang.jsonl", [ROW, {**ROW, "reasoning_language": None}])
     write_jsonl(tmp_path / "klingon.jsonl", [ROW, {**ROW, "reasoning_language": "Klingon"}])
+    (tmp_path / "listline.jsonl").write_text(json.dumps(ROW) + "\n[1, 2, 3]\n")
     (tmp_path / "unknown_key.yaml").write_text("learning_rat: 1.0e-4\n")
     (tmp_path / "bomb.yaml").write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
         f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi")) + "target_modules: *i\n")
@@ -75,6 +76,8 @@ CASES = [
     (["MODEL", *TRAIN[2:], "--dataset", "gone.jsonl"], "dataset file gone.jsonl does not exist"),
     (["MODEL", *TRAIN[2:], "--dataset", "nulllang.jsonl"], "row 2: column 'reasoning_language' must be a string, got null"),
     (["MODEL", *TRAIN[2:], "--dataset", "klingon.jsonl"], "row 2: reasoning_language: unknown language 'Klingon'"),
+    (["MODEL", *TRAIN[2:], "--dataset", "listline.jsonl"], "dataset file listline.jsonl line 2 is [1, 2, 3], not an "
+                                                           "object (a row): one object per line"),
     (["MODEL", *TRAIN[:2], "--output_dir", "."], "--output_dir . is the folder you are in"),
     (["MODEL", *TRAIN[:2], "--output_dir", "thesis.txt"], "--output_dir thesis.txt is a file"),
     (["MODEL", *TRAIN[:2], "--output_dir", "src", "--overwrite"], "--output_dir src holds files this tool did not write"),

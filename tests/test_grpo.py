@@ -198,6 +198,16 @@ def test_a_refusal_when_the_model_is_read_leaves_the_earlier_run_as_it_was(tmp_p
     assert snapshot(out) == before and not (tmp_path / "train").exists()
 
 
+@pytest.mark.parametrize("make, said", [(lambda p: None, "does not exist"), (lambda p: p.write_text("x"), "is a file"),
+                                        (lambda p: p.mkdir(), "holds no adapter_config.json: it is not a LoRA adapter")])
+def test_an_adapter_path_that_is_no_adapter_says_what_it_is(tmp_path, make, said):
+    make(tmp_path / "adapter")
+    with pytest.raises(sft.UsageError) as refused:
+        resolve("--mode", "grpo", "--adapter", str(tmp_path / "adapter"), "--model", "m")
+    assert str(refused.value) == f"--adapter {tmp_path / 'adapter'} {said}" + (
+        " folder" if said.endswith("adapter") else "") + "; pass the --output_dir of a train or grpo run"
+
+
 def test_an_adapter_that_is_not_a_lora_is_refused(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))

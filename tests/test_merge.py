@@ -216,7 +216,7 @@ def broken_adapter(folder, adapter, how):
     ("wrong base", "does not fit"),
     ("missing layer", "model.layers.7.self_attn.q_proj update is 64x64 and the model has no "
                       "model.layers.7.self_attn.q_proj.weight; was it trained on another base?"),
-    ("not LoRA", "with use_dora; merge folds plain LoRA"),
+    ("not LoRA", "with use_dora; this tool takes plain LoRA adapters (as train and grpo write them)"),
 ])
 def test_a_broken_or_mismatched_adapter_is_one_line_exit_2_nothing_written(how, needle, mxfp4_base, adapters,
                                                                          tmp_path, capsys):

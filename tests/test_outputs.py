@@ -153,8 +153,8 @@ def test_a_users_entry_in_a_run_folder_is_refused_by_record_whatever_its_name(tr
         assert sft.main([*argv, "--report_to", "none"]) == 2
         stdout, stderr = capsys.readouterr()
         assert stdout == "" and stderr == (f"error: --output_dir demo_output holds files this tool did not write ({name}"
-                                           f"); it only ever replaces its own outputs, unchanged since it wrote them: "
-                                           "move them or pick another folder\n")
+                                           f"), or changed since it wrote them; it only ever replaces its own outputs, "
+                                           "unchanged: move them or pick another folder\n")
         assert snapshot(tmp_path) == before
 
 
