@@ -4820,6 +4820,9 @@ def check_output_dir(cfg):
                          "its files cannot be told from yours: move out what you want to keep and delete the folder, "
                          "or pick another folder")
     own, foreign = sort_outputs(out, cfg.mode)
+    if foreign and owner_of(out) not in (None, cfg.mode):
+        raise UsageError(f"--output_dir {out} holds a {owner_of(out)} run's outputs; --mode {cfg.mode} writes into a "
+                         f"folder of its own, e.g. --output_dir {mode.output_dir(cfg, cfg.adapter) or cfg.mode + '_output'}")
     if foreign:
         names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
             ", ..." if len(foreign) > 3 else "")

@@ -208,6 +208,19 @@ def test_an_adapter_path_that_is_no_adapter_says_what_it_is(tmp_path, make, said
         " folder" if said.endswith("adapter") else "") + "; pass the --output_dir of a train or grpo run"
 
 
+def test_a_folder_of_another_modes_run_is_said_to_be_one(tmp_path):
+    out = tmp_path / "sft"
+    sft.claim_output_dir(out, "train", replace_own=True)
+    (out / "adapter_config.json").write_text("{}")
+    sft.record(out, out / "adapter_config.json")
+    sft.release_folders()
+    with pytest.raises(sft.UsageError) as refused:
+        sft.check_output_dir(resolve("--mode", "grpo", "--output_dir", str(out), "--overwrite"))
+    sft.release_folders()
+    assert str(refused.value) == (f"--output_dir {out} holds a train run's outputs; --mode grpo writes into a folder "
+                                  "of its own, e.g. --output_dir gpt-oss-20b-grpo")
+
+
 def test_an_adapter_that_is_not_a_lora_is_refused(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))

@@ -387,7 +387,8 @@ def test_a_merge_onto_a_mount_point_stages_on_its_file_system_and_a_read_only_on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("merge_format, said", [("bf16", "file too large; "), ("gguf", "file too large; ")])
+@pytest.mark.parametrize("merge_format, said", [("bf16", "file too large; "),
+                                                ("gguf", "file too large; |a write came up short; ")])
 def test_a_full_disk_while_merging_is_one_paragraph_and_leaves_no_folder(demo_folder, monkeypatch, capsys,
                                                                         merge_format, said):
     """Issue 38: the merged shard (safetensors, which keeps no errno) or the GGUF (Python's own writes) cannot be
@@ -398,5 +399,7 @@ def test_a_full_disk_while_merging_is_one_paragraph_and_leaves_no_folder(demo_fo
         code = sft.main(["--mode", "merge", "--demo", "--output", "merged", "--merge-format", merge_format,
                          "--no-merge-logits-check"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and last.startswith("Writing ") and f"failed: {said}" in last and "Make room" in last, last
+    # numpy's short write under gguf's writer keeps no errno: which write hits the limit first decides the words
+    assert code == 1 and last.startswith("Writing ") and re.search(f"failed: (no space left: )?({said})", last), last
+    assert "Make room" in last
     assert not [p.name for p in demo_folder.iterdir() if "merged" in p.name]
