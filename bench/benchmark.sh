@@ -69,6 +69,11 @@ everything = {r["run"]: r for r in rows}  # a rerun replaces its earlier row
 latest = {n: r for n, r in everything.items() if "grpo" not in n}
 grpo = {n: r for n, r in everything.items() if "grpo" in n}
 # The ratio's baseline: the Cookbook recipe as it stands (batch 8) if it fit, else the same at batch 4 x 4 steps.
+def unfinished(r, empty):  # a run without numbers: why, then its empty cells
+    ended = "timed out" if r.get("exit") == 124 else f"failed (exit {r.get('exit')})"
+    return f"| {r['run']} | `{r['flags']}` | {ended} |" + " |" * empty + f" {r.get('recompiles', '')} |"
+
+
 base = next((n for n in ("baseline", "baseline_b4") if "tokens_per_second" in latest.get(n, {}).get("summary", {})), None)
 lines = [f"| run | flags | real tokens/s | x {base or 'baseline'} | padded tokens/s | step s | peak alloc GiB | "
          "peak reserved GiB | projected 3-epoch min | recompiles |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -84,8 +89,7 @@ for r in latest.values():
                      f"{s['padded_tokens_per_second']:,.0f} | {s['step_seconds']} | {m['allocated']} | {m['reserved']} | "
                      f"{s['projected_run_minutes']} | {n} |")
     else:
-        ended = "timed out" if r.get("exit") == 124 else f"failed (exit {r.get('exit')})"
-        lines.append(f"| {r['run']} | `{r['flags']}` | {ended} | | | | | | | {n} |")
+        lines.append(unfinished(r, 6))
 gpu = next((r["summary"].get("gpu") for r in rows if r["summary"].get("gpu")), "?")
 note = (f"Ratios against {base}" + (" (baseline, batch 8, did not fit or failed)" if base == "baseline_b4" else "")
         if base else "No baseline run finished: no ratios")
@@ -101,8 +105,7 @@ if grpo:  # its own columns: a GRPO step is rollouts, then an update on them
                          f"{s['completion_tokens_per_step']:,.0f} | {s['step_seconds']} | {m['allocated']} | "
                          f"{m['reserved']} | {n} |")
         else:
-            ended = "timed out" if r.get("exit") == 124 else f"failed (exit {r.get('exit')})"
-            lines.append(f"| {r['run']} | `{r['flags']}` | {ended} | | | | | | {n} |")
+            lines.append(unfinished(r, 5))
     text += "\nGRPO (the first step, with its warm-up, untimed):\n\n" + "\n".join(lines) + "\n"
 open(f"{out}/results.md", "w").write(text)
 print(text)
