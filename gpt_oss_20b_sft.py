@@ -935,7 +935,8 @@ def training_dataset(cfg: TrainRun, tokenizer, chats: list) -> tuple:
     return split["train"], split["test"], {**stats, "rows_used": len(split["train"]), "rows_held_out": held_out}
 
 
-def optimizer_steps_per_run(cfg: TrainRun, rows: int, world_size: int = 1) -> int:
+def optimizer_steps_per_run(cfg, rows: int, world_size: int = 1) -> int:
+    """Train's over its rows, grpo's over its completions (a row each)."""
     batches = math.ceil(rows / (cfg.batch_size * world_size))
     return math.ceil(batches / cfg.gradient_accumulation_steps) * math.ceil(cfg.num_train_epochs)
 
@@ -3267,20 +3268,18 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     tokenizer = load_tokenizer(tokenizer_source(cfg.model, cfg.adapter))
     config = load_model_config(cfg.model)
     trainable_here(cfg.model, config, runtime.on_cuda)
-    resolve_attention(cfg.attn_implementation, runtime.on_cuda)  # what loading would refuse, before the folder is claimed
-    check_loadable(cfg.model, config, cfg.use_4bit, cfg.random_init)
+    attention = resolve_attention(cfg.attn_implementation, runtime.on_cuda)  # what loading would refuse, checked
+    check_loadable(cfg.model, config, cfg.use_4bit, cfg.random_init)  # before the folder is claimed
     asked = [p["reasoning_language"] for p in prompts]
     print(f"prompts: {len(prompts)} ({', '.join(f'{asked.count(lang)} in {lang}' for lang in dict.fromkeys(asked))}), "
           f"{cfg.num_generations} completions each")
-    steps_per_run = math.ceil(len(prompts) * cfg.num_generations / (
-        cfg.batch_size * cfg.gradient_accumulation_steps * runtime.world_size)) * math.ceil(cfg.num_train_epochs)
+    steps_per_run = optimizer_steps_per_run(cfg, len(prompts) * cfg.num_generations, runtime.world_size)  # completions
     if finished_run(cfg, steps_per_run):
         return None
     if runtime.rank == 0:
         claim_output_dir(Path(cfg.output_dir), "grpo", replace_own=not cfg.resume, settings=run_settings(cfg))
-    model = load_model(cfg.model, config, runtime.dtype, resolve_attention(cfg.attn_implementation, runtime.on_cuda),
-                       runtime.device, runtime.device_map, use_4bit=cfg.use_4bit, random_init=cfg.random_init,
-                       seed=cfg.seed, training=True)
+    model = load_model(cfg.model, config, runtime.dtype, attention, runtime.device, runtime.device_map,
+                       use_4bit=cfg.use_4bit, random_init=cfg.random_init, seed=cfg.seed, training=True)
     if cfg.adapter:
         from peft import PeftModel
 
@@ -3308,7 +3307,7 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     if runtime.on_cuda:
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, trainer, meter, steps_per_run)  # train's loop: resume, Ctrl-C, SIGTERM, NaN, out of memory
-    speed = grpo_speed(cfg, runtime, meter.summary(steps_per_run), rollouts)
+    speed = grpo_speed(cfg, runtime, meter.summary(steps_per_run), rollouts, attention)
     summary = save_grpo_run(cfg, runtime, trainer, result, prompts, speed)
     if runtime.rank == 0:
         rewards = summary["reward_first"], summary["reward_last"]
@@ -3319,7 +3318,7 @@ def run_grpo(cfg: GrpoRun, runtime: Runtime | None = None):
     return trainer
 
 
-def grpo_speed(cfg: GrpoRun, runtime: Runtime, measured: dict, rollouts: list) -> dict:
+def grpo_speed(cfg: GrpoRun, runtime: Runtime, measured: dict, rollouts: list, attention: str) -> dict:
     """speed.json of a GRPO run: train's step time and peak memory (the first step, with its warm-up, not counted)
     and the rollouts' completion tokens per second, counted on each process alike."""
     timed = rollouts[1:] or rollouts
@@ -3332,7 +3331,7 @@ def grpo_speed(cfg: GrpoRun, runtime: Runtime, measured: dict, rollouts: list) -
             "completion_tokens_per_step": round(tokens / len(timed), 1) if timed else None,
             **{name: getattr(cfg, name) for name in ("num_generations", "max_completion_length", "batch_size",
                                                      "gradient_accumulation_steps", "use_4bit")},
-            "attn_implementation": resolve_attention(cfg.attn_implementation, runtime.on_cuda)}
+            "attn_implementation": attention}
 
 
 def grpo_prompts(cfg: GrpoRun) -> list:
@@ -3677,10 +3676,9 @@ def read_lora_adapter(adapter: str, flag: str = "--adapter") -> tuple:
                          + "; pass the --output_dir of a train or grpo run")
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
-        config = config if isinstance(config, dict) else None
     except (OSError, ValueError):
         config = None
-    if config is None:
+    if not isinstance(config, dict):
         raise UsageError(f"{flag} {adapter}: adapter_config.json is not readable JSON (a damaged file?)")
     extras = [k for k in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices") if config.get(k)]
     if config.get("peft_type") != "LORA" or extras:
@@ -4440,30 +4438,34 @@ NO_ROOM_TEXT = re.compile(r"unexpected pos \d+ vs \d+|file write failed|os error
                           r"\d+ requested and \d+ written")
 
 
-def no_room_reason(error: BaseException) -> str:
-    """What the system said of a write that found no room, in its words where an errno is at hand."""
+def error_chain(error: BaseException | None):
+    """The error and each one it came from."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno in NO_ROOM:
-            return os.strerror(error.errno).lower()
-        code = re.search(r"os error (\d+)", str(error))
-        if code:
-            return os.strerror(int(code.group(1))).lower()
+        yield error
         error = error.__cause__ or error.__context__
-    return "no space left: a write came up short"
-
-
-def human_size(size: int) -> str:
-    return next(f"{size / 2**p:.1f} {unit}" for p, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")) if size >= 2**p) \
-        if size >= 2**10 else f"{size} bytes"
 
 
 def out_of_room(error: BaseException) -> bool:
     """Whether an error, or one it came from, is a write that found no room, whatever raised it."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in NO_ROOM or NO_ROOM_TEXT.search(str(error)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(e, OSError) and e.errno in NO_ROOM or NO_ROOM_TEXT.search(str(e)) for e in error_chain(error))
+
+
+def no_room_reason(error: BaseException) -> str:
+    """What the system said of a write that found no room, in its words where an errno is at hand."""
+    for e in error_chain(error):
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
+            return os.strerror(e.errno).lower()
+        code = re.search(r"os error (\d+)", str(e))
+        if code:
+            return os.strerror(int(code.group(1))).lower()
+    return "no space left: a write came up short"
+
+
+def human_size(size: int) -> str:
+    for power, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if size >= 2**power:
+            return f"{size / 2**power:.1f} {unit}"
+    return f"{size} bytes"
 
 
 class Interrupted(Exception):
@@ -4801,9 +4803,9 @@ def check_output_dir(cfg):
         raise UsageError(f"--output_dir {out}: the name {longest[:40]}... is longer than the "
                          f"{os.pathconf(existing, 'PC_NAME_MAX')} bytes the file system allows")
     mode, reason = MODES[cfg.mode], protected_folder(out, cfg)
+    elsewhere = f"--output_dir {mode.output_dir(cfg, cfg.adapter) or cfg.mode + '_output'}"
     if reason:
-        raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. "
-                         f"--output_dir {mode.output_dir(cfg, cfg.adapter) or cfg.mode + '_output'}")
+        raise UsageError(f"--output_dir {out} {reason}; outputs go into a folder of their own, e.g. {elsewhere}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file; pick a directory")
     if not existing.is_dir():
@@ -4822,7 +4824,7 @@ def check_output_dir(cfg):
     own, foreign = sort_outputs(out, cfg.mode)
     if foreign and owner_of(out) not in (None, cfg.mode):
         raise UsageError(f"--output_dir {out} holds a {owner_of(out)} run's outputs; --mode {cfg.mode} writes into a "
-                         f"folder of its own, e.g. --output_dir {mode.output_dir(cfg, cfg.adapter) or cfg.mode + '_output'}")
+                         f"folder of its own, e.g. {elsewhere}")
     if foreign:
         names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
             ", ..." if len(foreign) > 3 else "")
