@@ -136,43 +136,6 @@ def test_gguf_has_llama_cpps_gpt_oss_metadata(merges):
     assert field("general.file_type") == str(gguf.LlamaFileType.MOSTLY_MXFP4_MOE.value)
 
 
-def test_gguf_tensors_have_llama_cpps_layout_and_the_experts_decode_to_the_base(demo_merge):
-    """The tensors, on the demo model's GGUF (the same writer; gguf's reader parses its 1k vocabulary in a second)."""
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-    from safetensors.torch import load_file
-
-    base, _, merged = demo_merge
-    reader = gguf.GGUFReader(merged / "model.gguf")
-    assert reader.fields["gpt-oss.block_count"].contents() == 2
-    tensors = {t.name: t for t in reader.tensors}
-    types = {name: t.tensor_type.name for name, t in tensors.items()}
-    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.1.ffn_down_exps.weight"] == "MXFP4"
-    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == "BF16"
-    assert {types[n] for n in ("blk.0.ffn_gate_inp.weight", "blk.0.attn_sinks.weight", "blk.0.attn_norm.weight",
-                               "blk.0.ffn_up_exps.bias", "blk.0.attn_q.bias")} == {"F32"}
-    assert len(tensors) == 3 + 2 * 19  # embeddings, output, its norm; per layer 19, as the converter writes them
-
-    # The experts decode (with gguf's own MXFP4 decoder, llama.cpp's reference) to exactly the values transformers
-    # dequantizes from the base: even rows of gate_up are gate, odd rows up.
-    state = load_file(base / "model.safetensors")
-    for layer in (0, 1):
-        prefix = f"model.layers.{layer}.mlp.experts."
-        gate_up = convert_moe_packed_tensors(state[prefix + "gate_up_proj_blocks"],
-                                             state[prefix + "gate_up_proj_scales"],
-                                             dtype=torch.float32).transpose(1, 2)  # [E, 2 * inner, hidden]
-        down = convert_moe_packed_tensors(state[prefix + "down_proj_blocks"], state[prefix + "down_proj_scales"],
-                                          dtype=torch.float32).transpose(1, 2)
-        decoded = {n: torch.from_numpy(gguf.quants.dequantize(tensors[f"blk.{layer}.{n}.weight"].data,
-                                                              gguf.GGMLQuantizationType.MXFP4))
-                   for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
-        assert torch.equal(decoded["ffn_gate_exps"], gate_up[:, 0::2])
-        assert torch.equal(decoded["ffn_up_exps"], gate_up[:, 1::2])
-        assert torch.equal(decoded["ffn_down_exps"], down)
-        bias = state[prefix + "gate_up_proj_bias"].float()
-        assert torch.equal(torch.from_numpy(tensors[f"blk.{layer}.ffn_gate_exps.bias"].data.copy()), bias[:, 0::2])
-        assert torch.equal(torch.from_numpy(tensors[f"blk.{layer}.ffn_up_exps.bias"].data.copy()), bias[:, 1::2])
-
-
 def test_llama_cpp_tokenizes_as_transformers(merges, real_tokenizer):
     model = llama(merges["attention"][1] / "model.gguf")
     for text in TEXTS + [real_tokenizer.apply_chat_template(sft.build_chat(p, lang), add_generation_prompt=True,
@@ -247,6 +210,56 @@ def test_a_tokenizer_llama_cpp_cannot_split_is_one_line_exit_2_nothing_written(m
     assert snapshot(tmp_path) == before
 
 
+def test_without_the_gguf_package_it_is_one_line_exit_2_nothing_written(merges, base, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    code = sft.main(["--mode", "merge", "--merge-format", "gguf", "--adapter", str(merges["attention"][0]), "--model",
+                     str(base), "--output", str(tmp_path / "merged")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --merge-format gguf needs the gguf package: pip install -r "
+                                 "requirements-serve.txt"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_tensors_have_llama_cpps_layout_and_the_experts_decode_to_the_base(demo_merge):
+    """The tensors, on the demo model's GGUF (the same writer; gguf's reader parses its 1k vocabulary in a second)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from safetensors.torch import load_file
+
+    base, _, merged = demo_merge
+    reader = gguf.GGUFReader(merged / "model.gguf")
+    assert reader.fields["gpt-oss.block_count"].contents() == 2
+    tensors = {t.name: t for t in reader.tensors}
+    types = {name: t.tensor_type.name for name, t in tensors.items()}
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.1.ffn_down_exps.weight"] == "MXFP4"
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == "BF16"
+    assert {types[n] for n in ("blk.0.ffn_gate_inp.weight", "blk.0.attn_sinks.weight", "blk.0.attn_norm.weight",
+                               "blk.0.ffn_up_exps.bias", "blk.0.attn_q.bias")} == {"F32"}
+    assert len(tensors) == 3 + 2 * 19  # embeddings, output, its norm; per layer 19, as the converter writes them
+
+    # The experts decode (with gguf's own MXFP4 decoder, llama.cpp's reference) to exactly the values transformers
+    # dequantizes from the base: even rows of gate_up are gate, odd rows up.
+    state = load_file(base / "model.safetensors")
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up = convert_moe_packed_tensors(state[prefix + "gate_up_proj_blocks"],
+                                             state[prefix + "gate_up_proj_scales"],
+                                             dtype=torch.float32).transpose(1, 2)  # [E, 2 * inner, hidden]
+        down = convert_moe_packed_tensors(state[prefix + "down_proj_blocks"], state[prefix + "down_proj_scales"],
+                                          dtype=torch.float32).transpose(1, 2)
+        decoded = {n: torch.from_numpy(gguf.quants.dequantize(tensors[f"blk.{layer}.{n}.weight"].data,
+                                                              gguf.GGMLQuantizationType.MXFP4))
+                   for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+        assert torch.equal(decoded["ffn_gate_exps"], gate_up[:, 0::2])
+        assert torch.equal(decoded["ffn_up_exps"], gate_up[:, 1::2])
+        assert torch.equal(decoded["ffn_down_exps"], down)
+        bias = state[prefix + "gate_up_proj_bias"].float()
+        assert torch.equal(torch.from_numpy(tensors[f"blk.{layer}.ffn_gate_exps.bias"].data.copy()), bias[:, 0::2])
+        assert torch.equal(torch.from_numpy(tensors[f"blk.{layer}.ffn_up_exps.bias"].data.copy()), bias[:, 1::2])
+
+
 def test_the_demo_model_exports_too_with_its_byte_level_tokenizer(demo_merge):
     """The demo's own 1k BPE (plain byte-level, llama.cpp's gpt-2 pre-tokenizer): the GGUF loads and llama.cpp
     splits the demo's training rows into the same ids as transformers."""
@@ -278,16 +291,3 @@ def test_tensor_check_reads_the_gguf_back_and_catches_a_wrong_or_missing_tensor(
     check = sft.check_merged_tensors(tmp_path, weight_map, layout, updates, False, read)
     assert not check["passed"] and check["worst_error_over_bound"] > 1
     assert check["missing"] == ["model.layers.0.mlp.router.weight"]
-
-
-def test_without_the_gguf_package_it_is_one_line_exit_2_nothing_written(merges, base, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
-    code = sft.main(["--mode", "merge", "--merge-format", "gguf", "--adapter", str(merges["attention"][0]), "--model",
-                     str(base), "--output", str(tmp_path / "merged")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["error: --merge-format gguf needs the gguf package: pip install -r "
-                                 "requirements-serve.txt"]
-    assert list(tmp_path.iterdir()) == []
