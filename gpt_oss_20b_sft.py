@@ -4828,6 +4828,16 @@ def check_output_dir(cfg):
     if foreign:
         names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
             ", ..." if len(foreign) > 3 else "")
+        written = (read_marker(out) or {}).get("written", {})
+
+        def retimed(entry):  # a file the record holds with this very size: only its time differs
+            was, now = written.get(entry.relative_to(out).as_posix()), entry_state(entry)
+            return isinstance(was, list) and isinstance(now, list) and was[0] == now[0]
+
+        if all(map(retimed, foreign)):
+            raise UsageError(f"--output_dir {out} holds files of the sizes this tool wrote but with other times "
+                             f"({names}): a copy that did not keep the times (cp -r) looks changed; copy a run with "
+                             "cp -a or rsync -a (the tool only ever replaces its own outputs, unchanged)")
         raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}), or changed since it "
                          "wrote them; it only ever replaces its own outputs, unchanged: move them or pick another "
                          "folder")

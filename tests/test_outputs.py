@@ -158,6 +158,30 @@ def test_a_users_entry_in_a_run_folder_is_refused_by_record_whatever_its_name(tr
         assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
+def test_a_run_copied_without_its_times_is_refused_with_how_to_copy_it(trained, tmp_path, monkeypatch, capsys):
+    """cp -r gives every file a new time, so the record cannot tell the copy from a change: the refusal says so, and
+    a copy that kept the times (cp -a, shutil.copy2) resumes."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained, tmp_path / "demo_output", copy_function=shutil.copy)  # contents, not times
+    before = snapshot(tmp_path)
+    for flag in ("--resume", "--overwrite"):
+        assert sft.main(["--demo", "--output_dir", "demo_output", flag, "--report_to", "none"]) == 2
+        stdout, stderr = capsys.readouterr()
+        assert stdout == "" and stderr == (
+            "error: --output_dir demo_output holds files of the sizes this tool wrote but with other times "
+            "(README.md, adapter_config.json, adapter_model.safetensors, ...): a copy that did not keep the times "
+            "(cp -r) looks changed; copy a run with cp -a or rsync -a (the tool only ever replaces its own outputs, "
+            "unchanged)\n")
+        assert snapshot(tmp_path) == before
+    shutil.copytree(trained, tmp_path / "kept")  # copy2: the times too
+    sft.check_output_dir(resolve("--demo", "--output_dir", "kept", "--resume", "--max-steps", "2", "--save_steps", "1"))
+    sft.release_folders()
+    append(tmp_path / "kept" / "README.md", "my notes")  # and a real change is still the user's
+    with pytest.raises(sft.UsageError, match=r"holds files this tool did not write \(README.md\), or changed since"):
+        sft.check_output_dir(resolve("--demo", "--output_dir", "kept", "--resume", "--max-steps", "2"))
+
+
 def test_a_folder_of_an_older_version_is_foreign_except_the_names_it_is_known_to_hold(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     for path in ("adapter_config.json", "checkpoint-3/trainer_state.json", "checkpoint-3/optimizer.pt",
