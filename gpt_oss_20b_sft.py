@@ -4825,6 +4825,10 @@ def check_output_dir(cfg):
     if foreign and owner_of(out) not in (None, cfg.mode):
         raise UsageError(f"--output_dir {out} holds a {owner_of(out)} run's outputs; --mode {cfg.mode} writes into a "
                          f"folder of its own, e.g. {elsewhere}")
+    resume = mode.resumes and cfg.resume
+    if resume:  # a resumed run writes and rotates only its own names: a file of the user's beside them stays as it is
+        foreign = [e for e in foreign if e.parent != out or e.is_symlink() or not e.is_file()
+                   or re.fullmatch(mode.outputs, e.name)]
     if foreign:
         names = ", ".join(e.relative_to(out).as_posix() + ("/" if e.is_dir() else "") for e in foreign[:3]) + (
             ", ..." if len(foreign) > 3 else "")
@@ -4841,7 +4845,6 @@ def check_output_dir(cfg):
         raise UsageError(f"--output_dir {out} holds files this tool did not write ({names}), or changed since it "
                          "wrote them; it only ever replaces its own outputs, unchanged: move them or pick another "
                          "folder")
-    resume = mode.resumes and cfg.resume
     if resume and latest_checkpoint(out) is None:
         raise UsageError(f"--resume: {out} holds no complete checkpoint to resume from; drop --resume to start afresh")
     if resume:

@@ -159,6 +159,35 @@ def test_a_users_entry_in_a_run_folder_is_refused_by_record_whatever_its_name(tr
 
 
 @pytest.mark.slow
+def test_resume_leaves_a_users_file_beside_the_run_as_it_is(trained, tmp_path, monkeypatch, capsys):
+    """A resumed run writes and rotates only its own names, so a file of the user's at the top of its folder does not
+    stop it and stays; a folder of the user's there (checkpoint rotation deletes folders) still does, as in the
+    cases above."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    shutil.rmtree(out / "checkpoint-2")  # a run killed in its second step: it resumes from checkpoint-1
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()
+    (out / "notes.md").write_text("my notes on this run")
+    (out / "checkpoint-7-notes.txt").write_text("named like a checkpoint, but a file")
+    monkeypatch.chdir(tmp_path)
+    resume = demo_training("--report_to", "none", "--max-steps", "2", "--save_steps", "1", "--output_dir", "run",
+                           "--resume", "--save_total_limit", "1")  # step 2's checkpoint replaces checkpoint-1
+    assert sft.main(resume) == 0, capsys.readouterr().err
+    assert "resuming from run/checkpoint-1" in capsys.readouterr().out
+    own, foreign = sft.sort_outputs(out, "train")
+    assert {out / "adapter_config.json", out / "checkpoint-2"} <= set(own) and not (out / "checkpoint-1").exists()
+    assert sorted(p.name for p in foreign) == ["checkpoint-7-notes.txt", "notes.md"]
+    assert (out / "notes.md").read_text() == "my notes on this run"
+    assert (out / "checkpoint-7-notes.txt").read_text() == "named like a checkpoint, but a file"
+    (out / "figures").mkdir()
+    before = snapshot(tmp_path)
+    assert sft.main(resume) == 2
+    assert capsys.readouterr().err.startswith("error: --output_dir run holds files this tool did not write (figures/)")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
 def test_a_run_copied_without_its_times_is_refused_with_how_to_copy_it(trained, tmp_path, monkeypatch, capsys):
     """cp -r gives every file a new time, so the record cannot tell the copy from a change: the refusal says so, and
     a copy that kept the times (cp -a, shutil.copy2) resumes."""
