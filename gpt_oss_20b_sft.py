@@ -4826,7 +4826,9 @@ def check_output_dir(cfg):
         raise UsageError(f"--output_dir {out} holds a {owner_of(out)} run's outputs; --mode {cfg.mode} writes into a "
                          f"folder of its own, e.g. {elsewhere}")
     resume = mode.resumes and cfg.resume
-    if resume:  # a resumed run writes and rotates only its own names: a file of the user's beside them stays as it is
+    # A resumed run writes only its own names and deletes only checkpoint-* folders (transformers 5.23's
+    # rotate_checkpoints), so a file of the user's beside them stays as it is.
+    if resume:
         foreign = [e for e in foreign if e.parent != out or e.is_symlink() or not e.is_file()
                    or re.fullmatch(mode.outputs, e.name)]
     if foreign:
