@@ -190,7 +190,7 @@ def test_resume_leaves_a_users_file_beside_the_run_as_it_is(trained, tmp_path, m
 @pytest.mark.slow
 def test_a_run_copied_without_its_times_is_refused_with_how_to_copy_it(trained, tmp_path, monkeypatch, capsys):
     """cp -r gives every file a new time, so the record cannot tell the copy from a change: the refusal says so, and
-    a copy that kept the times (cp -a, shutil.copy2) resumes."""
+    a copy that kept the times (cp -a, shutil.copy2) passes the folder check for --resume."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(trained, tmp_path / "demo_output", copy_function=shutil.copy)  # contents, not times
     before = snapshot(tmp_path)
