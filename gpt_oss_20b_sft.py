@@ -3471,6 +3471,8 @@ def save_grpo_run(cfg: GrpoRun, runtime: Runtime, trainer, result, prompts: list
     out, staging = Path(cfg.output_dir), Path(cfg.output_dir) / ".final.tmp"
     if runtime.rank == 0:
         record(out, staging, pending=True)
+    if "ref" in trainer.model.peft_config:  # TRL 1.16's copy of --adapter for --beta's KL: PEFT would save it as ref/
+        trainer.model.delete_adapter("ref")  # beside the adapter (checkpoints keep it: transformers reloads it on resume)
     trainer.save_model(str(staging))
     if runtime.rank:
         return {}

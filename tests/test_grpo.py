@@ -281,6 +281,38 @@ def test_resuming_a_finished_grpo_run_trains_nothing(tmp_path, demo_model):
 
 
 @pytest.mark.slow
+def test_a_kl_term_trains_against_the_given_adapter_and_leaves_its_copy_out_of_the_output(tmp_path, demo_model):
+    """--beta with --adapter: TRL 1.16 keeps a frozen copy of the adapter (PEFT adapter "ref") as the KL's reference,
+    so the first step's KL is 0 for an adapter that is not the base's identity. The adapter written is the trained
+    one alone (PEFT saves every adapter a model holds); checkpoints keep the copy, which transformers reloads on
+    resume."""
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    start = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_model), sft.build_lora_config(sft.TrainRun()))
+    with torch.no_grad():  # B = 0 would make the adapter the base itself, and the base a reference as good as it
+        for name, param in start.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    start.save_pretrained(tmp_path / "start")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"user": "Quelle heure est-il ?"}, {"user": "Wie alt bist du?"}])
+    out = tmp_path / "grpo"
+    trainer = sft.run_grpo(resolve(
+        "--mode", "grpo", "--model", str(demo_model), "--adapter", str(tmp_path / "start"), "--beta", "0.04",
+        "--dataset", str(prompts), "--reasoning-languages", "French", "--num_generations", "2", "--batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--max_steps", "2", "--save_steps", "2", "--max_completion_length", "8",
+        "--report_to", "none", "--output_dir", str(out)))
+    assert [e["kl"] for e in trainer.state.log_history if "kl" in e][0] == 0  # measured against the adapter itself
+    assert "ref" not in {p.name for p in out.iterdir()}
+    assert (out / "checkpoint-2" / "ref" / "adapter_model.safetensors").is_file()
+    written = load_file(out / "adapter_model.safetensors")
+    assert written.keys() == load_file(tmp_path / "start" / "adapter_model.safetensors").keys()
+
+
+@pytest.mark.slow
 def test_the_grpo_demo_teaches_the_language_no_sft_row_reasons_in(demo_run, tmp_path):
     """Issue 40's targets, on the demo's held-out questions (kinds no row has), from the demo's SFT adapter: Polish
     (in the base's plain documents only) <= 40% after SFT and >= 80% after GRPO; each SFT language >= 90% after GRPO;
