@@ -4371,6 +4371,9 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
 def ensure_demo_model(cfg: CommonSettings):
     """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit). An output
     folder the run would refuse is refused first, not after the minute the build takes."""
+    import torch
+
+    torch.set_num_threads(1)  # the demo on one thread sums in one order: its numbers are the same on every machine
     if cfg.output_dir and MODES[cfg.mode].outputs:
         check_output_dir(cfg)
     try:

@@ -114,3 +114,22 @@ def test_the_demo_tokenizer_takes_any_text(demo_model):
     for text in ["Wie spät ist es in Tokio?", "Écris un poème sur la mer", "東京は今何時ですか？ 🙂", "Ωμέγα — ñandú"]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
+
+
+def test_the_demo_trains_the_same_adapter_whatever_the_machines_thread_count(tmp_path, monkeypatch, demo_model):
+    """The demo's numbers (the README's, the tests') are what a user gets on any machine: its setup puts torch on one
+    thread, and a few steps of the demo's training on a machine that gives torch two write the same bytes as on one."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    threads, written = torch.get_num_threads(), []
+    try:
+        for machine in (2, 1):
+            torch.set_num_threads(machine)
+            cfg = sft.parse_config(["--demo", "--max_steps", "3", "--report_to", "none", "--output_dir", f"on{machine}"])
+            sft.ensure_demo_model(cfg)  # the demo's setup, as main runs it before the mode
+            sft.run_train(cfg)
+            written.append((tmp_path / f"on{machine}" / "adapter_model.safetensors").read_bytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert written[0] == written[1]
