@@ -4373,7 +4373,8 @@ def ensure_demo_model(cfg: CommonSettings):
     folder the run would refuse is refused first, not after the minute the build takes."""
     import torch
 
-    torch.set_num_threads(1)  # the demo on one thread sums in one order: its numbers are the same on every machine
+    torch.set_num_threads(1)  # the demo on one thread sums in one order: the same numbers whatever the core count
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # or accelerate 1.x's state sets the cores again (CPU, several ranks)
     if cfg.output_dir and MODES[cfg.mode].outputs:
         check_output_dir(cfg)
     try:

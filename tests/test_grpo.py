@@ -309,7 +309,9 @@ def test_a_kl_term_trains_against_the_given_adapter_and_leaves_its_copy_out_of_t
     assert "ref" not in {p.name for p in out.iterdir()}
     assert (out / "checkpoint-2" / "ref" / "adapter_model.safetensors").is_file()
     written = load_file(out / "adapter_model.safetensors")
-    assert written.keys() == load_file(tmp_path / "start" / "adapter_model.safetensors").keys()
+    trained = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert written.keys() == load_file(tmp_path / "start" / "adapter_model.safetensors").keys() == trained.keys()
+    assert all(torch.equal(written[name], trained[name]) for name in written)  # the trained adapter, not the copy
 
 
 @pytest.mark.slow
