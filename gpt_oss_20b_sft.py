@@ -4369,8 +4369,9 @@ def write_mxfp4_checkpoint(source: Path, target: Path) -> Path:
 
 
 def ensure_demo_model(cfg: CommonSettings):
-    """The tiny model the demo runs on, built once into the cache (and written as MXFP4 for --use_4bit). An output
-    folder the run would refuse is refused first, not after the minute the build takes."""
+    """The demo's setup: the process on one thread, and the tiny model it runs on, built once into the cache (and
+    written as MXFP4 for --use_4bit). An output folder the run would refuse is refused first, not after the minute
+    the build takes."""
     import torch
 
     torch.set_num_threads(1)  # the demo on one thread sums in one order: the same numbers whatever the core count
